@@ -1,0 +1,110 @@
+"""A minimal blocking driver for one worker process, for tests of bridges at the frame level.
+
+It speaks the wire protocol directly (no pool), so bridge tests can check exact frames, exit
+codes and what reaches stdout/stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import struct
+import subprocess
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+class RawWorker:
+    """One worker process driven frame by frame."""
+
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> None:
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=full_env,
+            start_new_session=True,
+        )
+        self._next_id = 0
+
+    def send_raw(self, data: bytes) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def send(self, command: str, args: Mapping[str, Any] | None = None, *, id: int | None = None,
+             meta: Mapping[str, Any] | None = None) -> int:
+        if id is None:
+            self._next_id += 1
+            id = self._next_id
+        frame: dict[str, Any] = {"id": id, "command": command, "args": dict(args or {})}
+        if meta is not None:
+            frame["meta"] = dict(meta)
+        body = json.dumps(frame).encode()
+        self.send_raw(struct.pack(">I", len(body)) + body)
+        return id
+
+    def _read_exactly(self, n: int, timeout: float) -> bytes:
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        chunks = b""
+        while len(chunks) < n:
+            ready, _, _ = select.select([fd], [], [], timeout)
+            if not ready:
+                raise TimeoutError(f"no frame within {timeout}s (got {len(chunks)} of {n} bytes)")
+            chunk = os.read(fd, n - len(chunks))
+            if not chunk:
+                raise EOFError(f"worker closed stdout after {len(chunks)} of {n} bytes")
+            chunks += chunk
+        return chunks
+
+    def receive(self, timeout: float = 10.0) -> dict[str, Any]:
+        (length,) = struct.unpack(">I", self._read_exactly(4, timeout))
+        frame: dict[str, Any] = json.loads(self._read_exactly(length, timeout))
+        return frame
+
+    def call(self, command: str, args: Mapping[str, Any] | None = None,
+             timeout: float = 10.0) -> dict[str, Any]:
+        """Send one request and return its response frame (asserting the id matches)."""
+        request_id = self.send(command, args)
+        frame = self.receive(timeout)
+        assert frame["id"] == request_id, frame
+        return frame
+
+    def handshake(self, worker_id: str = "raw-1") -> dict[str, Any]:
+        frame = self.call("ping", {"worker_id": worker_id, "initialization": True})
+        assert frame["success"] is True and frame["result"]["status"] == "ok", frame
+        return frame
+
+    def close_stdin(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+
+    def wait(self, timeout: float = 10.0) -> int:
+        return self.proc.wait(timeout)
+
+    def stderr_text(self) -> str:
+        """All of stderr; only call after the process has exited."""
+        assert self.proc.stderr is not None
+        return self.proc.stderr.read().decode(errors="replace")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, 9)
+        self.proc.wait(10)
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+
+    def __enter__(self) -> RawWorker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
