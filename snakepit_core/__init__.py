@@ -1,5 +1,75 @@
-"""snakepit: a pool of long-lived external worker processes behind one async/sync API."""
+"""snakepit: a pool of long-lived external worker processes behind one async/sync API.
+
+>>> import snakepit_core as snakepit
+>>> async with snakepit.Pool("python", pool_size=4) as pool:        # doctest: +SKIP
+...     await pool.execute("compute", {"operation": "add", "a": 5, "b": 3})
+"""
+
 from .adapter import Adapter, ScriptAdapter
-from .errors import *  # noqa: F403  (placeholder until the public API is assembled)
+from .config import PoolConfig
+from .config_sources import load_config
+from .errors import (
+    AdapterUnavailable,
+    AffinityBusy,
+    CommandError,
+    ConfigError,
+    PoolSaturated,
+    PoolStopped,
+    ProtocolError,
+    QueueTimeout,
+    SessionExists,
+    SessionLost,
+    SessionNotFound,
+    SnakepitError,
+    StartupError,
+    UnknownAdapter,
+    UnknownCommand,
+    ValidationError,
+    WorkerCrashed,
+    WorkerTimeout,
+)
 from .hookspecs import hookimpl
+from .plugins import get_plugin_manager
+from .pool import Pool
 from .schemas import load_schema_dir, shared_command_schemas
+from .sync import SyncPool, execute, execute_in_session, get_pool, start, stats, stop
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adapter",
+    "AdapterUnavailable",
+    "AffinityBusy",
+    "CommandError",
+    "ConfigError",
+    "Pool",
+    "PoolConfig",
+    "PoolSaturated",
+    "PoolStopped",
+    "ProtocolError",
+    "QueueTimeout",
+    "ScriptAdapter",
+    "SessionExists",
+    "SessionLost",
+    "SessionNotFound",
+    "SnakepitError",
+    "StartupError",
+    "SyncPool",
+    "UnknownAdapter",
+    "UnknownCommand",
+    "ValidationError",
+    "WorkerCrashed",
+    "WorkerTimeout",
+    "__version__",
+    "execute",
+    "execute_in_session",
+    "get_plugin_manager",
+    "get_pool",
+    "hookimpl",
+    "load_config",
+    "load_schema_dir",
+    "shared_command_schemas",
+    "start",
+    "stats",
+    "stop",
+]

@@ -1,0 +1,127 @@
+"""``PoolConfig``: every tunable of a pool, with the seed's defaults, validated on creation.
+
+All durations are seconds (floats). Nonsense raises :class:`ConfigError` naming the key and,
+when the value came from a file or the environment, its source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+from .errors import ConfigError
+from .protocol import DEFAULT_MAX_FRAME_BYTES
+
+Affinity = Literal["prefer", "strict", "strict_fail_fast"]
+AFFINITY_MODES: tuple[str, ...] = ("prefer", "strict", "strict_fail_fast")
+
+
+def _default_pool_size() -> int:
+    return (os.cpu_count() or 1) * 2
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """Configuration of one pool. Build with keywords; ``replace()`` for variants."""
+
+    pool_size: int = dataclasses.field(default_factory=_default_pool_size)
+    pool_startup_timeout: float = 10.0
+    pool_queue_timeout: float = 5.0
+    pool_max_queue_size: int = 1000
+    worker_init_timeout: float = 20.0
+    worker_health_check_interval: float = 30.0
+    worker_health_check_misses: int = 3
+    worker_shutdown_grace_period: float = 2.0
+    cleanup_retry_interval: float = 0.1
+    cleanup_max_retries: int = 10
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    #: How long a worker may take to answer ``$cancel`` before it is killed and replaced.
+    cancel_grace_period: float = 0.5
+    #: Recycling: 0 / None means off.
+    max_requests_per_worker: int = 0
+    max_worker_memory_mb: float | None = None
+    #: Crash-loop breaker: this many early deaths in a row open it; probes every interval.
+    crash_loop_threshold: int = 5
+    crash_loop_probe_interval: float = 5.0
+    restart_backoff_initial: float = 0.1
+    restart_backoff_max: float = 5.0
+    #: Sessions.
+    session_affinity: str = "prefer"
+    session_ttl: float = 3600.0
+    session_cleanup_interval: float = 60.0
+    global_program_ttl: float = 3600.0
+    #: Window of recent requests used for p50/p99 in ``stats()``.
+    latency_window: int = 1024
+
+    def __post_init__(self) -> None:
+        validate_config(self, source="arguments")
+
+    def replace(self, **changes: Any) -> PoolConfig:
+        """A copy with ``changes`` applied (unknown keys raise ``ConfigError``)."""
+        check_keys(changes, source="arguments")
+        return dataclasses.replace(self, **changes)
+
+
+FIELD_TYPES: dict[str, str] = {f.name: str(f.type) for f in fields(PoolConfig)}
+
+_POSITIVE_INTS = ("pool_size", "cleanup_max_retries", "worker_health_check_misses",
+                  "crash_loop_threshold", "latency_window", "max_frame_bytes")
+_NON_NEGATIVE_INTS = ("pool_max_queue_size", "max_requests_per_worker")
+_POSITIVE_FLOATS = ("pool_startup_timeout", "pool_queue_timeout", "worker_init_timeout",
+                    "worker_health_check_interval", "cleanup_retry_interval",
+                    "cancel_grace_period", "crash_loop_probe_interval",
+                    "restart_backoff_initial", "restart_backoff_max", "session_ttl",
+                    "session_cleanup_interval", "global_program_ttl")
+_NON_NEGATIVE_FLOATS = ("worker_shutdown_grace_period",)
+
+
+def check_keys(values: dict[str, Any], *, source: str) -> None:
+    """Refuse keys that are not ``PoolConfig`` fields, suggesting the valid ones."""
+    unknown = sorted(set(values) - set(FIELD_TYPES))
+    if unknown:
+        raise ConfigError(
+            f"unknown configuration key {unknown[0]!r} (from {source}); "
+            f"valid keys: {', '.join(sorted(FIELD_TYPES))}",
+            key=unknown[0],
+            source=source,
+        )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def validate_config(config: PoolConfig, *, source: str) -> None:
+    """Raise ``ConfigError`` for the first nonsensical value, naming key and source."""
+
+    def fail(key: str, rule: str) -> None:
+        value = getattr(config, key)
+        raise ConfigError(
+            f"configuration key {key!r} = {value!r} (from {source}): {rule}",
+            key=key,
+            source=source,
+        )
+
+    for key in _POSITIVE_INTS:
+        if not _is_int(getattr(config, key)) or getattr(config, key) < 1:
+            fail(key, "must be an integer >= 1")
+    for key in _NON_NEGATIVE_INTS:
+        if not _is_int(getattr(config, key)) or getattr(config, key) < 0:
+            fail(key, "must be an integer >= 0")
+    for key in _POSITIVE_FLOATS:
+        if not _is_number(getattr(config, key)) or not getattr(config, key) > 0:
+            fail(key, "must be a number of seconds > 0")
+    for key in _NON_NEGATIVE_FLOATS:
+        if not _is_number(getattr(config, key)) or getattr(config, key) < 0:
+            fail(key, "must be a number of seconds >= 0")
+    memory = config.max_worker_memory_mb
+    if memory is not None and (not _is_number(memory) or memory <= 0):
+        fail("max_worker_memory_mb", "must be a number of MiB > 0, or None for no limit")
+    if config.session_affinity not in AFFINITY_MODES:
+        fail("session_affinity", f"must be one of {', '.join(AFFINITY_MODES)}")

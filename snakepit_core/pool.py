@@ -1,0 +1,574 @@
+"""The pool: starts workers concurrently, dispatches requests, queues, supervises.
+
+Dispatch is a handful of dict and deque operations on the event loop: an idle worker is taken
+at once; otherwise the caller waits in a bounded FIFO queue (or in the queue of the one worker a
+strict session is bound to). A worker that finishes a request serves its own oldest waiter
+first, then the head of the general queue, and only then becomes idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from opentelemetry import metrics, trace
+
+from .adapter import Adapter
+from .config import PoolConfig
+from .errors import (
+    AdapterUnavailable,
+    AffinityBusy,
+    CommandError,
+    PoolSaturated,
+    PoolStopped,
+    QueueTimeout,
+    SessionLost,
+    SnakepitError,
+    StartupError,
+    ValidationError,
+)
+from .plugins import AdapterHooks, get_plugin_manager, resolve_adapter
+from .runinfo import RUN_ID, next_worker_id
+from .stats import PoolCounters
+from .supervisor import Supervisor
+from .telemetry import Attr, PoolTelemetry
+from .worker import Worker, _CommandFailure
+
+log = logging.getLogger("snakepit.pool")
+
+
+class _Waiter:
+    """A caller waiting for a worker; ``future`` receives the worker."""
+
+    __slots__ = ("future", "queue", "timer")
+
+    def __init__(self, future: asyncio.Future[Worker], queue: deque[_Waiter]) -> None:
+        self.future = future
+        self.queue = queue
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class Pool:
+    """A pool of worker processes of one adapter. Use ``async with Pool("python") as pool``."""
+
+    def __init__(
+        self,
+        adapter: str | Adapter,
+        *,
+        config: PoolConfig | None = None,
+        tracer_provider: trace.TracerProvider | None = None,
+        meter_provider: metrics.MeterProvider | None = None,
+        session_store: Any = None,
+        **overrides: Any,
+    ) -> None:
+        from .config_sources import load_config
+
+        self.adapter = resolve_adapter(adapter)
+        self.config = load_config(config, overrides)
+        self._plugins = get_plugin_manager()
+        self._hooks: AdapterHooks = self._plugins.hooks_for(self.adapter)
+        self.telemetry = PoolTelemetry(
+            self.adapter, tracer_provider=tracer_provider, meter_provider=meter_provider
+        )
+        self.telemetry.bind_stats(self._gauges)
+        self.counters = PoolCounters(self.config.latency_window)
+        self.workers: dict[str, Worker] = {}
+        self._idle: dict[Worker, None] = {}
+        self._waiters: deque[_Waiter] = deque()
+        self._bound_waiters: dict[str, deque[_Waiter]] = {}
+        self._queued = 0
+        self._state = "new"
+        self._stopped = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.supervisor = Supervisor(self)
+        self._session_store = session_store
+        self._sessions: Any = None
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._state == "running"
+
+    async def __aenter__(self) -> Pool:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Start ``pool_size`` workers concurrently; ``StartupError`` if none can start."""
+        if self._state != "new":
+            raise PoolStopped(f"pool of {self.adapter.name!r} was already started")
+        self._loop = asyncio.get_running_loop()
+        self._state = "starting"
+        self.supervisor.before_start()
+        size = self.config.pool_size
+        tasks = [asyncio.ensure_future(self._start_worker(str(slot))) for slot in range(size)]
+        done, pending = await asyncio.wait(tasks, timeout=self.config.pool_startup_timeout)
+        for task in pending:
+            task.cancel()
+        failures: list[BaseException] = []
+        for task in tasks:
+            if task in done and task.exception() is not None:
+                failures.append(task.exception())  # type: ignore[arg-type]
+        if pending:
+            await asyncio.wait(pending)
+            failures.append(
+                StartupError(
+                    f"adapter {self.adapter.name!r}: {len(pending)} worker(s) not ready within "
+                    f"pool_startup_timeout={self.config.pool_startup_timeout}s",
+                    adapter=self.adapter.name,
+                )
+            )
+        if not self.workers:
+            self._state = "stopped"
+            self._stopped.set()
+            self.supervisor.after_stop()
+            first = failures[0] if failures else None
+            if isinstance(first, StartupError):
+                raise StartupError(
+                    f"no worker of adapter {self.adapter.name!r} could start: {first.message}",
+                    **first.context,
+                ) from None
+            raise StartupError(f"no worker of adapter {self.adapter.name!r} could start: {first!r}")
+        for failure in failures:
+            log.warning("pool %s: a worker failed to start (will retry): %s",
+                        self.adapter.name, failure)
+            self.supervisor.record_startup_failure(failure)
+        self._state = "running"
+        self.supervisor.after_start()
+
+    async def _start_worker(self, slot: str = "0") -> Worker:
+        """Start one worker and put it into service; raises ``StartupError``."""
+        worker = Worker(
+            self.adapter,
+            next_worker_id(self.adapter.name),
+            self.config,
+            run_id=RUN_ID,
+            slot=slot,
+            on_idle=self._release,
+            on_exit=self._on_worker_exit,
+        )
+        try:
+            await worker.start()
+        except BaseException:
+            worker.kill("startup_failed")
+            raise
+        if self._state not in ("starting", "running"):
+            await worker.stop(0)
+            raise PoolStopped(f"pool of {self.adapter.name!r} stopped while a worker started")
+        self.workers[worker.id] = worker
+        self.supervisor.worker_ready(worker)
+        self._release(worker)
+        return worker
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Refuse new calls, let in-flight ones finish within ``grace``, stop every worker.
+
+        Idempotent; concurrent callers all wait for the same stop.
+        """
+        if self._state in ("stopping", "stopped"):
+            await self._stopped.wait()
+            return
+        if self._state == "new":
+            self._state = "stopped"
+            self._stopped.set()
+            return
+        self._state = "stopping"
+        grace = self.config.worker_shutdown_grace_period if grace is None else grace
+        self.supervisor.before_stop()
+        self._fail_waiters(lambda: PoolStopped(f"pool of {self.adapter.name!r} is stopping"))
+        deadline = time.monotonic() + grace
+        while any(w.busy for w in self.workers.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.gather(
+            *(worker.stop(max(0.0, deadline - time.monotonic())) for worker in
+              list(self.workers.values())),
+            return_exceptions=True,
+        )
+        self._state = "stopped"
+        self.supervisor.after_stop()
+        self._stopped.set()
+
+    def kill_now(self) -> None:
+        """SIGKILL every worker's process group at once (interpreter exit, signal handlers)."""
+        for worker in list(self.workers.values()):
+            worker.kill("stopped")
+
+    # -- dispatch -----------------------------------------------------------------------------
+
+    def _release(self, worker: Worker) -> None:
+        """``worker`` is free: its own waiters first, then the general queue, then idle."""
+        if not worker.alive or self.supervisor.retire_if_due(worker):
+            return
+        bound = self._bound_waiters.get(worker.id)
+        while bound:
+            if self._hand_over(bound.popleft(), worker):
+                return
+        waiters = self._waiters
+        while waiters:
+            if self._hand_over(waiters.popleft(), worker):
+                return
+        self._idle[worker] = None
+
+    def _hand_over(self, waiter: _Waiter, worker: Worker) -> bool:
+        self._queued -= 1
+        if waiter.timer is not None:
+            waiter.timer.cancel()
+        if waiter.future.done():
+            return False
+        waiter.future.set_result(worker)
+        return True
+
+    async def _acquire(self, preferred: Worker | None, strict: bool, fail_fast: bool) -> Worker:
+        idle = self._idle
+        if preferred is not None and preferred in idle:
+            del idle[preferred]
+            return preferred
+        if strict:
+            assert preferred is not None
+            if fail_fast:
+                raise AffinityBusy(
+                    f"adapter {self.adapter.name!r}: worker {preferred.id} of the session is busy "
+                    "(affinity='strict_fail_fast')",
+                    adapter=self.adapter.name,
+                    worker_id=preferred.id,
+                )
+            queue = self._bound_waiters.setdefault(preferred.id, deque())
+        elif idle:
+            return idle.popitem()[0]
+        else:
+            queue = self._waiters
+        if self.supervisor.breaker_open:
+            raise self.supervisor.unavailable_error()
+        if self._queued >= self.config.pool_max_queue_size:
+            self.counters.pool_saturated += 1
+            raise PoolSaturated(
+                f"adapter {self.adapter.name!r}: all {len(self.workers)} workers are busy and "
+                f"the queue is full ({self.config.pool_max_queue_size} waiting)",
+                adapter=self.adapter.name,
+                queued=self._queued,
+            )
+        assert self._loop is not None
+        waiter = _Waiter(self._loop.create_future(), queue)
+        waiter.timer = self._loop.call_later(
+            self.config.pool_queue_timeout, self._expire, waiter
+        )
+        queue.append(waiter)
+        self._queued += 1
+        try:
+            return await waiter.future
+        except asyncio.CancelledError:
+            self._leave_queue(waiter)
+            if waiter.future.done() and not waiter.future.cancelled():
+                self._release(waiter.future.result())
+            raise
+
+    def _leave_queue(self, waiter: _Waiter) -> None:
+        if waiter.timer is not None:
+            waiter.timer.cancel()
+        with contextlib.suppress(ValueError):
+            waiter.queue.remove(waiter)
+            self._queued -= 1
+
+    def _expire(self, waiter: _Waiter) -> None:
+        waiter.timer = None
+        self._leave_queue(waiter)
+        if not waiter.future.done():
+            self.counters.queue_timeouts += 1
+            waiter.future.set_exception(
+                QueueTimeout(
+                    f"adapter {self.adapter.name!r}: no worker became free within "
+                    f"pool_queue_timeout={self.config.pool_queue_timeout}s",
+                    adapter=self.adapter.name,
+                )
+            )
+
+    def _fail_waiters(self, error: Callable[[], SnakepitError], worker_id: str | None = None) -> None:
+        """Fail queued callers: all of them, or only those bound to ``worker_id``."""
+        if worker_id is None:
+            queues = [self._waiters, *self._bound_waiters.values()]
+        else:
+            queues = [self._bound_waiters.pop(worker_id, deque())]
+        for queue in queues:
+            while queue:
+                waiter = queue.popleft()
+                self._queued -= 1
+                if waiter.timer is not None:
+                    waiter.timer.cancel()
+                if not waiter.future.done():
+                    waiter.future.set_exception(error())
+
+    def _on_worker_exit(self, worker: Worker) -> None:
+        self._idle.pop(worker, None)
+        if self.workers.pop(worker.id, None) is None:
+            return  # never entered service (a failed start): the starter reports it
+        self._fail_waiters(
+            lambda: SessionLost(
+                f"adapter {self.adapter.name!r}: worker {worker.id} of the session died "
+                f"({worker.exit_reason}); the next call binds the session to another worker",
+                adapter=self.adapter.name,
+                worker_id=worker.id,
+            ),
+            worker_id=worker.id,
+        )
+        self.supervisor.worker_exited(worker)
+
+    # -- execution ----------------------------------------------------------------------------
+
+    def _check_running(self) -> None:
+        if self._state != "running":
+            state = {"new": "not started", "starting": "still starting"}.get(
+                self._state, "stopped"
+            )
+            raise PoolStopped(
+                f"pool of {self.adapter.name!r} is {state}", adapter=self.adapter.name
+            )
+
+    async def execute(
+        self, command: str, args: dict[str, Any] | None = None, *, timeout: float | None = None
+    ) -> Any:
+        """Run ``command`` on a free worker and return the worker's result.
+
+        ``timeout`` (seconds) bounds the execution; without it the adapter's (or a plugin's)
+        timeout applies. Raises a :class:`SnakepitError` subclass on failure.
+        """
+        return await self._execute(command, args, timeout, None, None, False, False)
+
+    async def _execute(
+        self,
+        command: str,
+        args: dict[str, Any] | None,
+        timeout: float | None,
+        session_id: str | None,
+        preferred: Worker | None,
+        strict: bool,
+        fail_fast: bool,
+    ) -> Any:
+        self._check_running()
+        if args is None:
+            args = {}
+        elif not isinstance(args, dict):
+            raise ValidationError(
+                f"adapter {self.adapter.name!r}: {command}: args must be an object (a dict), "
+                f"not {type(args).__name__}",
+                adapter=self.adapter.name,
+                command=command,
+            )
+        hooks = self._hooks
+        if hooks.version != self._plugins.version:
+            hooks = self._hooks = self._plugins.hooks_for(self.adapter)
+        hooks.validate_command(command, args)
+        if session_id is not None:
+            args = {**args, "session_id": session_id}
+        if hooks.has_prepare:
+            args = hooks.prepare_args(command, args)
+        if timeout is None:
+            if hooks.has_timeout:
+                timeout = hooks.command_timeout(command, args)
+            if timeout is None:
+                timeout = self.adapter.timeout_for(command)
+        counters = self.counters
+        counters.requests += 1
+        telemetry = self.telemetry
+        span = telemetry.start_request(command, session_id) if telemetry.tracing else None
+        started = time.monotonic()
+        worker: Worker | None = None
+        queue_wait = 0.0
+        error: BaseException | None = None
+        try:
+            worker = await self._acquire(preferred, strict, fail_fast)
+            dispatched = time.monotonic()
+            queue_wait = dispatched - started
+            meta = None
+            if span is not None:
+                telemetry.set_worker(span, worker.id, worker.pid, queue_wait)
+                meta = telemetry.inject(span)
+            if hooks.has_request_telemetry:
+                hooks.request_started(
+                    command=command,
+                    request_id=worker._next_id + 1,
+                    worker_id=worker.id,
+                    session_id=session_id,
+                )
+            try:
+                future = worker.send(command, args, timeout=timeout, meta=meta)
+            except ValidationError:
+                self._release(worker)
+                raise
+            if session_id is not None:
+                self._remember_worker(session_id, worker)
+            try:
+                result = await future
+            except asyncio.CancelledError:
+                worker.abandon()
+                raise
+            except _CommandFailure as failure:
+                raise CommandError(
+                    f"adapter {self.adapter.name!r}: worker {worker.id}: command {command!r} "
+                    f"failed: {failure.error}",
+                    adapter=self.adapter.name,
+                    worker_id=worker.id,
+                    command=command,
+                    error=failure.error,
+                ) from None
+            if hooks.has_process:
+                result = hooks.process_response(command, result)
+            return result
+        except BaseException as exc:
+            error = exc
+            if isinstance(exc, SnakepitError) or not isinstance(exc, asyncio.CancelledError):
+                counters.errors += 1
+            raise
+        finally:
+            finished = time.monotonic()
+            duration = finished - started
+            counters.record_latency(duration)
+            if span is not None:
+                telemetry.end_request(span, finished - started - queue_wait, error)
+            if telemetry.metering:
+                telemetry.record_metrics(command, duration, error)
+            if hooks.has_request_telemetry:
+                hooks.request_finished(
+                    command=command,
+                    request_id=worker.pending_request_id if worker else 0,
+                    worker_id=worker.id if worker else None,
+                    session_id=session_id,
+                    duration=duration,
+                    queue_wait=queue_wait,
+                    error=error,
+                )
+
+    # -- sessions -----------------------------------------------------------------------------
+
+    @property
+    def sessions(self) -> Any:
+        """The pool's :class:`~snakepit_core.sessions.SessionStore` (created on first use)."""
+        if self._sessions is None:
+            from .sessions import SessionStore
+
+            self._sessions = self._session_store or SessionStore(
+                ttl=self.config.session_ttl,
+                cleanup_interval=self.config.session_cleanup_interval,
+                global_program_ttl=self.config.global_program_ttl,
+            )
+            self._sessions.add_listener(self._on_session_removed)
+        return self._sessions
+
+    async def execute_in_session(
+        self,
+        session_id: str,
+        command: str,
+        args: dict[str, Any] | None = None,
+        *,
+        affinity: str | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Run ``command`` for ``session_id`` (created when absent), routed by affinity.
+
+        ``prefer`` (default): the session's last worker if idle, else any. ``strict``: always
+        that worker, waiting for it. ``strict_fail_fast``: that worker or ``AffinityBusy``.
+        ``session_id`` is added to ``args`` after validation.
+        """
+        from .sessions import check_session_id
+
+        self._check_running()
+        check_session_id(session_id)
+        mode = affinity or self.config.session_affinity
+        if mode not in ("prefer", "strict", "strict_fail_fast"):
+            raise ValidationError(
+                f"affinity must be 'prefer', 'strict' or 'strict_fail_fast', not {mode!r}"
+            )
+        store = self.sessions
+        session = await store.get_or_create_session(session_id)
+        bound_id = session.last_worker_id
+        preferred = self.workers.get(bound_id) if bound_id else None
+        strict = mode != "prefer"
+        if strict and bound_id and preferred is None:
+            await store.update_session(session_id, lambda s: s.bind(None))
+            raise SessionLost(
+                f"adapter {self.adapter.name!r}: session {session_id!r} was bound to worker "
+                f"{bound_id}, which died; the next call binds it to another worker",
+                adapter=self.adapter.name,
+                worker_id=bound_id,
+                session_id=session_id,
+            )
+        return await self._execute(
+            command,
+            args,
+            timeout,
+            session_id,
+            preferred,
+            strict and preferred is not None,
+            mode == "strict_fail_fast",
+        )
+
+    def _remember_worker(self, session_id: str, worker: Worker) -> None:
+        self.sessions.note_worker(session_id, worker.id)
+
+    def _on_session_removed(self, session_id: str, worker_ids: set[str]) -> None:
+        """Tell every worker that served a removed session to free its state."""
+        if self._state != "running" or self._loop is None:
+            return
+        for worker_id in worker_ids:
+            if worker_id in self.workers:
+                self._loop.create_task(self._clear_on_worker(session_id, worker_id))
+
+    async def _clear_on_worker(self, session_id: str, worker_id: str) -> None:
+        worker = self.workers.get(worker_id)
+        if worker is None or not self.running:
+            return
+        if self.adapter.commands is not None and "clear_session" not in self.adapter.commands:
+            return
+        with contextlib.suppress(SnakepitError):
+            await self._execute(
+                "clear_session", {}, 5.0, session_id, worker, True, False
+            )
+
+    # -- statistics ---------------------------------------------------------------------------
+
+    def _gauges(self) -> dict[str, int]:
+        busy = sum(1 for w in self.workers.values() if w.busy)
+        return {"queued": self._queued, "busy": busy, "available": len(self._idle)}
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot: workers, available, busy, requests, queued, errors, timeouts, ..."""
+        gauges = self._gauges()
+        now = time.monotonic()
+        return {
+            "adapter": self.adapter.name,
+            "state": self._state,
+            "workers": len(self.workers),
+            "available": gauges["available"],
+            "busy": gauges["busy"],
+            "queued": gauges["queued"],
+            **self.counters.snapshot(),
+            "restarts": self.supervisor.restarts,
+            "breaker_open": self.supervisor.breaker_open,
+            "hook_errors": sum(self._plugins.hook_errors.values()),
+            "per_worker": {
+                w.id: {
+                    "pid": w.pid,
+                    "state": "busy" if w.busy else w.state,
+                    "requests": w.requests,
+                    "errors": w.errors,
+                    "uptime": round(now - w.started_at, 3),
+                    "restarts": self.supervisor.slot_restarts(w),
+                }
+                for w in self.workers.values()
+            },
+        }
+
+    def __repr__(self) -> str:
+        return f"<Pool {self.adapter.name} {self._state} workers={len(self.workers)}>"
+
+
+__all__ = ["Attr", "Pool", "signal"]

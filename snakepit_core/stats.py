@@ -1,0 +1,39 @@
+"""Counters and a latency window for ``Pool.stats()``."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+
+class PoolCounters:
+    """Totals since start plus the durations of the most recent requests."""
+
+    __slots__ = ("_latencies", "errors", "pool_saturated", "queue_timeouts", "requests")
+
+    def __init__(self, window: int) -> None:
+        self.requests = 0
+        self.errors = 0
+        self.queue_timeouts = 0
+        self.pool_saturated = 0
+        self._latencies: deque[float] = deque(maxlen=window)
+
+    def record_latency(self, seconds: float) -> None:
+        self._latencies.append(seconds)
+
+    def snapshot(self) -> dict[str, Any]:
+        ordered = sorted(self._latencies)
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            "queue_timeouts": self.queue_timeouts,
+            "pool_saturated": self.pool_saturated,
+            "latency_p50": _percentile(ordered, 0.50),
+            "latency_p99": _percentile(ordered, 0.99),
+        }
+
+
+def _percentile(ordered: list[float], fraction: float) -> float | None:
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]

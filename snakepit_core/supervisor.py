@@ -1,0 +1,276 @@
+"""Supervision of a pool's workers: replacement, crash-loop breaker, health checks, recycling.
+
+One refill task keeps the pool at ``pool_size``: a worker that had been serving is replaced at
+once; early deaths (during start-up, or on the first request with a crash status) are retried
+with exponential backoff, and ``crash_loop_threshold`` of them in a row open the breaker. While
+it is open, calls that find no idle worker fail fast with ``AdapterUnavailable`` and one probe
+worker is started every ``crash_loop_probe_interval``; the first request it serves closes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import TYPE_CHECKING, Any
+
+from .errors import AdapterUnavailable, SnakepitError
+from .registry import get_registry
+from .telemetry import Attr
+from .worker import Worker, describe_exit
+
+if TYPE_CHECKING:
+    from .pool import Pool
+
+log = logging.getLogger("snakepit.supervisor")
+
+EXTERNAL_KILL_CODES = (-signal.SIGKILL, -signal.SIGTERM)
+#: Read a worker's RSS for ``max_worker_memory_mb`` every this many requests.
+MEMORY_CHECK_EVERY = 32
+
+
+class Supervisor:
+    """Keeps one pool healthy; created by the pool, driven by its events."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.restarts = 0
+        self.breaker = "closed"  # closed -> open -> half_open -> closed
+        self.consecutive_early_deaths = 0
+        self.last_failure = ""
+        self._backoff = 0.0
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._slot_restarts: dict[str, int] = {}
+        self._recycling: set[asyncio.Task[None]] = set()
+
+    @property
+    def breaker_open(self) -> bool:
+        return self.breaker != "closed"
+
+    def unavailable_error(self) -> AdapterUnavailable:
+        name = self.pool.adapter.name
+        return AdapterUnavailable(
+            f"adapter {name!r} is unavailable: its workers died early "
+            f"{self.consecutive_early_deaths} times in a row (crash-loop breaker open; "
+            f"probing every {self.pool.config.crash_loop_probe_interval}s). Last failure: "
+            f"{self.last_failure}",
+            adapter=name,
+        )
+
+    # -- pool life cycle ----------------------------------------------------------------------
+
+    def before_start(self) -> None:
+        get_registry().reap_dead_runs()
+
+    def after_start(self) -> None:
+        self._tasks.append(asyncio.ensure_future(self._refill_loop()))
+        self._tasks.append(asyncio.ensure_future(self._health_loop()))
+        if len(self.pool.workers) < self.pool.config.pool_size:
+            self._wake.set()
+
+    def before_stop(self) -> None:
+        for task in [*self._tasks, *self._recycling]:
+            task.cancel()
+        self._tasks.clear()
+
+    def after_stop(self) -> None:
+        self._tasks.clear()
+
+    # -- worker events ------------------------------------------------------------------------
+
+    def worker_ready(self, worker: Worker) -> None:
+        assert worker.pid is not None
+        get_registry().add(worker.pid, worker.run_id, worker.id)
+        startup_time = worker.ready_at - worker.started_at
+        self.pool._hooks.worker_started(worker_id=worker.id, pid=worker.pid,
+                                        startup_time=startup_time)
+        self.pool.telemetry.worker_span(
+            "snakepit.worker.start",
+            {Attr.WORKER_ID: worker.id, Attr.PROCESS_PID: worker.pid,
+             Attr.STARTUP_TIME: startup_time},
+        )
+        if self.breaker == "open":
+            self.breaker = "half_open"
+
+    def worker_exited(self, worker: Worker) -> None:
+        """A worker that was in service is gone: account for it and refill the pool."""
+        assert worker.pid is not None
+        get_registry().remove(worker.pid)
+        reason = worker.exit_reason or "crashed"
+        self.pool._hooks.worker_exited(
+            worker_id=worker.id, pid=worker.pid, exit_code=worker.exit_code, reason=reason
+        )
+        self.pool.telemetry.worker_span(
+            "snakepit.worker.exit",
+            {Attr.WORKER_ID: worker.id, Attr.PROCESS_PID: worker.pid,
+             Attr.PROCESS_EXIT_CODE: worker.exit_code if worker.exit_code is not None else -1,
+             Attr.EXIT_REASON: reason},
+        )
+        if not self.pool.running:
+            return
+        if reason not in ("stopped", "recycled"):
+            log.warning(
+                "pool %s: worker %s (pid %s) exited: %s (%s)%s",
+                self.pool.adapter.name, worker.id, worker.pid, reason,
+                describe_exit(worker.exit_code), worker.stderr_excerpt(lines=5),
+            )
+        if self._is_early_death(worker, reason):
+            self._record_early_death(
+                f"worker {worker.id} died on its first request ({describe_exit(worker.exit_code)})"
+                f"{worker.stderr_excerpt()}"
+            )
+        elif reason != "recycled":
+            self.consecutive_early_deaths = 0
+            self._backoff = 0.0
+        if reason != "recycled":
+            self._slot_restarts[worker.slot] = self._slot_restarts.get(worker.slot, 0) + 1
+            self.pool.telemetry.record_restart(reason)
+        self._wake.set()
+
+    @staticmethod
+    def _is_early_death(worker: Worker, reason: str) -> bool:
+        if worker.completed > 0 or reason not in ("crashed", "protocol_error"):
+            return False
+        return worker.exit_code not in EXTERNAL_KILL_CODES
+
+    def _record_early_death(self, description: str) -> None:
+        self.consecutive_early_deaths += 1
+        self.last_failure = description
+        config = self.pool.config
+        self._backoff = min(
+            config.restart_backoff_max,
+            self._backoff * 2 if self._backoff else config.restart_backoff_initial,
+        )
+        if self.consecutive_early_deaths >= config.crash_loop_threshold and self.breaker != "open":
+            self.breaker = "open"
+            error = self.unavailable_error()
+            log.error("%s", error.message)
+            self.pool._fail_waiters(lambda: error)
+
+    def record_startup_failure(self, failure: BaseException) -> None:
+        self._record_early_death(getattr(failure, "message", repr(failure)))
+
+    def slot_restarts(self, worker: Worker) -> int:
+        return self._slot_restarts.get(worker.slot, 0)
+
+    # -- refill -------------------------------------------------------------------------------
+
+    def _missing(self) -> int:
+        return self.pool.config.pool_size - len(self.pool.workers)
+
+    async def _refill_loop(self) -> None:
+        config = self.pool.config
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self.pool.running and self._missing() > 0:
+                if self.breaker == "open":
+                    await asyncio.sleep(config.crash_loop_probe_interval)
+                    count = 1
+                else:
+                    if self.consecutive_early_deaths:
+                        await asyncio.sleep(self._backoff)
+                    count = self._missing()
+                if not self.pool.running or count <= 0:
+                    break
+                slots = self._free_slots(count)
+                results = await asyncio.gather(
+                    *(self.pool._start_worker(slot) for slot in slots), return_exceptions=True
+                )
+                for result in results:
+                    if isinstance(result, BaseException):
+                        if not isinstance(result, SnakepitError):
+                            raise result
+                        self.record_startup_failure(result)
+                    else:
+                        self.restarts += 1
+
+    def _free_slots(self, count: int) -> list[str]:
+        used = {w.slot for w in self.pool.workers.values()}
+        free = [str(i) for i in range(self.pool.config.pool_size) if str(i) not in used]
+        return free[:count]
+
+    # -- health checks ------------------------------------------------------------------------
+
+    async def _health_loop(self) -> None:
+        config = self.pool.config
+        while True:
+            await asyncio.sleep(config.worker_health_check_interval)
+            for worker in list(self.pool.workers.values()):
+                self._check_health(worker)
+
+    def _check_health(self, worker: Worker) -> None:
+        config = self.pool.config
+        if worker.health_ping is not None:
+            worker.health_misses += 1
+        elif worker in self.pool._idle:
+            del self.pool._idle[worker]
+            budget = config.worker_health_check_interval * (config.worker_health_check_misses + 1)
+            try:
+                ping = worker.send("ping", {}, timeout=budget)
+            except SnakepitError:
+                worker.health_misses += 1
+            else:
+                worker.health_ping = ping
+                ping.add_done_callback(lambda done: self._health_answer(worker, done))
+        if worker.health_misses >= config.worker_health_check_misses:
+            log.warning("pool %s: worker %s missed %d health checks; replacing it",
+                        self.pool.adapter.name, worker.id, worker.health_misses)
+            worker.kill("unhealthy")
+
+    @staticmethod
+    def _health_answer(worker: Worker, ping: asyncio.Future[Any]) -> None:
+        worker.health_ping = None
+        if ping.cancelled() or ping.exception() is not None:
+            worker.health_misses += 1
+        else:
+            worker.health_misses = 0
+
+    # -- recycling ----------------------------------------------------------------------------
+
+    def retire_if_due(self, worker: Worker) -> bool:
+        """Called on every release: ``True`` when ``worker`` must leave service now."""
+        if self.breaker == "half_open" and worker.completed:
+            self.breaker = "closed"
+            self.consecutive_early_deaths = 0
+            self._backoff = 0.0
+            log.info("pool %s: crash-loop breaker closed", self.pool.adapter.name)
+            self._wake.set()
+        if worker.retire_now:
+            self.pool._loop.create_task(worker.stop(self.pool.config.worker_shutdown_grace_period))  # type: ignore[union-attr]
+            return True
+        if worker.retiring or not self.pool.running:
+            return False
+        config = self.pool.config
+        due = bool(config.max_requests_per_worker) and (
+            worker.completed >= config.max_requests_per_worker
+        )
+        if not due and config.max_worker_memory_mb and worker.completed % MEMORY_CHECK_EVERY == 0:
+            rss = worker.rss_bytes()
+            due = rss is not None and rss > config.max_worker_memory_mb * 1024 * 1024
+        if due:
+            worker.retiring = True
+            task = asyncio.ensure_future(self._recycle(worker))
+            self._recycling.add(task)
+            task.add_done_callback(self._recycling.discard)
+        return False
+
+    async def _recycle(self, old: Worker) -> None:
+        """Start the replacement first; only then take ``old`` out of service."""
+        try:
+            await self.pool._start_worker(old.slot)
+        except SnakepitError as exc:
+            log.warning("pool %s: recycling %s: replacement failed: %s",
+                        self.pool.adapter.name, old.id, exc)
+            old.retiring = False
+            return
+        self.restarts += 1
+        old.exit_reason = "recycled"
+        if old in self.pool._idle:
+            del self.pool._idle[old]
+            with contextlib.suppress(SnakepitError):
+                await old.stop(self.pool.config.worker_shutdown_grace_period)
+        else:
+            old.retire_now = True

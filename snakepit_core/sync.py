@@ -1,0 +1,207 @@
+"""A synchronous facade: ``SyncPool`` and the module-level ``start``/``execute``/``stop``.
+
+The async pool runs on an event loop in a private daemon thread, so callers need no event loop
+of their own: any number of threads may call ``execute`` at once, and so may code running
+inside someone else's loop (a Jupyter cell), which must not block on its own loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import threading
+import warnings
+import weakref
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from .adapter import Adapter
+from .errors import PoolStopped
+from .pool import Pool
+
+T = TypeVar("T")
+
+_open_pools: weakref.WeakSet[SyncPool] = weakref.WeakSet()
+
+
+class SyncPool:
+    """A :class:`Pool` for code without an event loop. ``with SyncPool("python") as pool:``."""
+
+    def __init__(self, adapter: str | Adapter, **kwargs: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="snakepit-loop", daemon=True
+        )
+        self._thread.start()
+        self._closed = False
+        self._lock = threading.Lock()
+        try:
+            self.pool: Pool = self._call(self._make(adapter, kwargs))
+        except BaseException:
+            self._shutdown_loop()
+            raise
+
+    @staticmethod
+    async def _make(adapter: str | Adapter, kwargs: dict[str, Any]) -> Pool:
+        return Pool(adapter, **kwargs)
+
+    def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            if not future.done():
+                future.cancel()
+            raise
+
+    def start(self) -> SyncPool:
+        self._call(self.pool.start())
+        _open_pools.add(self)
+        return self
+
+    def execute(
+        self, command: str, args: dict[str, Any] | None = None, *, timeout: float | None = None
+    ) -> Any:
+        """Blocking :meth:`Pool.execute`; safe from any thread."""
+        if self._closed:
+            raise PoolStopped(f"pool of {self.pool.adapter.name!r} is stopped")
+        return self._call(self.pool.execute(command, args, timeout=timeout))
+
+    def execute_in_session(
+        self,
+        session_id: str,
+        command: str,
+        args: dict[str, Any] | None = None,
+        *,
+        affinity: str | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Blocking :meth:`Pool.execute_in_session`."""
+        return self._call(
+            self.pool.execute_in_session(
+                session_id, command, args, affinity=affinity, timeout=timeout
+            )
+        )
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run any coroutine on the pool's loop (e.g. a session-store call) and wait for it."""
+        return self._call(coroutine)
+
+    @property
+    def sessions(self) -> Any:
+        """A synchronous view of the pool's session store."""
+        from .sessions import SyncSessionStore
+
+        return SyncSessionStore(self.pool.sessions, self._call)
+
+    def stats(self) -> dict[str, Any]:
+        return self._call(_stats(self.pool))
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop the pool and its loop thread. Idempotent; safe from signal handlers."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        _open_pools.discard(self)
+        try:
+            if threading.current_thread() is self._thread:
+                raise RuntimeError("SyncPool.stop() called from the pool's own loop thread")
+            self._call(self.pool.stop(grace))
+        finally:
+            self._shutdown_loop()
+
+    def _shutdown_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    def __enter__(self) -> SyncPool:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<SyncPool {self.pool!r}>"
+
+
+async def _stats(pool: Pool) -> dict[str, Any]:
+    return pool.stats()
+
+
+@atexit.register
+def _stop_open_pools() -> None:
+    for pool in list(_open_pools):
+        warnings.warn(
+            f"{pool!r} was still running at interpreter exit; stopping it "
+            "(call stop() or use 'with SyncPool(...)')",
+            ResourceWarning,
+            stacklevel=1,
+        )
+        pool.stop(grace=0.5)
+
+
+# -- module-level facade, like the seed --------------------------------------------------------
+
+_default: SyncPool | None = None
+_default_lock = threading.Lock()
+
+
+def start(adapter: str | Adapter = "python", **kwargs: Any) -> SyncPool:
+    """Start the process-wide default pool (stopping a previous one: reconfiguration)."""
+    global _default
+    with _default_lock:
+        if _default is not None:
+            _default.stop()
+        _default = SyncPool(adapter, **kwargs).start()
+        return _default
+
+
+def get_pool() -> SyncPool:
+    """The default pool; ``PoolStopped`` if :func:`start` was not called."""
+    if _default is None:
+        raise PoolStopped("no default pool: call snakepit_core.start(adapter=...) first")
+    return _default
+
+
+def execute(command: str, args: dict[str, Any] | None = None, *, timeout: float | None = None) -> Any:
+    return get_pool().execute(command, args, timeout=timeout)
+
+
+def execute_in_session(
+    session_id: str,
+    command: str,
+    args: dict[str, Any] | None = None,
+    *,
+    affinity: str | None = None,
+    timeout: float | None = None,
+) -> Any:
+    return get_pool().execute_in_session(
+        session_id, command, args, affinity=affinity, timeout=timeout
+    )
+
+
+def stats() -> dict[str, Any]:
+    return get_pool().stats()
+
+
+def stop() -> None:
+    """Stop the default pool (no-op if none is running)."""
+    global _default
+    with _default_lock:
+        if _default is not None:
+            _default.stop()
+            _default = None
+
+
+__all__ = [
+    "SyncPool",
+    "execute",
+    "execute_in_session",
+    "get_pool",
+    "start",
+    "stats",
+    "stop",
+]
