@@ -32,7 +32,24 @@ from .hookspecs import hookimpl
 from .plugins import get_plugin_manager
 from .pool import Pool
 from .schemas import load_schema_dir, shared_command_schemas
-from .sync import SyncPool, execute, execute_in_session, get_pool, start, stats, stop
+from .sessions import (
+    InMemoryBackend,
+    Session,
+    SessionBackend,
+    SessionHelpers,
+    SessionStore,
+    SyncSessionStore,
+)
+from .sync import (
+    SyncPool,
+    execute,
+    execute_in_session,
+    execute_program_command,
+    get_pool,
+    start,
+    stats,
+    stop,
+)
 
 __version__ = "0.1.0"
 
@@ -49,6 +66,12 @@ __all__ = [
     "ProtocolError",
     "QueueTimeout",
     "ScriptAdapter",
+    "Session",
+    "SessionBackend",
+    "SessionHelpers",
+    "SessionStore",
+    "SyncSessionStore",
+    "InMemoryBackend",
     "SessionExists",
     "SessionLost",
     "SessionNotFound",
@@ -63,6 +86,7 @@ __all__ = [
     "__version__",
     "execute",
     "execute_in_session",
+    "execute_program_command",
     "get_plugin_manager",
     "get_pool",
     "hookimpl",

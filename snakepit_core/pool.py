@@ -189,6 +189,8 @@ class Pool:
         deadline = time.monotonic() + grace
         while any(w.busy for w in self.workers.values()) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
+        if self._sessions is not None:
+            self._sessions.close()
         await asyncio.gather(
             *(worker.stop(max(0.0, deadline - time.monotonic())) for worker in
               list(self.workers.values())),
@@ -405,7 +407,7 @@ class Pool:
                 self._release(worker)
                 raise
             if session_id is not None:
-                self._remember_worker(session_id, worker)
+                await self.sessions.note_worker(session_id, worker.id)
             try:
                 result = await future
             except asyncio.CancelledError:
@@ -510,9 +512,6 @@ class Pool:
             strict and preferred is not None,
             mode == "strict_fail_fast",
         )
-
-    def _remember_worker(self, session_id: str, worker: Worker) -> None:
-        self.sessions.note_worker(session_id, worker.id)
 
     def _on_session_removed(self, session_id: str, worker_ids: set[str]) -> None:
         """Tell every worker that served a removed session to free its state."""

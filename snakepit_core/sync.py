@@ -24,35 +24,52 @@ T = TypeVar("T")
 _open_pools: weakref.WeakSet[SyncPool] = weakref.WeakSet()
 
 
-class SyncPool:
-    """A :class:`Pool` for code without an event loop. ``with SyncPool("python") as pool:``."""
+class LoopThread:
+    """An event loop running in a private daemon thread, and a way to wait on it."""
 
-    def __init__(self, adapter: str | Adapter, **kwargs: Any) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="snakepit-loop", daemon=True
-        )
-        self._thread.start()
-        self._closed = False
-        self._lock = threading.Lock()
-        try:
-            self.pool: Pool = self._call(self._make(adapter, kwargs))
-        except BaseException:
-            self._shutdown_loop()
-            raise
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="snakepit-loop",
+                                       daemon=True)
+        self.thread.start()
 
-    @staticmethod
-    async def _make(adapter: str | Adapter, kwargs: dict[str, Any]) -> Pool:
-        return Pool(adapter, **kwargs)
-
-    def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+    def call(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run ``coroutine`` on the loop and wait for its result (from any other thread)."""
+        if threading.current_thread() is self.thread:
+            coroutine.close()
+            raise RuntimeError("a blocking snakepit call was made from its own loop thread")
+        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
         try:
             return future.result()
         except BaseException:
             if not future.done():
                 future.cancel()
             raise
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+
+class SyncPool:
+    """A :class:`Pool` for code without an event loop. ``with SyncPool("python") as pool:``."""
+
+    def __init__(self, adapter: str | Adapter, **kwargs: Any) -> None:
+        self._runner = LoopThread()
+        self._call = self._runner.call
+        self._closed = False
+        self._lock = threading.Lock()
+        try:
+            self.pool: Pool = self._call(self._make(adapter, kwargs))
+        except BaseException:
+            self._runner.close()
+            raise
+
+    @staticmethod
+    async def _make(adapter: str | Adapter, kwargs: dict[str, Any]) -> Pool:
+        return Pool(adapter, **kwargs)
 
     def start(self) -> SyncPool:
         self._call(self.pool.start())
@@ -97,6 +114,16 @@ class SyncPool:
     def stats(self) -> dict[str, Any]:
         return self._call(_stats(self.pool))
 
+    def execute_program_command(
+        self, session_id: str, command: str, args: dict[str, Any] | None = None, **options: Any
+    ) -> Any:
+        """Blocking :meth:`SessionHelpers.execute_program_command` on this pool."""
+        from .sessions import SessionHelpers
+
+        return self._call(
+            SessionHelpers(self.pool).execute_program_command(session_id, command, args, **options)
+        )
+
     def stop(self, grace: float | None = None) -> None:
         """Stop the pool and its loop thread. Idempotent; safe from signal handlers."""
         with self._lock:
@@ -105,17 +132,9 @@ class SyncPool:
             self._closed = True
         _open_pools.discard(self)
         try:
-            if threading.current_thread() is self._thread:
-                raise RuntimeError("SyncPool.stop() called from the pool's own loop thread")
             self._call(self.pool.stop(grace))
         finally:
-            self._shutdown_loop()
-
-    def _shutdown_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        if not self._thread.is_alive():
-            self._loop.close()
+            self._runner.close()
 
     def __enter__(self) -> SyncPool:
         return self.start()
@@ -187,6 +206,13 @@ def stats() -> dict[str, Any]:
     return get_pool().stats()
 
 
+def execute_program_command(
+    session_id: str, command: str, args: dict[str, Any] | None = None, **options: Any
+) -> Any:
+    """The seed's module-level program helper, on the default pool."""
+    return get_pool().execute_program_command(session_id, command, args, **options)
+
+
 def stop() -> None:
     """Stop the default pool (no-op if none is running)."""
     global _default
@@ -197,7 +223,9 @@ def stop() -> None:
 
 
 __all__ = [
+    "LoopThread",
     "SyncPool",
+    "execute_program_command",
     "execute",
     "execute_in_session",
     "get_pool",

@@ -1,0 +1,138 @@
+"""The ``snakepit`` command line: demo, adapters, exec, doctor, reap, bench."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from .adapter import Adapter
+from .errors import SnakepitError
+from .plugins import get_plugin_manager
+from .pool import Pool
+
+console = Console()
+err_console = Console(stderr=True)
+
+VERSION_FLAGS = {"ruby": ["-e", "print RUBY_VERSION"]}
+
+
+def runtime_version(adapter: Adapter) -> tuple[str | None, str]:
+    """``(path, version or what is wrong)`` of the adapter's executable."""
+    path = shutil.which(adapter.executable)
+    if path is None:
+        return None, f"missing: {adapter.executable!r} not found on PATH"
+    try:
+        completed = subprocess.run(
+            [path, "--version"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return path, f"cannot run: {exc}"
+    text = (completed.stdout or completed.stderr).strip().splitlines()
+    return path, text[0] if text else f"exit code {completed.returncode}"
+
+
+@click.group()
+@click.version_option(package_name="snakepit-core")
+def main() -> None:
+    """snakepit: pools of long-lived worker processes in any runtime."""
+
+
+@main.command()
+def adapters() -> None:
+    """List installed adapters, their distribution, version and runtime."""
+    manager = get_plugin_manager()
+    found = manager.adapters()
+    table = Table(title="snakepit adapters")
+    for column in ("adapter", "distribution", "version", "runtime", "commands"):
+        table.add_column(column)
+    for name, adapter in sorted(found.items()):
+        path, version = runtime_version(adapter)
+        runtime = f"{version} ({path})" if path else f"[red]{version}[/red]"
+        commands = ", ".join(sorted(adapter.commands)) if adapter.commands else "any"
+        table.add_row(name, adapter.distribution or "-", adapter.version or "-", runtime, commands)
+    console.print(table)
+    if not found:
+        console.print("no adapters installed: pip install snakepit-python (or -node, -ruby)")
+    for failure in manager.failures:
+        console.print(f"[red]broken plugin[/red] {failure.name} ({failure.group}): {failure.error}")
+
+
+@main.command(name="exec")
+@click.argument("adapter")
+@click.argument("command")
+@click.argument("args", required=False, default="{}")
+@click.option("--timeout", type=float, default=None, help="Execution timeout in seconds.")
+def exec_command(adapter: str, command: str, args: str, timeout: float | None) -> None:
+    """Run COMMAND with JSON ARGS on one ADAPTER worker and print the result as JSON."""
+    try:
+        parsed = json.loads(args)
+    except json.JSONDecodeError as exc:
+        err_console.print(f"validation_error: ARGS is not valid JSON: {exc}")
+        sys.exit(2)
+
+    async def run() -> Any:
+        async with Pool(adapter, pool_size=1) as pool:
+            return await pool.execute(command, parsed, timeout=timeout)
+
+    try:
+        result = asyncio.run(run())
+    except SnakepitError as exc:
+        err_console.print(f"{exc.code}: {exc}", markup=False, highlight=False)
+        sys.exit(1)
+    click.echo(json.dumps(result, indent=2, sort_keys=True))
+
+
+@main.command()
+@click.option("--adapter", "only", multiple=True, help="Only these adapters (default: all).")
+@click.option("--pool-size", default=2, show_default=True)
+def demo(only: tuple[str, ...], pool_size: int) -> None:
+    """Run the seed's examples on every installed adapter and show results and stats."""
+    from .demo import run_demo
+
+    ok = asyncio.run(run_demo(list(only) or None, pool_size, console))
+    sys.exit(0 if ok else 1)
+
+
+@main.command()
+def reap() -> None:
+    """Kill worker processes left behind by snakepit runs whose parent died."""
+    from .registry import get_registry
+
+    report = get_registry().reap_dead_runs()
+    console.print(f"dead runs: {report.runs}; processes killed: {len(report.killed)} {report.killed}")
+
+
+@main.command()
+def doctor() -> None:
+    """Check the runtimes, plugins, registry and platform guarantees."""
+    from .doctor import run_doctor
+
+    sys.exit(0 if run_doctor(console) else 1)
+
+
+@main.command()
+@click.option("--requests", default=20000, show_default=True, help="Pings per measurement.")
+@click.option("--rounds", default=3, show_default=True, help="Rounds; medians are reported.")
+@click.option("--adapter", "only", multiple=True, help="Only these adapters (default: all).")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.option("--quick", is_flag=True, help="Fewer worker counts and requests.")
+def bench(requests: int, rounds: int, only: tuple[str, ...], as_json: bool, quick: bool) -> None:
+    """Benchmark ping throughput/latency, start-up and sessions against reference peers."""
+    from .bench import run_bench
+
+    run_bench(
+        requests=requests, rounds=rounds, adapters=list(only) or None, as_json=as_json,
+        quick=quick, console=console,
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

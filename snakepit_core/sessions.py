@@ -1,0 +1,425 @@
+"""Sessions: state that lives across requests, and the worker a session last used.
+
+:class:`SessionStore` is the API (async; :class:`SyncSessionStore` is its blocking twin). It
+keeps sessions in a :class:`SessionBackend`; :class:`InMemoryBackend` is the embedded default,
+and another backend (e.g. a shared one) plugs in without touching the pool. TTLs slide: reads
+and updates push expiry forward. Expiry uses an injectable monotonic clock so tests drive it
+without sleeping; user-facing timestamps are wall-clock UTC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import logging
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from .errors import SessionExists, SessionNotFound, ValidationError
+
+log = logging.getLogger("snakepit.sessions")
+
+MAX_SESSION_ID_LENGTH = 256
+DEFAULT_TTL = 3600.0
+
+
+def check_session_id(session_id: Any) -> None:
+    """Refuse ids that are not non-empty strings of at most 256 characters."""
+    if not isinstance(session_id, str):
+        raise ValidationError(
+            f"session_id must be a string, not {type(session_id).__name__}", field="session_id"
+        )
+    if not session_id:
+        raise ValidationError("session_id must not be empty", field="session_id")
+    if len(session_id) > MAX_SESSION_ID_LENGTH:
+        raise ValidationError(
+            f"session_id is {len(session_id)} characters; at most {MAX_SESSION_ID_LENGTH}",
+            field="session_id",
+        )
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class Session:
+    """One session. ``last_worker_id`` is where its worker-side state lives."""
+
+    id: str
+    ttl: float
+    created_at: datetime
+    last_accessed: datetime
+    programs: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    last_worker_id: str | None = None
+    #: Every worker that served the session (they get ``clear_session`` when it ends).
+    worker_ids: set[str] = field(default_factory=set)
+    #: Monotonic deadline; refreshed on every access.
+    expires_at: float = 0.0
+
+    def bind(self, worker_id: str | None) -> None:
+        self.last_worker_id = worker_id
+        if worker_id is not None:
+            self.worker_ids.add(worker_id)
+
+
+class SessionBackend(Protocol):
+    """Where sessions and global programs are kept. All methods are coroutines."""
+
+    async def get(self, session_id: str) -> Session | None: ...
+    async def put(self, session: Session) -> None: ...
+    async def delete(self, session_id: str) -> Session | None: ...
+    async def all(self) -> list[Session]: ...
+    async def get_global(self, program_id: str) -> tuple[Any, float] | None: ...
+    async def put_global(self, program_id: str, data: Any, expires_at: float) -> None: ...
+    async def delete_global(self, program_id: str) -> None: ...
+    async def all_globals(self) -> list[tuple[str, float]]: ...
+
+
+class InMemoryBackend:
+    """The embedded default: dicts in this process."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, Session] = {}
+        self._globals: dict[str, tuple[Any, float]] = {}
+
+    async def get(self, session_id: str) -> Session | None:
+        return self._sessions.get(session_id)
+
+    async def put(self, session: Session) -> None:
+        self._sessions[session.id] = session
+
+    async def delete(self, session_id: str) -> Session | None:
+        return self._sessions.pop(session_id, None)
+
+    async def all(self) -> list[Session]:
+        return list(self._sessions.values())
+
+    async def get_global(self, program_id: str) -> tuple[Any, float] | None:
+        return self._globals.get(program_id)
+
+    async def put_global(self, program_id: str, data: Any, expires_at: float) -> None:
+        self._globals[program_id] = (data, expires_at)
+
+    async def delete_global(self, program_id: str) -> None:
+        self._globals.pop(program_id, None)
+
+    async def all_globals(self) -> list[tuple[str, float]]:
+        return [(key, expires) for key, (_, expires) in self._globals.items()]
+
+
+RemovalListener = Callable[[str, set[str]], None]
+
+
+class SessionStore:
+    """Sessions with sliding TTLs, programs, global programs and statistics."""
+
+    def __init__(
+        self,
+        backend: SessionBackend | None = None,
+        *,
+        ttl: float = DEFAULT_TTL,
+        cleanup_interval: float = 60.0,
+        global_program_ttl: float = 3600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.backend: SessionBackend = backend or InMemoryBackend()
+        self.ttl = ttl
+        self.cleanup_interval = cleanup_interval
+        self.global_program_ttl = global_program_ttl
+        self.clock = clock
+        self._listeners: list[RemovalListener] = []
+        self._cleanup_task: asyncio.Task[None] | None = None
+        self._counts = {
+            "sessions_created": 0,
+            "sessions_deleted": 0,
+            "sessions_expired": 0,
+            "cleanup_runs": 0,
+            "global_programs_stored": 0,
+            "global_programs_expired": 0,
+        }
+
+    # -- housekeeping -------------------------------------------------------------------------
+
+    def add_listener(self, listener: RemovalListener) -> None:
+        """``listener(session_id, worker_ids)`` runs when a session is deleted or expires."""
+        self._listeners.append(listener)
+
+    def _ensure_cleanup_task(self) -> None:
+        if self._cleanup_task is None or self._cleanup_task.done():
+            with contextlib.suppress(RuntimeError):  # no running loop: nothing to schedule
+                self._cleanup_task = asyncio.get_running_loop().create_task(self._cleanup_loop())
+
+    async def _cleanup_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cleanup_interval)
+            try:
+                await self.cleanup_expired_sessions()
+            except Exception:
+                log.exception("session cleanup failed; retrying next interval")
+
+    def close(self) -> None:
+        """Stop the background cleanup task."""
+        if self._cleanup_task is not None:
+            self._cleanup_task.cancel()
+            self._cleanup_task = None
+
+    def _removed(self, session: Session) -> None:
+        for listener in self._listeners:
+            try:
+                listener(session.id, set(session.worker_ids))
+            except Exception:
+                log.exception("session removal listener failed")
+
+    async def _live(self, session_id: str) -> Session | None:
+        """The session if it exists and has not expired (expired ones are removed)."""
+        session = await self.backend.get(session_id)
+        if session is not None and session.expires_at <= self.clock():
+            await self._expire(session)
+            return None
+        return session
+
+    async def _expire(self, session: Session) -> None:
+        if await self.backend.delete(session.id) is not None:
+            self._counts["sessions_expired"] += 1
+            self._removed(session)
+
+    def _touch(self, session: Session) -> None:
+        session.last_accessed = utc_now()
+        session.expires_at = self.clock() + session.ttl
+
+    # -- sessions -----------------------------------------------------------------------------
+
+    async def create_session(
+        self, session_id: str, *, ttl: float | None = None, metadata: dict[str, Any] | None = None
+    ) -> Session:
+        """A new session; ``SessionExists`` if the id is taken."""
+        check_session_id(session_id)
+        self._ensure_cleanup_task()
+        if await self._live(session_id) is not None:
+            raise SessionExists(f"session {session_id!r} already exists", session_id=session_id)
+        ttl = self.ttl if ttl is None else ttl
+        if not isinstance(ttl, int | float) or isinstance(ttl, bool) or ttl <= 0:
+            raise ValidationError(f"session ttl must be a number of seconds > 0, not {ttl!r}")
+        now = utc_now()
+        session = Session(
+            id=session_id, ttl=float(ttl), created_at=now, last_accessed=now,
+            metadata=dict(metadata or {}), expires_at=self.clock() + ttl,
+        )
+        await self.backend.put(session)
+        self._counts["sessions_created"] += 1
+        return session
+
+    async def get_session(self, session_id: str) -> Session:
+        """The session (its TTL refreshed); ``SessionNotFound`` if missing or expired."""
+        check_session_id(session_id)
+        session = await self._live(session_id)
+        if session is None:
+            raise SessionNotFound(f"session {session_id!r} not found", session_id=session_id)
+        self._touch(session)
+        await self.backend.put(session)
+        return session
+
+    async def get_or_create_session(self, session_id: str) -> Session:
+        session = await self._live(session_id)
+        if session is None:
+            return await self.create_session(session_id)
+        self._touch(session)
+        await self.backend.put(session)
+        return session
+
+    async def update_session(
+        self, session_id: str, update: Callable[[Session], Session | None]
+    ) -> Session:
+        """Apply ``update`` (it may mutate the session or return a new one) and save."""
+        session = await self.get_session(session_id)
+        updated = update(session)
+        session = session if updated is None else updated
+        self._touch(session)
+        await self.backend.put(session)
+        return session
+
+    async def session_exists(self, session_id: str) -> bool:
+        return await self._live(session_id) is not None
+
+    async def list_sessions(self) -> list[str]:
+        now = self.clock()
+        return sorted(s.id for s in await self.backend.all() if s.expires_at > now)
+
+    async def delete_session(self, session_id: str) -> bool:
+        """Remove the session; ``False`` if there was none. Its workers free their state."""
+        session = await self.backend.delete(session_id)
+        if session is None:
+            return False
+        self._counts["sessions_deleted"] += 1
+        self._removed(session)
+        return True
+
+    async def note_worker(self, session_id: str, worker_id: str) -> None:
+        """Remember that ``worker_id`` served the session (affinity and clean-up)."""
+        session = await self.backend.get(session_id)
+        if session is not None and session.last_worker_id != worker_id:
+            session.bind(worker_id)
+            await self.backend.put(session)
+
+    async def cleanup_expired_sessions(self) -> int:
+        """Remove expired sessions and global programs; returns the sessions removed."""
+        self._counts["cleanup_runs"] += 1
+        now = self.clock()
+        expired = [s for s in await self.backend.all() if s.expires_at <= now]
+        for session in expired:
+            await self._expire(session)
+        for program_id, expires_at in await self.backend.all_globals():
+            if expires_at <= now:
+                await self.backend.delete_global(program_id)
+                self._counts["global_programs_expired"] += 1
+        return len(expired)
+
+    # -- programs -----------------------------------------------------------------------------
+
+    async def store_program(self, session_id: str, program_id: str, data: Any) -> None:
+        def put(session: Session) -> None:
+            session.programs[program_id] = data
+
+        await self.update_session(session_id, put)
+
+    async def get_program(self, session_id: str, program_id: str) -> Any:
+        """The program, or ``None`` if the session has no program of that id."""
+        session = await self.get_session(session_id)
+        return session.programs.get(program_id)
+
+    async def store_global_program(self, program_id: str, data: Any) -> None:
+        """A program visible to every session; it expires ``global_program_ttl`` after now."""
+        await self.backend.put_global(program_id, data, self.clock() + self.global_program_ttl)
+        self._counts["global_programs_stored"] += 1
+
+    async def get_global_program(self, program_id: str) -> Any:
+        entry = await self.backend.get_global(program_id)
+        if entry is None:
+            return None
+        data, expires_at = entry
+        if expires_at <= self.clock():
+            await self.backend.delete_global(program_id)
+            self._counts["global_programs_expired"] += 1
+            return None
+        return data
+
+    # -- statistics ---------------------------------------------------------------------------
+
+    async def get_stats(self) -> dict[str, Any]:
+        sessions = await self.backend.all()
+        now = self.clock()
+        live = [s for s in sessions if s.expires_at > now]
+        memory = sum(_estimate_size(s) for s in live)
+        return {
+            **self._counts,
+            "current_sessions": len(live),
+            "global_programs": len(await self.backend.all_globals()),
+            "memory_estimate_bytes": memory,
+        }
+
+
+def _estimate_size(session: Session) -> int:
+    """A rough byte count (objects plus their repr) for the memory estimate in stats."""
+    return sys.getsizeof(session) + len(repr(session.programs)) + len(repr(session.metadata))
+
+
+class SyncSessionStore:
+    """Blocking twin of :class:`SessionStore`: each call runs on the store's event loop.
+
+    Built by ``SyncPool.sessions``, or stand-alone with ``SyncSessionStore()`` (own loop
+    thread). Calls from many threads are serialized on that loop, so e.g. concurrent
+    ``create_session`` of one id has exactly one winner.
+    """
+
+    def __init__(
+        self,
+        store: SessionStore | None = None,
+        call: Callable[[Any], Any] | None = None,
+        **store_options: Any,
+    ) -> None:
+        if call is None:
+            from .sync import LoopThread
+
+            self._runner: Any = LoopThread()
+            call = self._runner.call
+        self.store = store or SessionStore(**store_options)
+        self._call = call
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.store, name)
+        if not asyncio.iscoroutinefunction(method):
+            return method
+
+        def blocking(*args: Any, **kwargs: Any) -> Any:
+            return self._call(method(*args, **kwargs))
+
+        blocking.__name__ = name
+        blocking.__doc__ = method.__doc__
+        return blocking
+
+
+class SessionHelpers:
+    """Programs on top of sessions (the seed's ``SessionHelpers``).
+
+    ``create_program`` runs on a worker, then the program is stored in the session;
+    ``execute_program`` loads it from the store and sends it with the inputs, so any worker
+    can run it, and counts the execution.
+    """
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+
+    async def execute_program_command(
+        self, session_id: str, command: str, args: dict[str, Any] | None = None, **options: Any
+    ) -> Any:
+        args = dict(args or {})
+        store: SessionStore = self.pool.sessions
+        if command == "create_program":
+            result = await self.pool.execute_in_session(session_id, command, args, **options)
+            record = {
+                **copy.deepcopy(result),
+                "created_at": utc_now().isoformat(),
+                "execution_count": 0,
+                "last_executed": None,
+            }
+            await store.store_program(session_id, result["program_id"], record)
+            return result
+        if command == "execute_program":
+            program_id = args.pop("program_id", None)
+            if not isinstance(program_id, str) or not program_id:
+                raise ValidationError("execute_program: args.program_id is required",
+                                      field="args.program_id")
+            await self.pool.sessions.get_or_create_session(session_id)
+            program = await store.get_program(session_id, program_id)
+            if program is None:
+                program = await store.get_global_program(program_id)
+            if program is None:
+                raise ValidationError(
+                    f"execute_program: no program {program_id!r} in session {session_id!r} "
+                    "(create it first with create_program)",
+                    field="args.program_id",
+                )
+            sent = {key: program[key] for key in ("program_id", "signature", "inputs", "outputs",
+                                                  "config") if key in program}
+            result = await self.pool.execute_in_session(
+                session_id, command, {"program": sent, "inputs": args.get("inputs", {})},
+                **options,
+            )
+
+            def count(session: Session) -> None:
+                stored = session.programs.get(program_id)
+                if stored is not None:
+                    stored["execution_count"] = stored.get("execution_count", 0) + 1
+                    stored["last_executed"] = utc_now().isoformat()
+
+            if await store.session_exists(session_id):
+                await store.update_session(session_id, count)
+            return result
+        return await self.pool.execute_in_session(session_id, command, args, **options)
