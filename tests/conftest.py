@@ -2,8 +2,37 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 # Test helpers (raw_worker, ...) live beside the tests; importlib mode needs them on the path.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+
+from snakepit_core import Adapter, ScriptAdapter  # noqa: E402
+
+BRIDGES = TESTS / "bridges"
+
+
+@pytest.fixture
+def misbehaving() -> Callable[..., Adapter]:
+    """An adapter for tests/bridges/misbehave.py in a given mode (a third-party-style bridge)."""
+
+    def make(mode: str = "normal", **options: object) -> Adapter:
+        return ScriptAdapter(
+            f"misbehave-{mode}", sys.executable, BRIDGES / "misbehave.py", args=[mode],
+            **options,  # type: ignore[arg-type]
+        )
+
+    return make
+
+
+def pids_of_run(run_id: str) -> list[int]:
+    """Live processes carrying ``run_id`` in their environment (what 'no orphans' checks)."""
+    from snakepit_core.registry import processes_of_run
+
+    return [pid for pid in processes_of_run(run_id) if pid != os.getpid()]
