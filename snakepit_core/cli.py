@@ -19,7 +19,6 @@ from .plugins import get_plugin_manager
 from .pool import Pool
 
 console = Console()
-err_console = Console(stderr=True)
 
 VERSION_FLAGS = {"ruby": ["-e", "print RUBY_VERSION"]}
 
@@ -56,7 +55,7 @@ def adapters() -> None:
     for name, adapter in sorted(found.items()):
         path, version = runtime_version(adapter)
         runtime = f"{version} ({path})" if path else f"[red]{version}[/red]"
-        commands = ", ".join(sorted(adapter.commands)) if adapter.commands else "any"
+        commands = str(len(adapter.commands)) if adapter.commands is not None else "any"
         table.add_row(name, adapter.distribution or "-", adapter.version or "-", runtime, commands)
     console.print(table)
     if not found:
@@ -75,7 +74,7 @@ def exec_command(adapter: str, command: str, args: str, timeout: float | None) -
     try:
         parsed = json.loads(args)
     except json.JSONDecodeError as exc:
-        err_console.print(f"validation_error: ARGS is not valid JSON: {exc}")
+        click.echo(f"validation_error: ARGS is not valid JSON: {exc}", err=True)
         sys.exit(2)
 
     async def run() -> Any:
@@ -85,7 +84,7 @@ def exec_command(adapter: str, command: str, args: str, timeout: float | None) -
     try:
         result = asyncio.run(run())
     except SnakepitError as exc:
-        err_console.print(f"{exc.code}: {exc}", markup=False, highlight=False)
+        click.echo(f"{exc.code}: {exc}", err=True)
         sys.exit(1)
     click.echo(json.dumps(result, indent=2, sort_keys=True))
 

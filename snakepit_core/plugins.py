@@ -12,6 +12,7 @@ per adapter and rebuilt when a plugin is registered or unregistered.
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -188,6 +189,10 @@ class PluginManager:
         extensions = ExtensionManager(
             namespace=group, invoke_on_load=False, on_load_failure_callback=on_failure
         )
+        dists = {
+            entry_point.name: entry_point.dist
+            for entry_point in importlib.metadata.entry_points(group=group)
+        }
         for extension in extensions:
             if self._pm.has_plugin(extension.name):
                 self.failures.append(
@@ -195,7 +200,7 @@ class PluginManager:
                 )
                 continue
             self._pm.register(extension.plugin, name=extension.name)
-            dist = extension.entry_point.dist
+            dist = dists.get(extension.name)
             self._distributions[extension.name] = (
                 getattr(dist, "name", None),
                 getattr(dist, "version", None),
