@@ -69,8 +69,15 @@ class AdapterHooks:
     Attributes ``has_<hook>`` let the hot path skip hooks that nobody implements.
     """
 
-    def __init__(self, manager: PluginManager, adapter: Adapter, version: int) -> None:
+    def __init__(
+        self,
+        manager: PluginManager,
+        adapter: Adapter,
+        version: int,
+        on_error: Callable[[str, str], None] | None = None,
+    ) -> None:
         self.adapter = adapter
+        self._on_error = on_error
         self.version = version
         self._manager = manager
         owner = manager.owner_of(adapter.name)
@@ -88,8 +95,13 @@ class AdapterHooks:
         try:
             return impl.call(kwargs)
         except Exception:
-            self._manager.record_hook_error(hook, impl.plugin_name)
+            self._record_error(hook, impl.plugin_name)
             return None
+
+    def _record_error(self, hook: str, plugin_name: str) -> None:
+        self._manager.record_hook_error(hook, plugin_name)
+        if self._on_error is not None:
+            self._on_error(hook, plugin_name)
 
     def _first(self, hook: str, kwargs: dict[str, Any]) -> Any:
         for impl in self._impls[hook]:
@@ -111,7 +123,7 @@ class AdapterHooks:
             except ValidationError:
                 raise
             except Exception:
-                self._manager.record_hook_error("snakepit_validate_command", impl.plugin_name)
+                self._record_error("snakepit_validate_command", impl.plugin_name)
 
     def prepare_args(self, command: str, args: dict[str, Any]) -> dict[str, Any]:
         kwargs = {"adapter": self.adapter, "command": command, "args": args}
@@ -177,8 +189,26 @@ class PluginManager:
             if self._discover:
                 for group in (ADAPTER_GROUP, PLUGIN_GROUP):
                     self._load_group(group)
-            self._pm.check_pending()
+            self._drop_plugins_with_unknown_hooks()
             self._changed()
+
+    def _drop_plugins_with_unknown_hooks(self) -> None:
+        """``check_pending`` per installed plugin: a misspelled hook is reported loudly and
+        that plugin is dropped, instead of raising into the host."""
+        try:
+            self._pm.check_pending()
+        except pluggy.PluginValidationError:
+            for name, hook_caller in vars(self._pm.hook).items():
+                if hook_caller.spec is not None:
+                    continue
+                for impl in hook_caller.get_hookimpls():
+                    log.warning("snakepit plugin %r implements unknown hook %r; not loaded",
+                                impl.plugin_name, name)
+                    self.failures.append(PluginFailure(
+                        impl.plugin_name, "hooks", f"unknown hook {name!r} (misspelled?)"
+                    ))
+                    if self._pm.has_plugin(impl.plugin_name):
+                        self._pm.unregister(name=impl.plugin_name)
 
     def _load_group(self, group: str) -> None:
         def on_failure(_manager: Any, entry_point: Any, exc: BaseException) -> None:
@@ -186,6 +216,9 @@ class PluginManager:
             log.warning("snakepit plugin %r (%s) failed to load: %s", name, group, exc)
             self.failures.append(PluginFailure(name, group, f"{type(exc).__name__}: {exc}"))
 
+        # stevedore memoizes entry points per namespace for the process; a new manager must see
+        # what is installed now (a plugin pip-installed since, or a test's fake distribution).
+        ExtensionManager.ENTRY_POINT_CACHE.pop(group, None)
         extensions = ExtensionManager(
             namespace=group, invoke_on_load=False, on_load_failure_callback=on_failure
         )
@@ -212,7 +245,11 @@ class PluginManager:
         with self._lock:
             registered = self._pm.register(plugin, name=name)
             assert registered is not None, f"plugin {name!r} is blocked"
-            self._pm.check_pending()
+            try:
+                self._pm.check_pending()
+            except pluggy.PluginValidationError:
+                self._pm.unregister(name=registered)
+                raise
             self._changed()
             return registered
 
@@ -287,9 +324,12 @@ class PluginManager:
         impls.sort(key=lambda impl: impl.plugin_name != first)
         return iter(impls)
 
-    def hooks_for(self, adapter: Adapter) -> AdapterHooks:
+    def hooks_for(
+        self, adapter: Adapter, on_error: Callable[[str, str], None] | None = None
+    ) -> AdapterHooks:
+        """The hooks for ``adapter``; ``on_error(hook, plugin)`` hears of raising hooks."""
         self.load()
-        return AdapterHooks(self, adapter, self._version)
+        return AdapterHooks(self, adapter, self._version, on_error)
 
     def record_hook_error(self, hook: str, plugin_name: str) -> None:
         key = f"{hook}:{plugin_name}"

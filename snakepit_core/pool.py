@@ -72,7 +72,8 @@ class Pool:
         self.adapter = resolve_adapter(adapter)
         self.config = load_config(config, overrides)
         self._plugins = get_plugin_manager()
-        self._hooks: AdapterHooks = self._plugins.hooks_for(self.adapter)
+        self._hook_errors = 0
+        self._hooks: AdapterHooks = self._plugins.hooks_for(self.adapter, self._count_hook_error)
         self.telemetry = PoolTelemetry(
             self.adapter, tracer_provider=tracer_provider, meter_provider=meter_provider
         )
@@ -367,7 +368,7 @@ class Pool:
             )
         hooks = self._hooks
         if hooks.version != self._plugins.version:
-            hooks = self._hooks = self._plugins.hooks_for(self.adapter)
+            hooks = self._hooks = self._plugins.hooks_for(self.adapter, self._count_hook_error)
         hooks.validate_command(command, args)
         if session_id is not None:
             args = {**args, "session_id": session_id}
@@ -532,6 +533,9 @@ class Pool:
                 "clear_session", {}, 5.0, session_id, worker, True, False
             )
 
+    def _count_hook_error(self, _hook: str, _plugin: str) -> None:
+        self._hook_errors += 1
+
     # -- statistics ---------------------------------------------------------------------------
 
     def _gauges(self) -> dict[str, int]:
@@ -552,7 +556,7 @@ class Pool:
             **self.counters.snapshot(),
             "restarts": self.supervisor.restarts,
             "breaker_open": self.supervisor.breaker_open,
-            "hook_errors": sum(self._plugins.hook_errors.values()),
+            "hook_errors": self._hook_errors,
             "per_worker": {
                 w.id: {
                     "pid": w.pid,

@@ -1,0 +1,296 @@
+"""Hooks and plugin discovery: throwaway plugins registered in-process, a broken distribution."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pluggy
+import pytest
+
+from snakepit_core import (
+    CommandError,
+    Pool,
+    ScriptAdapter,
+    ValidationError,
+    get_plugin_manager,
+    hookimpl,
+)
+from snakepit_core import hookspecs
+from snakepit_core.plugins import PluginManager
+
+from conftest import BRIDGES
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Recorder:
+    """Collects (plugin, hook, kwargs) in call order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, dict]] = []
+
+    def names(self, hook: str) -> list[str]:
+        return [plugin for plugin, name, _ in self.calls if name == hook]
+
+
+def make_owner(recorder: Recorder):
+    """An adapter plugin providing the adapter 'toy' and answering every hook for it."""
+
+    class Owner:
+        @hookimpl
+        def snakepit_adapters(self):
+            return [ScriptAdapter("toy", sys.executable, BRIDGES / "misbehave.py",
+                                  args=["normal"], timeouts={"echo": 7.0})]
+
+        @hookimpl
+        def snakepit_validate_command(self, adapter, command, args):
+            recorder.calls.append(("owner", "validate", dict(args)))
+            if args.get("forbidden"):
+                raise ValidationError("toy: args.forbidden is not allowed here")
+
+        @hookimpl
+        def snakepit_prepare_args(self, adapter, command, args):
+            recorder.calls.append(("owner", "prepare", dict(args)))
+            return {**args, "prepared_by": "owner"} if adapter.name == "toy" else None
+
+        @hookimpl
+        def snakepit_process_response(self, adapter, command, response):
+            recorder.calls.append(("owner", "process", response))
+            return {"wrapped_by": "owner", "inner": response} if adapter.name == "toy" else None
+
+        @hookimpl
+        def snakepit_command_timeout(self, adapter, command, args):
+            recorder.calls.append(("owner", "timeout", dict(args)))
+            return 4.5 if command == "echo" else None
+
+        @hookimpl
+        def snakepit_request_started(self, adapter, command, request_id, worker_id, session_id):
+            recorder.calls.append(("owner", "started", {"command": command,
+                                                        "worker_id": worker_id,
+                                                        "session_id": session_id}))
+
+        @hookimpl
+        def snakepit_request_finished(self, adapter, command, request_id, worker_id, session_id,
+                                      duration, queue_wait, error):
+            recorder.calls.append(("owner", "finished", {"command": command, "error": error,
+                                                         "duration": duration,
+                                                         "queue_wait": queue_wait}))
+
+        @hookimpl
+        def snakepit_worker_started(self, adapter, worker_id, pid, startup_time):
+            recorder.calls.append(("owner", "worker_started", {"pid": pid,
+                                                               "startup_time": startup_time}))
+
+        @hookimpl
+        def snakepit_worker_exited(self, adapter, worker_id, pid, exit_code, reason):
+            recorder.calls.append(("owner", "worker_exited", {"pid": pid, "reason": reason,
+                                                              "exit_code": exit_code}))
+
+    return Owner()
+
+
+def make_general(recorder: Recorder):
+    """A cross-cutting plugin, registered after the owner (pluggy would call it first)."""
+
+    class General:
+        @hookimpl
+        def snakepit_validate_command(self, adapter, command, args):
+            recorder.calls.append(("general", "validate", dict(args)))
+
+        @hookimpl
+        def snakepit_prepare_args(self, adapter, command, args):
+            recorder.calls.append(("general", "prepare", dict(args)))
+            return {**args, "prepared_by": "general"}
+
+        @hookimpl
+        def snakepit_process_response(self, adapter, command, response):
+            recorder.calls.append(("general", "process", response))
+            return {"wrapped_by": "general"}
+
+        @hookimpl
+        def snakepit_request_started(self, adapter, command, request_id, worker_id, session_id):
+            recorder.calls.append(("general", "started", {}))
+
+    return General()
+
+
+@pytest.fixture
+def plugins():
+    manager = get_plugin_manager()
+    recorder = Recorder()
+    manager.register(make_owner(recorder), name="toy-owner")
+    manager.register(make_general(recorder), name="toy-general")
+    yield recorder
+    manager.unregister("toy-owner")
+    manager.unregister("toy-general")
+
+
+async def test_every_hook_called_with_its_arguments_owner_first(plugins):
+    async with Pool("toy", pool_size=1) as pool:
+        result = await pool.execute("echo", {"x": 1})
+        pid = next(iter(pool.workers.values())).pid
+    # prepare_args and process_response are firstresult: the owner's answer wins
+    assert result == {"wrapped_by": "owner",
+                      "inner": {"x": 1, "prepared_by": "owner"}}
+    assert plugins.names("validate") == ["owner", "general"]
+    assert plugins.names("prepare") == ["owner"]
+    assert plugins.names("process") == ["owner"]
+    assert plugins.names("started") == ["owner", "general"]
+    order = [name for _, name, _ in plugins.calls if name != "worker_started"]
+    assert order[:5] == ["validate", "validate", "prepare", "timeout", "started"]
+    assert order[-3:] == ["process", "finished", "worker_exited"]
+    by_hook = {name: data for _, name, data in plugins.calls}
+    assert by_hook["timeout"] == {"x": 1, "prepared_by": "owner"}
+    assert by_hook["started"] == {}  # the general plugin's record comes last
+    assert by_hook["finished"]["error"] is None and by_hook["finished"]["duration"] > 0
+    assert by_hook["worker_started"]["pid"] == pid
+    assert by_hook["worker_exited"] == {"pid": pid, "reason": "stopped", "exit_code": 0}
+
+
+async def test_validation_error_from_a_plugin_reaches_the_caller(plugins):
+    async with Pool("toy", pool_size=1) as pool:
+        with pytest.raises(ValidationError, match="forbidden is not allowed"):
+            await pool.execute("echo", {"forbidden": True})
+        assert plugins.names("prepare") == []
+
+
+async def test_a_raising_hook_is_logged_and_counted_and_the_request_goes_on(caplog):
+    class Broken:
+        @hookimpl
+        def snakepit_prepare_args(self, adapter, command, args):
+            raise RuntimeError("plugin bug")
+
+        @hookimpl
+        def snakepit_request_finished(self, adapter, command, request_id, worker_id, session_id,
+                                      duration, queue_wait, error):
+            raise KeyError("another plugin bug")
+
+        @hookimpl
+        def snakepit_validate_command(self, adapter, command, args):
+            raise ZeroDivisionError("validator bug")
+
+    manager = get_plugin_manager()
+    manager.register(Broken(), name="broken-at-runtime")
+    try:
+        async with Pool("python", pool_size=1) as pool:
+            before = pool.stats()["hook_errors"]
+            result = await pool.execute("compute", {"operation": "add", "a": 2, "b": 2})
+            assert result["result"] == 4
+            assert pool.stats()["hook_errors"] - before == 3
+    finally:
+        manager.unregister("broken-at-runtime")
+    assert "plugin bug" in caplog.text and "broken-at-runtime" in caplog.text
+
+
+async def test_command_timeout_hook_applies_without_a_caller_timeout():
+    class Quick:
+        @hookimpl
+        def snakepit_command_timeout(self, adapter, command, args):
+            return 0.2 if command == "sleep" else None
+
+    manager = get_plugin_manager()
+    manager.register(Quick(), name="quick-timeouts")
+    try:
+        async with Pool("python", pool_size=1) as pool:
+            from snakepit_core import WorkerTimeout
+
+            with pytest.raises(WorkerTimeout, match="within 0.2s"):
+                await pool.execute("sleep", {"seconds": 5})
+            assert (await pool.execute("sleep", {"seconds": 0.01}, timeout=3))["slept"] == 0.01
+    finally:
+        manager.unregister("quick-timeouts")
+
+
+def test_a_misspelled_hook_fails_loudly():
+    class Typo:
+        @hookimpl
+        def snakepit_adaptors(self):
+            return []
+
+    with pytest.raises(pluggy.PluginValidationError, match="snakepit_adaptors"):
+        get_plugin_manager().register(Typo(), name="typo")
+    assert not get_plugin_manager()._pm.has_plugin("typo")
+
+
+def test_every_hookspec_is_documented_in_the_readme():
+    readme = (ROOT / "README.md").read_text()
+    specs = [name for name, value in inspect.getmembers(hookspecs)
+             if name.startswith("snakepit_") and callable(value)]
+    assert len(specs) == 9
+    for name in specs:
+        assert f"`{name}(" in readme, f"hook {name} is not documented in README.md"
+        doc = getattr(hookspecs, name).__doc__
+        assert doc and "Example::" in doc, f"hook {name} has no example in its docstring"
+
+
+def fake_distribution(root: Path) -> Path:
+    """A distribution whose adapter entry point fails to import."""
+    site = root / "site"
+    info = site / "snakepit_broken-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: snakepit-broken\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[snakepit.adapters]\nbroken = snakepit_broken_plugin\n"
+    )
+    (site / "snakepit_broken_plugin.py").write_text(
+        "raise ImportError('snakepit_broken_plugin needs a module that is not installed')\n"
+    )
+    return site
+
+
+def test_a_plugin_that_fails_to_import_breaks_nothing_else(tmp_path, monkeypatch):
+    site = fake_distribution(tmp_path)
+    monkeypatch.syspath_prepend(str(site))
+    manager = PluginManager()
+    adapters = manager.adapters()
+    assert {"python", "node", "ruby"} <= set(adapters)
+    assert [f.name for f in manager.failures] == ["broken"]
+    assert "needs a module that is not installed" in manager.failures[0].error
+    from snakepit_core import UnknownAdapter
+
+    with pytest.raises(UnknownAdapter, match="failed to load"):
+        manager.get_adapter("broken")
+
+
+def test_snakepit_adapters_shows_the_broken_plugin(tmp_path):
+    site = fake_distribution(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "snakepit_core.cli", "adapters"],
+        capture_output=True, text=True, timeout=60, check=False,
+        env={**__import__("os").environ, "PYTHONPATH": str(site), "COLUMNS": "200"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "broken plugin" in done.stdout and "broken" in done.stdout
+    assert "python" in done.stdout and "node" in done.stdout
+
+
+async def test_cross_cutting_plugin_group_is_loaded(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    info = site / "snakepit_upper-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: snakepit-upper\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[snakepit.plugins]\nupper = snakepit_upper\n")
+    (site / "snakepit_upper.py").write_text(textwrap.dedent("""
+        from snakepit_core import hookimpl
+
+        @hookimpl
+        def snakepit_process_response(adapter, command, response):
+            if command == "echo":
+                return {"shouted": True, **response}
+    """))
+    monkeypatch.syspath_prepend(str(site))
+    manager = PluginManager()
+    manager.load()
+    assert manager._pm.has_plugin("upper")
+    assert manager.distribution_of("upper") == ("snakepit-upper", "0.1")
+
+
+async def test_command_error_is_not_a_hook_error():
+    async with Pool("python", pool_size=1) as pool:
+        with pytest.raises(CommandError):
+            await pool.execute("compute", {"operation": "divide", "a": 1, "b": 0})
+        assert pool.stats()["hook_errors"] == 0
