@@ -1,0 +1,581 @@
+"""The Python bridge and its library, driven frame by frame as real worker processes.
+
+Covers docs/PROTOCOL.md for the bundled bridge (handshake, every built-in command, the Numbers
+rules, error mapping, exit statuses, stdout protection, ``$cancel``, trace context, memory) and
+for a worker written with ``snakepit_python`` (``command``/``run``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import struct
+import sys
+import time
+from collections.abc import Iterator
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+import pytest
+from raw_worker import RawWorker
+from snakepit_core import shared_command_schemas
+from snakepit_python import plugin
+
+BRIDGE = [sys.executable, str(plugin.BRIDGE_PATH)]
+BUILTINS = sorted(shared_command_schemas())
+#: How quickly a cancelled request must be answered (PROTOCOL.md asks for "promptly"; the pool
+#: kills a worker that does not answer after a short bound).
+CANCEL_BOUND = 0.5
+
+CUSTOM_WORKER = """
+import asyncio, functools, os, subprocess, time
+from snakepit_python import CommandError, command, run
+
+print("printed-before-run")
+
+
+@command
+def shout(args, ctx):
+    return {"text": args["text"].upper()}
+
+
+@command("slow_add")
+async def slow_add(args, ctx):
+    await asyncio.sleep(args.get("delay", 0))
+    return args["a"] + args["b"]
+
+
+@command
+def nap(args):
+    time.sleep(args["seconds"])
+    return "woke"
+
+
+@command
+def trace(args, ctx):
+    return {"request_id": ctx.request_id, "worker_id": ctx.worker_id,
+            "traceparent": ctx.traceparent, "tracestate": ctx.tracestate,
+            "deadline_ms": ctx.deadline_ms}
+
+
+@command
+def boom(args):
+    raise RuntimeError("it broke")
+
+
+@command
+def refuse(args):
+    raise CommandError("not today")
+
+
+@command
+def lookup(args):
+    return args["missing"]
+
+
+@command
+def not_json(args):
+    return {"values": {1, 2}}
+
+
+@command
+def not_finite(args):
+    return float("nan")
+
+
+@command
+def noisy(args):
+    print("printed-by-handler")
+    os.write(1, b"written-to-fd-1\\n")
+    subprocess.run(["sh", "-c", "echo echoed-by-child"], check=True)
+    return "quiet"
+
+
+@command
+def read_stdin(args):
+    child = subprocess.run(["sh", "-c", "cat"], stdout=subprocess.PIPE, timeout=5, check=True)
+    return {"bytes_read": len(child.stdout)}
+
+
+class Doubler:
+    def __call__(self, args):
+        return args["n"] * 2
+
+
+command("double")(Doubler())
+command("scaled")(functools.partial(lambda factor, args: args["n"] * factor, 3))
+
+if __name__ == "__main__":
+    run()
+"""
+
+
+def frame(obj: Any) -> bytes:
+    body = json.dumps(obj).encode()
+    return struct.pack(">I", len(body)) + body
+
+
+def result_of(worker: RawWorker, command: str, args: dict[str, Any] | None = None) -> Any:
+    response = worker.call(command, args)
+    assert response["success"] is True, response
+    return response["result"]
+
+
+def error_of(worker: RawWorker, command: str, args: dict[str, Any] | None = None) -> str:
+    response = worker.call(command, args)
+    assert response["success"] is False, response
+    assert set(response) == {"id", "success", "error"}, response
+    error: str = response["error"]
+    return error
+
+
+def compute(worker: RawWorker, operation: str, a: Any, b: Any) -> dict[str, Any]:
+    return worker.call("compute", {"operation": operation, "a": a, "b": b})
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS line")
+
+
+@pytest.fixture
+def bridge() -> Iterator[RawWorker]:
+    with RawWorker(BRIDGE) as worker:
+        worker.handshake("py-1")
+        yield worker
+
+
+@pytest.fixture
+def custom_script(tmp_path: Path) -> Path:
+    script = tmp_path / "custom_worker.py"
+    script.write_text(CUSTOM_WORKER)
+    return script
+
+
+@pytest.fixture
+def custom(custom_script: Path) -> Iterator[RawWorker]:
+    with RawWorker([sys.executable, str(custom_script)]) as worker:
+        worker.handshake("custom-1")
+        yield worker
+
+
+def finish(worker: RawWorker) -> tuple[int, str]:
+    """Close stdin; return the exit status and all of stderr."""
+    worker.close_stdin()
+    status = worker.wait()
+    return status, worker.stderr_text()
+
+
+# -------------------------------------------------------------------------
+# The plugin
+# -------------------------------------------------------------------------
+
+
+def test_plugin_is_registered_and_describes_the_bundled_bridge() -> None:
+    names = {ep.name: ep.value for ep in entry_points(group="snakepit.adapters")}
+    assert names["python"] == "snakepit_python.plugin"
+    (adapter,) = plugin.snakepit_adapters()
+    assert adapter.name == "python"
+    assert adapter.executable == sys.executable
+    assert Path(adapter.script or "").is_file()
+    assert sorted(adapter.commands or ()) == BUILTINS
+    assert set(adapter.schemas) == set(BUILTINS)
+
+
+def test_python_adapter_runs_a_library_worker_with_this_interpreter(tmp_path: Path) -> None:
+    adapter = plugin.python_adapter("mine", tmp_path / "w.py", commands=["ping", "shout"])
+    assert adapter.command_line() == [sys.executable, str(tmp_path / "w.py")]
+    assert adapter.commands == frozenset({"ping", "shout"})
+
+
+# -------------------------------------------------------------------------
+# Handshake and built-in commands
+# -------------------------------------------------------------------------
+
+
+def test_handshake_shape() -> None:
+    with RawWorker(BRIDGE) as worker:
+        response = worker.handshake("py-7")
+        assert set(response) == {"id", "success", "result"}
+        result = response["result"]
+        assert set(result) == {
+            "status",
+            "uptime",
+            "requests_handled",
+            "worker_id",
+            "runtime",
+            "capabilities",
+            "pid",
+        }
+        assert result["status"] == "ok"
+        assert result["worker_id"] == "py-7"
+        assert result["runtime"] == "python"
+        assert result["capabilities"] == ["cancel"]
+        assert result["pid"] == worker.proc.pid
+        assert result["requests_handled"] == 0
+        assert isinstance(result["uptime"], float) and result["uptime"] >= 0
+        assert result_of(worker, "ping")["requests_handled"] == 1
+
+
+def test_echo_returns_args_as_received(bridge: RawWorker) -> None:
+    args = {"text": "héllo", "nested": {"list": [1, 2.5, None, True]}, "session_id": "s"}
+    assert result_of(bridge, "echo", args) == {"echoed": args}
+
+
+def test_info_shape(bridge: RawWorker) -> None:
+    info = result_of(bridge, "info")
+    assert set(info) == {
+        "runtime",
+        "runtime_version",
+        "bridge_version",
+        "platform",
+        "arch",
+        "pid",
+        "worker_id",
+        "uptime",
+        "requests_handled",
+        "memory",
+        "commands",
+    }
+    assert info["runtime"] == "python"
+    assert info["runtime_version"] == ".".join(map(str, sys.version_info[:3]))
+    assert info["bridge_version"] == "0.1.0"
+    assert info["platform"] == sys.platform
+    assert info["arch"] == os.uname().machine
+    assert info["pid"] == bridge.proc.pid
+    assert info["worker_id"] == "py-1"
+    assert info["requests_handled"] == 1
+    assert isinstance(info["memory"]["rss_bytes"], int) and info["memory"]["rss_bytes"] > 0
+    assert info["commands"] == BUILTINS
+
+
+@pytest.mark.parametrize(
+    ("operation", "a", "b", "expected"),
+    [
+        ("add", 5, 3, 8),
+        ("subtract", 5, 8, -3),
+        ("multiply", 4, 2.5, 10),
+        ("divide", 7, 2, 3.5),
+        ("divide", 6, 2, 3),
+        ("divide", 6.0, 2, 3),
+        ("add", 2.5, 0.5, 3),
+        ("add", 0.1, 0.2, 0.30000000000000004),
+        ("add", 2**60, 1, 2**60 + 1),
+        ("multiply", 2**64, 2**64, 2**128),
+        ("divide", 2**60 + 2, 2, 2**59 + 1),
+        ("multiply", 1e20, 10, 1e21),
+    ],
+)
+def test_compute_numbers(bridge: RawWorker, operation: str, a: Any, b: Any, expected: Any) -> None:
+    response = compute(bridge, operation, a, b)
+    assert response["success"] is True, response
+    result = response["result"]
+    assert result == {"operation": operation, "inputs": {"a": a, "b": b}, "result": expected}
+    assert type(result["result"]) is type(expected)
+
+
+@pytest.mark.parametrize(
+    ("operation", "a", "b", "error"),
+    [
+        ("multiply", 1e308, 10, "compute: result is not a finite number"),
+        ("divide", 2**2000, 3, "compute: result is not a finite number"),
+        ("divide", 1, 0, "compute: division by zero"),
+        ("divide", 1.5, 0.0, "compute: division by zero"),
+        ("power", 2, 3, "compute: unknown operation 'power' (supported: add, divide, multiply, subtract)"),
+        ("add", "1", 2, "compute: 'a' must be a number"),
+        ("add", 1, True, "compute: 'b' must be a number"),
+    ],
+)
+def test_compute_refusals(bridge: RawWorker, operation: str, a: Any, b: Any, error: str) -> None:
+    response = compute(bridge, operation, a, b)
+    assert response == {"id": response["id"], "success": False, "error": error}
+
+
+def test_sleep(bridge: RawWorker) -> None:
+    started = time.monotonic()
+    assert result_of(bridge, "sleep", {"seconds": 0.05}) == {"slept": 0.05}
+    assert time.monotonic() - started >= 0.05
+    assert error_of(bridge, "sleep", {"seconds": -1}) == (
+        "sleep: 'seconds' must be a number from 0 to 3600"
+    )
+
+
+def test_session_state(bridge: RawWorker) -> None:
+    stored = result_of(bridge, "store", {"session_id": "s1", "key": "k", "value": {"v": [1]}})
+    assert stored == {"stored": True, "session_id": "s1", "key": "k"}
+    assert result_of(bridge, "retrieve", {"session_id": "s1", "key": "k"}) == {
+        "found": True,
+        "session_id": "s1",
+        "key": "k",
+        "value": {"v": [1]},
+    }
+    assert result_of(bridge, "retrieve", {"session_id": "s2", "key": "k"}) == {
+        "found": False,
+        "session_id": "s2",
+        "key": "k",
+        "value": None,
+    }
+    result_of(bridge, "store", {"session_id": "s1", "key": "other", "value": None})
+    assert result_of(bridge, "clear_session", {"session_id": "s1"}) == {
+        "cleared": True,
+        "session_id": "s1",
+        "keys": 2,
+    }
+    assert result_of(bridge, "clear_session", {"session_id": "s1"}) == {
+        "cleared": False,
+        "session_id": "s1",
+        "keys": 0,
+    }
+    assert result_of(bridge, "retrieve", {"session_id": "s1", "key": "k"})["found"] is False
+
+
+@pytest.mark.parametrize("command", ["store", "retrieve"])
+def test_session_commands_need_a_session(bridge: RawWorker, command: str) -> None:
+    error = error_of(bridge, command, {"key": "k", "value": 1})
+    assert error == f"{command}: session_id is required (use execute_in_session)"
+
+
+def test_create_program(bridge: RawWorker) -> None:
+    args = {"signature": " question , context -> answer ", "temperature": 0.2, "session_id": "s"}
+    program = result_of(bridge, "create_program", args)
+    assert re.fullmatch(r"prog_[0-9a-f]{16}", program["program_id"])
+    assert program == {
+        "program_id": program["program_id"],
+        "signature": args["signature"],
+        "inputs": ["question", "context"],
+        "outputs": ["answer"],
+        "config": {"temperature": 0.2},
+    }
+    named = result_of(bridge, "create_program", {"signature": "a -> b", "program_id": "mine"})
+    assert named["program_id"] == "mine"
+    assert named["config"] == {}
+
+
+@pytest.mark.parametrize("signature", ["a b", "-> out", "in ->", "a, -> b", "a -> b -> c"])
+def test_create_program_refuses_a_bad_signature(bridge: RawWorker, signature: str) -> None:
+    error = error_of(bridge, "create_program", {"signature": signature})
+    assert error.startswith(f"create_program: invalid signature {signature!r}")
+
+
+def test_execute_program(bridge: RawWorker) -> None:
+    program = result_of(bridge, "create_program", {"signature": "q, ctx -> answer, why"})
+    inputs = {"ctx": {"k": [1, 2.0, "é"]}, "q": "what?"}
+    result = result_of(bridge, "execute_program", {"program": program, "inputs": inputs})
+    assert result == {
+        "program_id": program["program_id"],
+        "outputs": {
+            "answer": 'answer(q=what?, ctx={"k":[1,2,"é"]})',
+            "why": 'why(q=what?, ctx={"k":[1,2,"é"]})',
+        },
+    }
+    anonymous = {"program": {"signature": "x -> y"}, "inputs": {"x": 5}}
+    assert result_of(bridge, "execute_program", anonymous) == {
+        "program_id": None,
+        "outputs": {"y": "y(x=5)"},
+    }
+    missing = {"program": program, "inputs": {"q": 1}}
+    assert error_of(bridge, "execute_program", missing) == "execute_program: missing input 'ctx'"
+
+
+def test_unknown_command(bridge: RawWorker) -> None:
+    supported = ", ".join(BUILTINS)
+    assert error_of(bridge, "nope") == f"unknown command 'nope' (supported: {supported})"
+
+
+def test_bad_envelopes_fail_cleanly(bridge: RawWorker) -> None:
+    bridge.send_raw(frame({"id": 50, "command": "echo", "args": [1]}))
+    assert bridge.receive() == {"id": 50, "success": False, "error": "echo: args must be a JSON object"}
+    bridge.send_raw(frame({"id": 51, "command": 7}))
+    assert bridge.receive()["error"] == "request 'command' must be a string"
+    assert result_of(bridge, "echo", {"still": "alive"}) == {"echoed": {"still": "alive"}}
+
+
+def test_large_frames_both_ways(bridge: RawWorker) -> None:
+    payload = "x" * (3 * 1024 * 1024)
+    assert result_of(bridge, "echo", {"payload": payload}) == {"echoed": {"payload": payload}}
+
+
+def test_response_over_the_frame_limit_is_refused() -> None:
+    with RawWorker(BRIDGE, env={"SNAKEPIT_MAX_FRAME_BYTES": "1000"}) as worker:
+        worker.handshake()
+        error = error_of(worker, "echo", {"text": "y" * 900})
+        assert re.fullmatch(r"echo: response of \d+ bytes exceeds the frame limit of 1000 bytes", error)
+
+
+# -------------------------------------------------------------------------
+# Process behaviour
+# -------------------------------------------------------------------------
+
+
+def test_exit_0_on_end_of_input(bridge: RawWorker) -> None:
+    status, _ = finish(bridge)
+    assert status == 0
+
+
+def test_exit_0_on_sigterm_even_while_busy(bridge: RawWorker) -> None:
+    bridge.send("sleep", {"seconds": 30})
+    time.sleep(0.1)
+    os.kill(bridge.proc.pid, signal.SIGTERM)
+    assert bridge.wait(5) == 0
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"\x00\x00\x00\x05notjs", "undecodable frame"),
+        (b"\x00\x00\x00\x02\xff\xfe", "undecodable frame"),
+        (b"\x00\x00\x00\x03NaN", "undecodable frame"),
+        (b"\x00\x00\x00\x06[1, 2]", "not a JSON object"),
+        (frame({"command": "ping"}), "without an integer 'id'"),
+        (struct.pack(">I", 64 * 1024 * 1024 + 1), "exceeds the limit of 67108864 bytes"),
+        (b"\x00\x00\x00\x10{}", "input ended inside a frame"),
+    ],
+)
+def test_exit_3_on_an_undecodable_frame(data: bytes, reason: str) -> None:
+    with RawWorker(BRIDGE) as worker:
+        worker.handshake()
+        worker.send_raw(data)
+        worker.close_stdin()
+        assert worker.wait() == 3
+        assert reason in worker.stderr_text()
+
+
+def test_frame_limit_comes_from_the_environment() -> None:
+    with RawWorker(BRIDGE, env={"SNAKEPIT_MAX_FRAME_BYTES": "200"}) as worker:
+        worker.handshake()
+        worker.send("echo", {"text": "z" * 300})
+        assert worker.wait() == 3
+        assert "exceeds the limit of 200 bytes" in worker.stderr_text()
+
+
+def test_user_output_cannot_corrupt_the_protocol(custom: RawWorker) -> None:
+    assert result_of(custom, "noisy") == "quiet"
+    assert result_of(custom, "shout", {"text": "still framed"}) == {"text": "STILL FRAMED"}
+    status, stderr = finish(custom)
+    assert status == 0
+    for line in ("printed-before-run", "printed-by-handler", "written-to-fd-1", "echoed-by-child"):
+        assert line in stderr
+
+
+def test_child_processes_cannot_steal_request_bytes(custom: RawWorker) -> None:
+    first = custom.send("read_stdin")
+    second = custom.send("shout", {"text": "behind the reader"})
+    assert custom.receive() == {"id": first, "success": True, "result": {"bytes_read": 0}}
+    assert custom.receive() == {"id": second, "success": True, "result": {"text": "BEHIND THE READER"}}
+
+
+# -------------------------------------------------------------------------
+# The library: handlers, errors, context
+# -------------------------------------------------------------------------
+
+
+def test_library_handlers(custom: RawWorker) -> None:
+    assert result_of(custom, "shout", {"text": "hi"}) == {"text": "HI"}
+    assert result_of(custom, "slow_add", {"a": 2, "b": 3}) == 5
+    assert result_of(custom, "double", {"n": 4}) == 8
+    assert result_of(custom, "scaled", {"n": 4}) == 12
+    supported = ", ".join(
+        sorted(
+            ["boom", "double", "lookup", "nap", "noisy", "not_finite", "not_json", "ping",
+             "read_stdin", "refuse", "scaled", "shout", "slow_add", "trace"]
+        )
+    )
+    assert error_of(custom, "echo") == f"unknown command 'echo' (supported: {supported})"
+
+
+def test_handler_exceptions_become_failures(custom: RawWorker) -> None:
+    assert error_of(custom, "boom") == "boom: it broke"
+    assert error_of(custom, "refuse") == "refuse: not today"
+    assert error_of(custom, "lookup") == "lookup: KeyError: 'missing'"
+    assert error_of(custom, "shout", {"text": 5}) == (
+        "shout: 'int' object has no attribute 'upper'"
+    )
+    assert error_of(custom, "not_json").startswith("not_json: result cannot be sent as JSON")
+    assert error_of(custom, "not_finite").startswith("not_finite: result cannot be sent as JSON")
+    assert result_of(custom, "shout", {"text": "ok"}) == {"text": "OK"}
+    _, stderr = finish(custom)
+    assert "RuntimeError: it broke" in stderr  # unexpected errors log their traceback
+    assert "not today" not in stderr  # a CommandError is expected: nothing logged
+
+
+def test_trace_context_reaches_the_handler(custom: RawWorker) -> None:
+    meta = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "tracestate": "vendor=1", "deadline_ms": 2500}
+    request_id = custom.send("trace", meta=meta)
+    assert custom.receive() == {
+        "id": request_id,
+        "success": True,
+        "result": {"request_id": request_id, "worker_id": "custom-1", **meta},
+    }
+    bare = result_of(custom, "trace")
+    assert (bare["traceparent"], bare["tracestate"], bare["deadline_ms"]) == (None, None, None)
+
+
+# -------------------------------------------------------------------------
+# $cancel
+# -------------------------------------------------------------------------
+
+
+def assert_cancels(worker: RawWorker, command: str, args: dict[str, Any]) -> None:
+    request_id = worker.send(command, args)
+    time.sleep(0.2)  # let the handler start
+    started = time.monotonic()
+    worker.send("$cancel", id=request_id)
+    assert worker.receive(timeout=5) == {"id": request_id, "success": False, "error": "cancelled"}
+    assert time.monotonic() - started < CANCEL_BOUND
+
+
+def test_cancel_builtin_sleep(bridge: RawWorker) -> None:
+    assert_cancels(bridge, "sleep", {"seconds": 30})
+    assert result_of(bridge, "sleep", {"seconds": 0}) == {"slept": 0}
+
+
+def test_cancel_async_handler(custom: RawWorker) -> None:
+    assert_cancels(custom, "slow_add", {"a": 1, "b": 2, "delay": 30})
+    assert result_of(custom, "slow_add", {"a": 1, "b": 2, "delay": 0.01}) == 3
+
+
+def test_cancel_sync_handler_in_time_sleep(custom: RawWorker) -> None:
+    assert_cancels(custom, "nap", {"seconds": 30})
+    assert result_of(custom, "nap", {"seconds": 0}) == "woke"
+    assert_cancels(custom, "nap", {"seconds": 30})  # and again: the set-up is restored
+
+
+def test_cancel_for_an_id_not_running_is_ignored(bridge: RawWorker) -> None:
+    bridge.send("$cancel", id=424242)
+    assert result_of(bridge, "ping")["status"] == "ok"
+    request_id = bridge.send("sleep", {"seconds": 0.3})
+    time.sleep(0.1)
+    bridge.send("$cancel", id=424242)
+    assert bridge.receive() == {"id": request_id, "success": True, "result": {"slept": 0.3}}
+
+
+# -------------------------------------------------------------------------
+# Memory
+# -------------------------------------------------------------------------
+
+
+def test_memory_stays_flat_over_10000_requests(bridge: RawWorker) -> None:
+    """After a 1,000-request warm-up, 10,000 more requests (ping, echo, compute, errors) may
+    grow VmRSS by less than 10 MiB: a per-request leak of even 1 KiB would exceed it."""
+    requests = [
+        ("ping", {}),
+        ("echo", {"payload": "x" * 200, "n": [1, 2, 3]}),
+        ("compute", {"operation": "divide", "a": 7, "b": 2}),
+        ("compute", {"operation": "divide", "a": 1, "b": 0}),
+        ("nope", {}),
+    ]
+
+    def run(count: int) -> None:
+        for index in range(count):
+            bridge.call(*requests[index % len(requests)])
+
+    run(1000)
+    before = rss_bytes(bridge.proc.pid)
+    run(10_000)
+    assert rss_bytes(bridge.proc.pid) - before < 10 * 1024 * 1024

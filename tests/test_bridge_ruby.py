@@ -1,0 +1,467 @@
+"""The Ruby bridge and bridge library (snakepit-ruby), frame by frame against real ruby processes.
+
+A missing ``ruby`` fails these tests (``StartupError`` from the adapter): it never skips them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+import pytest
+from raw_worker import RawWorker
+from snakepit_ruby.plugin import LIBRARY_DIR, ruby_adapter, snakepit_adapters
+
+CANCEL_BOUND = 0.5  # seconds from $cancel to the "cancelled" answer
+
+CUSTOM_WORKER = """
+require "snakepit"
+
+def describe(args, ctx)
+  { "args" => args, "ctx" => ctx.to_h }
+end
+
+Snakepit.run({ "args_only" => ->(args) { { "got" => args } } }) do |s|
+  s.command("with_ctx", method(:describe))
+  s.command("boom") { raise ArgumentError, "kaput" }
+  s.command("nap") { |args| sleep(args["seconds"]); { "napped" => true } }
+  s.command("stubborn") do
+    sleep(30)
+  rescue => e # a handler's own rescue must not swallow the cancel
+    { "swallowed" => e.class.name }
+  end
+  s.command("spin") { x = 0; x += 1 while true }
+  s.command("nan") { { "x" => Float::NAN } }
+  s.command("chatter") do
+    puts "puts-line"
+    $stdout.write("stdout-write\\n")
+    STDOUT.print("STDOUT-print\\n")
+    system("echo child-echo")
+    { "child_read" => `cat`, "child_fds" => IO.popen(["ls", "/proc/self/fd"], &:read).split }
+  end
+end
+"""
+
+
+def frame(body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + body
+
+
+def bridge_argv() -> list[str]:
+    """The bundled bridge's command line, as the plugin builds it (fails if ruby is missing)."""
+    (adapter,) = snakepit_adapters()
+    return adapter.command_line()
+
+
+@pytest.fixture
+def bridge() -> Iterator[RawWorker]:
+    with RawWorker(bridge_argv()) as worker:
+        worker.handshake()
+        yield worker
+
+
+@pytest.fixture
+def custom(tmp_path: Path) -> Iterator[RawWorker]:
+    """A worker written with the library, started the way ``ruby_adapter`` says."""
+    script = tmp_path / "custom.rb"
+    script.write_text(CUSTOM_WORKER)
+    adapter = ruby_adapter("custom", script)
+    with RawWorker(adapter.command_line(), env=adapter.env) as worker:
+        worker.handshake()
+        yield worker
+
+
+def result(worker: RawWorker, command: str, args: dict[str, Any] | None = None) -> Any:
+    response = worker.call(command, args)
+    assert response["success"] is True, response
+    return response["result"]
+
+
+def error(worker: RawWorker, command: str, args: dict[str, Any] | None = None) -> str:
+    response = worker.call(command, args)
+    assert response["success"] is False, response
+    message: str = response["error"]
+    return message
+
+
+def assert_cancels(worker: RawWorker, command: str, args: dict[str, Any]) -> None:
+    request_id = worker.send(command, args)
+    time.sleep(0.2)  # let the handler start
+    started = time.monotonic()
+    worker.send("$cancel", id=request_id)
+    assert worker.receive() == {"id": request_id, "success": False, "error": "cancelled"}
+    assert time.monotonic() - started < CANCEL_BOUND
+    assert result(worker, "ping")["status"] == "ok"
+
+
+def exit_after(worker: RawWorker, data: bytes) -> tuple[int, str]:
+    worker.send_raw(data)
+    return worker.wait(), worker.stderr_text()
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+# -------------------------------------------------------------------------------------------
+# The plugin
+# -------------------------------------------------------------------------------------------
+
+
+def test_the_entry_point_provides_the_ruby_adapter() -> None:
+    (entry_point,) = entry_points(group="snakepit.adapters", name="ruby")
+    (adapter,) = entry_point.load().snakepit_adapters()
+    assert adapter.name == "ruby"
+    assert {"ping", "compute", "process_data", "generate_report"} <= adapter.commands
+    assert adapter.schemas["process_data"]["required"] == ["data"]
+    assert adapter.schemas["generate_report"]["required"] == ["title"]
+    assert adapter.timeout_for("generate_report") == 120.0
+    assert adapter.timeout_for("echo") == 30.0
+
+
+def test_ruby_adapter_puts_the_library_on_rubylib() -> None:
+    adapter = ruby_adapter("mine", "mine.rb", env={"RUBYLIB": "/opt/lib"}, commands=["ping"])
+    assert adapter.env is not None
+    assert adapter.env["RUBYLIB"] == f"{LIBRARY_DIR}{os.pathsep}/opt/lib"
+    assert adapter.commands == frozenset({"ping"})
+
+
+# -------------------------------------------------------------------------------------------
+# Built-in commands
+# -------------------------------------------------------------------------------------------
+
+
+def test_handshake_shape() -> None:
+    with RawWorker(bridge_argv()) as worker:
+        ping = worker.handshake("w-7")["result"]
+        assert set(ping) == {
+            "status",
+            "uptime",
+            "requests_handled",
+            "worker_id",
+            "runtime",
+            "capabilities",
+            "pid",
+        }
+        assert ping["status"] == "ok"
+        assert ping["worker_id"] == "w-7"
+        assert ping["runtime"] == "ruby"
+        assert ping["capabilities"] == ["cancel"]
+        assert ping["pid"] == worker.proc.pid
+        assert ping["requests_handled"] == 1
+        assert ping["uptime"] >= 0
+
+
+def test_echo_returns_args_as_received(bridge: RawWorker) -> None:
+    args = {"text": "héllo", "nested": {"list": [1, 2.5, None, True]}, "session_id": "s"}
+    assert result(bridge, "echo", args) == {"echoed": args}
+
+
+@pytest.mark.parametrize(
+    ("operation", "a", "b", "expected"),
+    [
+        ("add", 5, 3, 8),
+        ("subtract", 5, 8, -3),
+        ("multiply", 4, 2.5, 10),
+        ("divide", 7, 2, 3.5),
+        ("divide", 6, 2, 3),
+        ("add", 2.5, 0.5, 3),
+        ("add", 0.1, 0.2, 0.1 + 0.2),
+        ("add", 2**60, 1, 2**60 + 1),
+        ("multiply", 2**60, 2**60, 2**120),
+        ("divide", 2**61 + 2, 2, 2**60 + 1),
+    ],
+)
+def test_compute_numbers(bridge: RawWorker, operation: str, a: Any, b: Any, expected: Any) -> None:
+    computed = result(bridge, "compute", {"operation": operation, "a": a, "b": b})
+    assert computed == {"operation": operation, "inputs": {"a": a, "b": b}, "result": expected}
+    # An integral result is a JSON integer, a fractional one a float; never floored.
+    assert type(computed["result"]) is type(expected)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"operation": "multiply", "a": 1e308, "b": 10}, "compute: result is not a finite number"),
+        ({"operation": "divide", "a": 1, "b": 0}, "compute: division by zero"),
+        ({"operation": "divide", "a": 1.5, "b": 0.0}, "compute: division by zero"),
+        ({"operation": "add", "a": "1", "b": 2}, "compute: 'a' must be a number, got \"1\""),
+        ({"operation": "power", "a": 1, "b": 2}, 'compute: unknown operation "power"'),
+    ],
+)
+def test_compute_refusals(bridge: RawWorker, args: dict[str, Any], message: str) -> None:
+    assert error(bridge, "compute", args).startswith(message)
+
+
+def test_info(bridge: RawWorker) -> None:
+    info = result(bridge, "info")
+    assert info["runtime"] == "ruby"
+    assert info["runtime_version"].count(".") == 2
+    assert info["bridge_version"] == "0.1.0"
+    assert info["platform"] == "linux"
+    assert info["arch"] == os.uname().machine
+    assert info["pid"] == bridge.proc.pid
+    assert info["worker_id"] == "raw-1"
+    assert info["requests_handled"] == 2
+    assert info["uptime"] > 0
+    assert info["memory"]["rss_bytes"] == pytest.approx(rss_bytes(bridge.proc.pid), rel=0.5)
+    assert info["commands"] == sorted(snakepit_adapters()[0].commands)
+
+
+def test_sleep(bridge: RawWorker) -> None:
+    started = time.monotonic()
+    assert result(bridge, "sleep", {"seconds": 0.1}) == {"slept": 0.1}
+    assert time.monotonic() - started >= 0.1
+
+
+def test_sessions(bridge: RawWorker) -> None:
+    stored = result(bridge, "store", {"session_id": "s1", "key": "k", "value": {"v": [1]}})
+    assert stored == {"stored": True, "session_id": "s1", "key": "k"}
+    assert result(bridge, "retrieve", {"session_id": "s1", "key": "k"}) == {
+        "found": True,
+        "session_id": "s1",
+        "key": "k",
+        "value": {"v": [1]},
+    }
+    assert result(bridge, "retrieve", {"session_id": "s2", "key": "k"}) == {
+        "found": False,
+        "session_id": "s2",
+        "key": "k",
+        "value": None,
+    }
+    cleared = {"cleared": True, "session_id": "s1", "keys": 1}
+    assert result(bridge, "clear_session", {"session_id": "s1"}) == cleared
+    assert result(bridge, "clear_session", {"session_id": "s1"})["cleared"] is False
+    assert result(bridge, "retrieve", {"session_id": "s1", "key": "k"})["found"] is False
+    required = "session_id is required (use execute_in_session)"
+    assert error(bridge, "store", {"key": "k", "value": 1}) == f"store: {required}"
+    assert error(bridge, "retrieve", {"key": "k"}) == f"retrieve: {required}"
+
+
+def test_programs(bridge: RawWorker) -> None:
+    created = result(
+        bridge,
+        "create_program",
+        {"signature": " question , context -> answer", "temperature": 0.2, "session_id": "s"},
+    )
+    assert created["program_id"].startswith("prog_") and len(created["program_id"]) == 21
+    assert created["inputs"] == ["question", "context"]
+    assert created["outputs"] == ["answer"]
+    assert created["config"] == {"temperature": 0.2}
+    named = result(bridge, "create_program", {"signature": "a -> b", "program_id": "p1"})
+    assert named["program_id"] == "p1"
+
+    inputs = {"question": "why?", "context": {"b": [1, "x"], "a": None}}
+    executed = result(bridge, "execute_program", {"program": created, "inputs": inputs})
+    assert executed == {
+        "program_id": created["program_id"],
+        "outputs": {"answer": 'answer(question=why?, context={"b":[1,"x"],"a":null})'},
+    }
+    missing = {"program": created, "inputs": {"question": "q"}}
+    assert error(bridge, "execute_program", missing) == "execute_program: missing input 'context'"
+    assert error(bridge, "create_program", {"signature": " -> out"}).startswith(
+        "create_program: invalid signature"
+    )
+
+
+def test_process_data(bridge: RawWorker) -> None:
+    assert result(bridge, "process_data", {"data": "abc"}) == {
+        "original": "abc",
+        "processed": "ABC",
+        "length": 3,
+    }
+    assert result(bridge, "process_data", {"data": "grüße"})["length"] == 5
+
+
+@pytest.mark.parametrize(("data", "items"), [([1, 2, 3], 3), ({"a": 1}, 1), ("text", 0), (None, 0)])
+def test_generate_report(bridge: RawWorker, data: Any, items: int) -> None:
+    report = result(bridge, "generate_report", {"title": "T", "data": data})
+    generated_at = datetime.fromisoformat(report.pop("generated_at"))
+    assert generated_at.utcoffset() is not None and generated_at.utcoffset().total_seconds() == 0
+    assert abs((datetime.now(UTC) - generated_at).total_seconds()) < 5
+    assert report == {"title": "T", "data": data, "summary": {"items": items}}
+
+
+def test_unknown_command(bridge: RawWorker) -> None:
+    supported = ", ".join(sorted(snakepit_adapters()[0].commands))
+    assert error(bridge, "nope") == f"unknown command 'nope' (supported: {supported})"
+
+
+def test_cancel_sleep(bridge: RawWorker) -> None:
+    assert_cancels(bridge, "sleep", {"seconds": 30})
+
+
+def test_cancel_for_an_unknown_id_is_ignored(bridge: RawWorker) -> None:
+    bridge.send("$cancel", id=999)  # nothing runs
+    request_id = bridge.send("sleep", {"seconds": 0.3})
+    time.sleep(0.1)
+    bridge.send("$cancel", id=request_id + 1)  # something else runs
+    assert bridge.receive() == {"id": request_id, "success": True, "result": {"slept": 0.3}}
+    assert result(bridge, "ping")["status"] == "ok"  # and no answer to either $cancel came first
+
+
+def test_requests_that_arrive_while_a_handler_runs_are_answered_in_order(
+    bridge: RawWorker,
+) -> None:
+    first = bridge.send("sleep", {"seconds": 0.2})
+    second = bridge.send("echo", {"n": 2})
+    third = bridge.send("echo", {"n": 3})
+    assert [bridge.receive()["id"] for _ in range(3)] == [first, second, third]
+
+
+def test_a_response_over_the_frame_limit_is_refused() -> None:
+    with RawWorker(bridge_argv(), env={"SNAKEPIT_MAX_FRAME_BYTES": "1024"}) as worker:
+        worker.handshake()
+        # Each output repeats the input: a small request, a large response.
+        args = {"program": {"signature": "a -> b, c, d"}, "inputs": {"a": "x" * 400}}
+        message = error(worker, "execute_program", args)
+        assert message.startswith("execute_program: response of ")
+        assert message.endswith("bytes exceeds the frame limit 1024")
+        assert result(worker, "ping")["status"] == "ok"
+
+
+# -------------------------------------------------------------------------------------------
+# The library, through a worker of one's own
+# -------------------------------------------------------------------------------------------
+
+
+def test_handlers_take_args_or_args_and_ctx(custom: RawWorker) -> None:
+    assert result(custom, "args_only", {"x": 1}) == {"got": {"x": 1}}
+    assert result(custom, "with_ctx", {"y": 2})["args"] == {"y": 2}
+
+
+def test_trace_context_reaches_ctx(custom: RawWorker) -> None:
+    meta = {
+        "traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01",
+        "tracestate": "k=v",
+        "deadline_ms": 1500,
+    }
+    request_id = custom.send("with_ctx", {}, meta=meta)
+    ctx = custom.receive()["result"]["ctx"]
+    assert ctx == {"request_id": request_id, "worker_id": "raw-1", **meta}
+
+
+def test_exceptions_become_failures(custom: RawWorker) -> None:
+    assert error(custom, "boom") == "boom: kaput"
+    assert error(custom, "nan").startswith("nan: result cannot be encoded as JSON (NaN")
+    assert result(custom, "ping")["status"] == "ok"
+
+
+@pytest.mark.parametrize("command", ["nap", "stubborn", "spin"])
+def test_cancel_a_custom_handler(custom: RawWorker, command: str) -> None:
+    assert_cancels(custom, command, {"seconds": 30})
+
+
+def test_user_output_cannot_reach_the_protocol(custom: RawWorker) -> None:
+    chatter = result(custom, "chatter")
+    assert chatter["child_read"] == ""  # a child reading stdin gets /dev/null, not our frames
+    # ls sees stdin, stdout, stderr and its own directory: no protocol descriptor leaked into it.
+    assert set(chatter["child_fds"]) <= {"0", "1", "2", "3"}
+    assert result(custom, "ping")["status"] == "ok"
+    custom.close_stdin()
+    assert custom.wait() == 0
+    assert custom.proc.stdout is not None
+    assert custom.proc.stdout.read() == b""
+    stderr = custom.stderr_text()
+    for line in ("puts-line", "stdout-write", "STDOUT-print", "child-echo"):
+        assert line in stderr
+
+
+# -------------------------------------------------------------------------------------------
+# Process behaviour
+# -------------------------------------------------------------------------------------------
+
+
+def test_end_of_input_exits_0(bridge: RawWorker) -> None:
+    bridge.close_stdin()
+    assert bridge.wait() == 0
+    assert bridge.stderr_text() == ""
+
+
+def test_end_of_input_while_a_handler_runs_answers_it_then_exits_0(bridge: RawWorker) -> None:
+    request_id = bridge.send("sleep", {"seconds": 0.2})
+    bridge.close_stdin()
+    assert bridge.receive() == {"id": request_id, "success": True, "result": {"slept": 0.2}}
+    assert bridge.wait() == 0
+
+
+@pytest.mark.parametrize("busy", [False, True])
+def test_sigterm_exits_0(bridge: RawWorker, busy: bool) -> None:
+    if busy:
+        bridge.send("sleep", {"seconds": 30})
+        time.sleep(0.1)
+    bridge.proc.send_signal(signal.SIGTERM)
+    assert bridge.wait(5) == 0
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (frame(b"{not json"), "frame is not valid JSON"),
+        (frame(b'{"id": 1, "command": "echo", "args": {"t": "\xff"}}'), "not valid UTF-8"),
+        (frame(b"[1, 2]"), "frame is not a JSON object"),
+        (struct.pack(">I", 64 * 1024 * 1024 + 1), "exceeds the limit of 67108864 bytes"),
+        (frame(b'{"command": "ping"}'), "request without an integer id"),
+    ],
+    ids=["json", "utf8", "not-object", "oversized", "no-id"],
+)
+def test_an_undecodable_frame_exits_3(bridge: RawWorker, data: bytes, reason: str) -> None:
+    status, stderr = exit_after(bridge, data)
+    assert status == 3
+    assert reason in stderr
+
+
+def test_an_undecodable_frame_while_a_handler_runs_exits_3(bridge: RawWorker) -> None:
+    bridge.send("sleep", {"seconds": 30})
+    status, stderr = exit_after(bridge, frame(b"{not json"))
+    assert status == 3
+    assert "frame is not valid JSON" in stderr
+
+
+def test_the_frame_limit_comes_from_the_environment() -> None:
+    with RawWorker(bridge_argv(), env={"SNAKEPIT_MAX_FRAME_BYTES": "300"}) as worker:
+        worker.handshake()
+        body = json.dumps({"id": 2, "command": "echo", "args": {"t": "x" * 300}}).encode()
+        status, stderr = exit_after(worker, frame(body))
+        assert status == 3
+        assert "exceeds the limit of 300 bytes" in stderr
+
+
+def test_memory_stays_flat_over_10000_requests(bridge: RawWorker) -> None:
+    """VmRSS may grow by less than 20 MiB over 10,000 requests after a 1,000-request warm-up.
+
+    The tolerance leaves room for Ruby's heap growing in steps while it settles. Two requests
+    in five carry 10 KB, so keeping each request's frame (or value) would grow it by ~40 MB.
+    """
+    requests = [
+        ("ping", {}),
+        ("echo", {"blob": "x" * 10_000}),
+        ("compute", {"operation": "divide", "a": 7, "b": 2}),
+        ("store", {"session_id": "leak", "key": "k", "value": "y" * 10_000}),
+        ("retrieve", {"session_id": "leak", "key": "k"}),
+    ]
+
+    def run(count: int) -> None:
+        for i in range(count):
+            command, args = requests[i % len(requests)]
+            assert bridge.call(command, args)["success"] is True
+
+    run(1_000)
+    before = rss_bytes(bridge.proc.pid)
+    run(10_000)
+    growth = rss_bytes(bridge.proc.pid) - before
+    assert growth < 20 * 1024 * 1024, f"VmRSS grew by {growth / 2**20:.1f} MiB"
+    bridge.close_stdin()
+    assert bridge.wait() == 0
+    assert bridge.stderr_text() == ""  # no warnings either
