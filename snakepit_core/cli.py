@@ -106,7 +106,9 @@ def reap() -> None:
     from .registry import get_registry
 
     report = get_registry().reap_dead_runs()
-    console.print(f"dead runs: {report.runs}; processes killed: {len(report.killed)} {report.killed}")
+    console.print(
+        f"dead runs: {report.runs}; processes killed: {len(report.killed)} {report.killed}"
+    )
 
 
 @main.command()
@@ -128,8 +130,12 @@ def bench(requests: int, rounds: int, only: tuple[str, ...], as_json: bool, quic
     from .bench import run_bench
 
     run_bench(
-        requests=requests, rounds=rounds, adapters=list(only) or None, as_json=as_json,
-        quick=quick, console=console,
+        requests=requests,
+        rounds=rounds,
+        adapters=list(only) or None,
+        as_json=as_json,
+        quick=quick,
+        console=console,
     )
 
 

@@ -66,14 +66,29 @@ class PoolConfig:
 
 FIELD_TYPES: dict[str, str] = {f.name: str(f.type) for f in fields(PoolConfig)}
 
-_POSITIVE_INTS = ("pool_size", "cleanup_max_retries", "worker_health_check_misses",
-                  "crash_loop_threshold", "latency_window", "max_frame_bytes")
+_POSITIVE_INTS = (
+    "pool_size",
+    "cleanup_max_retries",
+    "worker_health_check_misses",
+    "crash_loop_threshold",
+    "latency_window",
+    "max_frame_bytes",
+)
 _NON_NEGATIVE_INTS = ("pool_max_queue_size", "max_requests_per_worker")
-_POSITIVE_FLOATS = ("pool_startup_timeout", "pool_queue_timeout", "worker_init_timeout",
-                    "worker_health_check_interval", "cleanup_retry_interval",
-                    "cancel_grace_period", "crash_loop_probe_interval",
-                    "restart_backoff_initial", "restart_backoff_max", "session_ttl",
-                    "session_cleanup_interval", "global_program_ttl")
+_POSITIVE_FLOATS = (
+    "pool_startup_timeout",
+    "pool_queue_timeout",
+    "worker_init_timeout",
+    "worker_health_check_interval",
+    "cleanup_retry_interval",
+    "cancel_grace_period",
+    "crash_loop_probe_interval",
+    "restart_backoff_initial",
+    "restart_backoff_max",
+    "session_ttl",
+    "session_cleanup_interval",
+    "global_program_ttl",
+)
 _NON_NEGATIVE_FLOATS = ("worker_shutdown_grace_period",)
 
 

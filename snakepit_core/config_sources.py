@@ -19,8 +19,17 @@ from .errors import ConfigError
 
 ENV_PREFIX = "SNAKEPIT_"
 #: Environment variables snakepit sets or reads for other purposes, never config keys.
-_NOT_CONFIG = {"WORKER_ID", "RUN_ID", "MAX_FRAME_BYTES", "PDEATHSIG", "NODE_EXECUTABLE",
-               "RUBY_EXECUTABLE", "REGISTRY_DIR", "CHAOS_REQUESTS", "SOAK_REQUESTS"}
+_NOT_CONFIG = {
+    "WORKER_ID",
+    "RUN_ID",
+    "MAX_FRAME_BYTES",
+    "PDEATHSIG",
+    "NODE_EXECUTABLE",
+    "RUBY_EXECUTABLE",
+    "REGISTRY_DIR",
+    "CHAOS_REQUESTS",
+    "SOAK_REQUESTS",
+}
 
 
 def _parse_env_value(key: str, raw: str, source: str) -> Any:
@@ -48,7 +57,7 @@ def from_environment(environ: typing.Mapping[str, str] | None = None) -> dict[st
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX):
             continue
-        suffix = name[len(ENV_PREFIX):]
+        suffix = name[len(ENV_PREFIX) :]
         if suffix in _NOT_CONFIG or suffix.startswith("TEST_"):
             continue
         key = suffix.lower()

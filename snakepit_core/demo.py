@@ -65,8 +65,11 @@ async def _sessions_and_concurrency(pool: Pool, table: Table) -> None:
     started = time.perf_counter()
     results = await asyncio.gather(*(pool.execute("ping", {}) for _ in range(1000)))
     elapsed = time.perf_counter() - started
-    table.add_row("1000 concurrent pings", "[green]ok[/green]",
-                  f"{len(results)} results in {elapsed:.3f}s ({len(results) / elapsed:.0f}/s)")
+    table.add_row(
+        "1000 concurrent pings",
+        "[green]ok[/green]",
+        f"{len(results)} results in {elapsed:.3f}s ({len(results) / elapsed:.0f}/s)",
+    )
     await pool.execute_in_session("demo-session", "store", {"key": "answer", "value": 42})
     kept = await pool.execute_in_session("demo-session", "retrieve", {"key": "answer"})
     table.add_row("session store/retrieve", "[green]ok[/green]", _short(kept))
@@ -75,7 +78,8 @@ async def _sessions_and_concurrency(pool: Pool, table: Table) -> None:
         "demo-session", "create_program", {"signature": "question -> answer", "temperature": 0.7}
     )
     answer = await helpers.execute_program_command(
-        "demo-session", "execute_program",
+        "demo-session",
+        "execute_program",
         {"program_id": program["program_id"], "inputs": {"question": "What is snakepit?"}},
     )
     table.add_row("program create/execute", "[green]ok[/green]", _short(answer))
@@ -95,8 +99,20 @@ async def _demo_adapter(name: str, pool_size: int, console: Console) -> bool:
         console.print(f"[red]{name}: {exc.code}[/red]: {exc}")
         return False
     console.print(table)
-    shown = {k: stats[k] for k in ("workers", "available", "busy", "requests", "queued",
-                                   "errors", "queue_timeouts", "pool_saturated", "restarts")}
+    shown = {
+        k: stats[k]
+        for k in (
+            "workers",
+            "available",
+            "busy",
+            "requests",
+            "queued",
+            "errors",
+            "queue_timeouts",
+            "pool_saturated",
+            "restarts",
+        )
+    }
     console.print(f"stats: {shown}\n")
     return True
 

@@ -29,8 +29,10 @@ def run_doctor(console: Console) -> bool:
     if pdeathsig_available():
         console.print("parent-death signal: [green]ok[/green] (setpriv --pdeathsig)")
     else:
-        console.print("parent-death signal: [yellow]unavailable[/yellow] (stdin EOF and the "
-                      "registry still clean up)")
+        console.print(
+            "parent-death signal: [yellow]unavailable[/yellow] (stdin EOF and the "
+            "registry still clean up)"
+        )
     console.print(f"process registry: {get_registry().path}")
     console.print(f"JSON codec: {JSON_CODEC}")
     try:

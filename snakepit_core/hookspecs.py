@@ -30,7 +30,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 
 @hookspec
-def snakepit_adapters() -> list[Adapter]:
+def snakepit_adapters() -> list[Adapter]:  # type: ignore[empty-body]
     """Return the adapters this plugin provides.
 
     Called once, when snakepit first looks an adapter up. Each plugin returns a list (possibly
@@ -157,7 +157,9 @@ def snakepit_request_finished(
 
 
 @hookspec
-def snakepit_worker_started(adapter: Adapter, worker_id: str, pid: int, startup_time: float) -> None:
+def snakepit_worker_started(
+    adapter: Adapter, worker_id: str, pid: int, startup_time: float
+) -> None:
     """A worker finished its handshake and is ready (``startup_time`` in seconds).
 
     Example::

@@ -128,7 +128,7 @@ class AdapterHooks:
     def prepare_args(self, command: str, args: dict[str, Any]) -> dict[str, Any]:
         kwargs = {"adapter": self.adapter, "command": command, "args": args}
         prepared = self._first("snakepit_prepare_args", kwargs)
-        return args if prepared is None else prepared  # type: ignore[no-any-return]
+        return args if prepared is None else prepared
 
     def process_response(self, command: str, response: Any) -> Any:
         kwargs = {"adapter": self.adapter, "command": command, "response": response}
@@ -202,11 +202,16 @@ class PluginManager:
                 if hook_caller.spec is not None:
                     continue
                 for impl in hook_caller.get_hookimpls():
-                    log.warning("snakepit plugin %r implements unknown hook %r; not loaded",
-                                impl.plugin_name, name)
-                    self.failures.append(PluginFailure(
-                        impl.plugin_name, "hooks", f"unknown hook {name!r} (misspelled?)"
-                    ))
+                    log.warning(
+                        "snakepit plugin %r implements unknown hook %r; not loaded",
+                        impl.plugin_name,
+                        name,
+                    )
+                    self.failures.append(
+                        PluginFailure(
+                            impl.plugin_name, "hooks", f"unknown hook {name!r} (misspelled?)"
+                        )
+                    )
                     if self._pm.has_plugin(impl.plugin_name):
                         self._pm.unregister(name=impl.plugin_name)
 
@@ -277,11 +282,13 @@ class PluginManager:
         self._owners = {}
         for impl in reversed(self._pm.hook.snakepit_adapters.get_hookimpls()):
             try:
-                provided = impl.function() or []
+                provided: list[Adapter] = list(impl.function() or [])  # type: ignore[call-overload]
             except Exception as exc:  # a broken plugin must not break discovery
                 log.warning("plugin %r: snakepit_adapters() raised %s", impl.plugin_name, exc)
                 self.failures.append(
-                    PluginFailure(impl.plugin_name, "snakepit_adapters", f"{type(exc).__name__}: {exc}")
+                    PluginFailure(
+                        impl.plugin_name, "snakepit_adapters", f"{type(exc).__name__}: {exc}"
+                    )
                 )
                 continue
             dist_name, dist_version = self._distributions.get(impl.plugin_name, (None, None))
@@ -302,7 +309,9 @@ class PluginManager:
             return adapters[name]
         except KeyError:
             installed = ", ".join(sorted(adapters)) or "none"
-            broken = "".join(f"; plugin {f.name!r} failed to load: {f.error}" for f in self.failures)
+            broken = "".join(
+                f"; plugin {f.name!r} failed to load: {f.error}" for f in self.failures
+            )
             raise UnknownAdapter(
                 f"unknown adapter {name!r} (installed: {installed}){broken}", adapter=name
             ) from None

@@ -22,7 +22,6 @@ from opentelemetry import metrics, trace
 from .adapter import Adapter
 from .config import PoolConfig
 from .errors import (
-    AdapterUnavailable,
     AffinityBusy,
     CommandError,
     PoolSaturated,
@@ -141,8 +140,9 @@ class Pool:
                 ) from None
             raise StartupError(f"no worker of adapter {self.adapter.name!r} could start: {first!r}")
         for failure in failures:
-            log.warning("pool %s: a worker failed to start (will retry): %s",
-                        self.adapter.name, failure)
+            log.warning(
+                "pool %s: a worker failed to start (will retry): %s", self.adapter.name, failure
+            )
             self.supervisor.record_startup_failure(failure)
         self._state = "running"
         self.supervisor.after_start()
@@ -193,8 +193,10 @@ class Pool:
         if self._sessions is not None:
             self._sessions.close()
         await asyncio.gather(
-            *(worker.stop(max(0.0, deadline - time.monotonic())) for worker in
-              list(self.workers.values())),
+            *(
+                worker.stop(max(0.0, deadline - time.monotonic()))
+                for worker in list(self.workers.values())
+            ),
             return_exceptions=True,
         )
         self._state = "stopped"
@@ -262,9 +264,7 @@ class Pool:
             )
         assert self._loop is not None
         waiter = _Waiter(self._loop.create_future(), queue)
-        waiter.timer = self._loop.call_later(
-            self.config.pool_queue_timeout, self._expire, waiter
-        )
+        waiter.timer = self._loop.call_later(self.config.pool_queue_timeout, self._expire, waiter)
         queue.append(waiter)
         self._queued += 1
         try:
@@ -295,7 +295,9 @@ class Pool:
                 )
             )
 
-    def _fail_waiters(self, error: Callable[[], SnakepitError], worker_id: str | None = None) -> None:
+    def _fail_waiters(
+        self, error: Callable[[], SnakepitError], worker_id: str | None = None
+    ) -> None:
         """Fail queued callers: all of them, or only those bound to ``worker_id``."""
         if worker_id is None:
             queues = [self._waiters, *self._bound_waiters.values()]
@@ -329,9 +331,7 @@ class Pool:
 
     def _check_running(self) -> None:
         if self._state != "running":
-            state = {"new": "not started", "starting": "still starting"}.get(
-                self._state, "stopped"
-            )
+            state = {"new": "not started", "starting": "still starting"}.get(self._state, "stopped")
             raise PoolStopped(
                 f"pool of {self.adapter.name!r} is {state}", adapter=self.adapter.name
             )
@@ -529,9 +529,7 @@ class Pool:
         if self.adapter.commands is not None and "clear_session" not in self.adapter.commands:
             return
         with contextlib.suppress(SnakepitError):
-            await self._execute(
-                "clear_session", {}, 5.0, session_id, worker, True, False
-            )
+            await self._execute("clear_session", {}, 5.0, session_id, worker, True, False)
 
     def _count_hook_error(self, _hook: str, _plugin: str) -> None:
         self._hook_errors += 1

@@ -56,7 +56,7 @@ def encode_frame(message: dict[str, Any], max_frame_bytes: int = DEFAULT_MAX_FRA
     return len(body).to_bytes(HEADER_BYTES, "big") + body
 
 
-def _describe(data: bytes) -> str:
+def _describe(data: bytes | bytearray) -> str:
     preview = bytes(data[:40])
     return f"{preview!r}{'...' if len(data) > 40 else ''}"
 

@@ -85,8 +85,9 @@ class Registry:
         self.path = path or registry_dir() / "workers.sqlite3"
         self._lock = threading.Lock()
         self._own_start = process_start_time(os.getpid())
-        self._db = sqlite3.connect(self.path, timeout=5, check_same_thread=False,
-                                   isolation_level=None)
+        self._db = sqlite3.connect(
+            self.path, timeout=5, check_same_thread=False, isolation_level=None
+        )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=OFF")
         self._db.execute(
@@ -129,8 +130,12 @@ class Registry:
                 killed.extend(kill_run(run_id))
                 self._db.execute("DELETE FROM workers WHERE run_id = ?", (run_id,))
             if killed:
-                log.warning("reaped %d orphaned worker process(es) of %d dead run(s): %s",
-                            len(killed), len(dead), killed)
+                log.warning(
+                    "reaped %d orphaned worker process(es) of %d dead run(s): %s",
+                    len(killed),
+                    len(dead),
+                    killed,
+                )
             return ReapReport(len(dead), killed)
 
 

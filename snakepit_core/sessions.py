@@ -209,8 +209,12 @@ class SessionStore:
             raise ValidationError(f"session ttl must be a number of seconds > 0, not {ttl!r}")
         now = utc_now()
         session = Session(
-            id=session_id, ttl=float(ttl), created_at=now, last_accessed=now,
-            metadata=dict(metadata or {}), expires_at=self.clock() + ttl,
+            id=session_id,
+            ttl=float(ttl),
+            created_at=now,
+            last_accessed=now,
+            metadata=dict(metadata or {}),
+            expires_at=self.clock() + ttl,
         )
         await self.backend.put(session)
         self._counts["sessions_created"] += 1
@@ -394,8 +398,9 @@ class SessionHelpers:
         if command == "execute_program":
             program_id = args.pop("program_id", None)
             if not isinstance(program_id, str) or not program_id:
-                raise ValidationError("execute_program: args.program_id is required",
-                                      field="args.program_id")
+                raise ValidationError(
+                    "execute_program: args.program_id is required", field="args.program_id"
+                )
             await self.pool.sessions.get_or_create_session(session_id)
             program = await store.get_program(session_id, program_id)
             if program is None:
@@ -406,10 +411,15 @@ class SessionHelpers:
                     "(create it first with create_program)",
                     field="args.program_id",
                 )
-            sent = {key: program[key] for key in ("program_id", "signature", "inputs", "outputs",
-                                                  "config") if key in program}
+            sent = {
+                key: program[key]
+                for key in ("program_id", "signature", "inputs", "outputs", "config")
+                if key in program
+            }
             result = await self.pool.execute_in_session(
-                session_id, command, {"program": sent, "inputs": args.get("inputs", {})},
+                session_id,
+                command,
+                {"program": sent, "inputs": args.get("inputs", {})},
                 **options,
             )
 

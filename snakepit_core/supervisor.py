@@ -84,12 +84,16 @@ class Supervisor:
         assert worker.pid is not None
         get_registry().add(worker.pid, worker.run_id, worker.id)
         startup_time = worker.ready_at - worker.started_at
-        self.pool._hooks.worker_started(worker_id=worker.id, pid=worker.pid,
-                                        startup_time=startup_time)
+        self.pool._hooks.worker_started(
+            worker_id=worker.id, pid=worker.pid, startup_time=startup_time
+        )
         self.pool.telemetry.worker_span(
             "snakepit.worker.start",
-            {Attr.WORKER_ID: worker.id, Attr.PROCESS_PID: worker.pid,
-             Attr.STARTUP_TIME: startup_time},
+            {
+                Attr.WORKER_ID: worker.id,
+                Attr.PROCESS_PID: worker.pid,
+                Attr.STARTUP_TIME: startup_time,
+            },
         )
         if self.breaker == "open":
             self.breaker = "half_open"
@@ -104,17 +108,24 @@ class Supervisor:
         )
         self.pool.telemetry.worker_span(
             "snakepit.worker.exit",
-            {Attr.WORKER_ID: worker.id, Attr.PROCESS_PID: worker.pid,
-             Attr.PROCESS_EXIT_CODE: worker.exit_code if worker.exit_code is not None else -1,
-             Attr.EXIT_REASON: reason},
+            {
+                Attr.WORKER_ID: worker.id,
+                Attr.PROCESS_PID: worker.pid,
+                Attr.PROCESS_EXIT_CODE: worker.exit_code if worker.exit_code is not None else -1,
+                Attr.EXIT_REASON: reason,
+            },
         )
         if not self.pool.running:
             return
         if reason not in ("stopped", "recycled"):
             log.warning(
                 "pool %s: worker %s (pid %s) exited: %s (%s)%s",
-                self.pool.adapter.name, worker.id, worker.pid, reason,
-                describe_exit(worker.exit_code), worker.stderr_excerpt(lines=5),
+                self.pool.adapter.name,
+                worker.id,
+                worker.pid,
+                reason,
+                describe_exit(worker.exit_code),
+                worker.stderr_excerpt(lines=5),
             )
         if self._is_early_death(worker, reason):
             self._record_early_death(
@@ -216,8 +227,12 @@ class Supervisor:
                 worker.health_ping = ping
                 ping.add_done_callback(lambda done: self._health_answer(worker, done))
         if worker.health_misses >= config.worker_health_check_misses:
-            log.warning("pool %s: worker %s missed %d health checks; replacing it",
-                        self.pool.adapter.name, worker.id, worker.health_misses)
+            log.warning(
+                "pool %s: worker %s missed %d health checks; replacing it",
+                self.pool.adapter.name,
+                worker.id,
+                worker.health_misses,
+            )
             worker.kill("unhealthy")
 
     @staticmethod
@@ -262,8 +277,9 @@ class Supervisor:
         try:
             await self.pool._start_worker(old.slot)
         except SnakepitError as exc:
-            log.warning("pool %s: recycling %s: replacement failed: %s",
-                        self.pool.adapter.name, old.id, exc)
+            log.warning(
+                "pool %s: recycling %s: replacement failed: %s", self.pool.adapter.name, old.id, exc
+            )
             old.retiring = False
             return
         self.restarts += 1

@@ -29,8 +29,9 @@ class LoopThread:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="snakepit-loop",
-                                       daemon=True)
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, name="snakepit-loop", daemon=True
+        )
         self.thread.start()
 
     def call(self, coroutine: Coroutine[Any, Any, T]) -> T:
@@ -185,7 +186,9 @@ def get_pool() -> SyncPool:
     return _default
 
 
-def execute(command: str, args: dict[str, Any] | None = None, *, timeout: float | None = None) -> Any:
+def execute(
+    command: str, args: dict[str, Any] | None = None, *, timeout: float | None = None
+) -> Any:
     return get_pool().execute(command, args, timeout=timeout)
 
 
@@ -225,9 +228,9 @@ def stop() -> None:
 __all__ = [
     "LoopThread",
     "SyncPool",
-    "execute_program_command",
     "execute",
     "execute_in_session",
+    "execute_program_command",
     "get_pool",
     "start",
     "stats",

@@ -23,7 +23,9 @@ from .protocol import is_finite_number
 _type_checker = Draft202012Validator.TYPE_CHECKER.redefine(
     "number", lambda _checker, value: is_finite_number(value)
 )
-StrictValidator = jsonschema.validators.extend(Draft202012Validator, type_checker=_type_checker)
+StrictValidator = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
+    Draft202012Validator, type_checker=_type_checker
+)
 
 
 def compile_schema(schema: Mapping[str, Any]) -> Any:
@@ -45,19 +47,29 @@ def describe_error(command: str, error: jsonschema.ValidationError) -> tuple[str
     rule = str(error.validator)
     instance = error.instance
     if rule == "required" and isinstance(instance, dict):
-        missing = [name for name in error.validator_value if name not in instance]
+        required: Any = error.validator_value
+        missing = [name for name in required if name not in instance]
         field = f"{field}.{missing[0]}" if missing else field
         return field, rule, f"{command}: {field} is required (rule: required)"
     if rule == "additionalProperties" and isinstance(instance, dict):
-        known = set(error.schema.get("properties", {}))
+        schema: Any = error.schema
+        known = set(schema.get("properties", {}))
         extra = sorted(name for name in instance if name not in known)
         field = f"{field}.{extra[0]}" if extra else field
-        return field, rule, (
-            f"{command}: {field} is not allowed (rule: additionalProperties; "
-            f"allowed: {', '.join(sorted(known)) or 'none'})"
+        return (
+            field,
+            rule,
+            (
+                f"{command}: {field} is not allowed (rule: additionalProperties; "
+                f"allowed: {', '.join(sorted(known)) or 'none'})"
+            ),
         )
     if rule == "type" and error.validator_value == "number" and isinstance(instance, float):
-        return field, rule, f"{command}: {field} must be a finite number, got {instance!r} (rule: type)"
+        return (
+            field,
+            rule,
+            f"{command}: {field} must be a finite number, got {instance!r} (rule: type)",
+        )
     return field, rule, f"{command}: {field}: {error.message} (rule: {rule})"
 
 

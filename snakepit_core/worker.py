@@ -197,9 +197,10 @@ class Worker:
             what = f"exited during its handshake ({describe_exit(self.exit_code)})"
         else:
             what = f"failed its handshake: {cause.message}"
+        command_line = " ".join(self.adapter.command_line())
         raise StartupError(
-            f"adapter {self.adapter.name!r}: worker {self.id} "
-            f"({' '.join(self.adapter.command_line())}) {what}{self.stderr_excerpt(all_lines=True)}",
+            f"adapter {self.adapter.name!r}: worker {self.id} ({command_line}) {what}"
+            f"{self.stderr_excerpt(all_lines=True)}",
             adapter=self.adapter.name,
             worker_id=self.id,
             exit_code=self.exit_code,
@@ -332,8 +333,11 @@ class Worker:
             f"{exc.message}; the worker is being replaced"
         )
         self._protocol_error = ProtocolError(
-            message, adapter=self.adapter.name, worker_id=self.id,
-            command=self._pending_command, **exc.context,
+            message,
+            adapter=self.adapter.name,
+            worker_id=self.id,
+            command=self._pending_command,
+            **exc.context,
         )
         log.warning("%s", message)
         self.errors += 1

@@ -24,7 +24,10 @@ def misbehaving() -> Callable[..., Adapter]:
 
     def make(mode: str = "normal", **options: object) -> Adapter:
         return ScriptAdapter(
-            f"misbehave-{mode}", sys.executable, BRIDGES / "misbehave.py", args=[mode],
+            f"misbehave-{mode}",
+            sys.executable,
+            BRIDGES / "misbehave.py",
+            args=[mode],
             **options,  # type: ignore[arg-type]
         )
 

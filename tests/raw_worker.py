@@ -6,6 +6,7 @@ codes and what reaches stdout/stderr.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -36,8 +37,14 @@ class RawWorker:
         self.proc.stdin.write(data)
         self.proc.stdin.flush()
 
-    def send(self, command: str, args: Mapping[str, Any] | None = None, *, id: int | None = None,
-             meta: Mapping[str, Any] | None = None) -> int:
+    def send(
+        self,
+        command: str,
+        args: Mapping[str, Any] | None = None,
+        *,
+        id: int | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> int:
         if id is None:
             self._next_id += 1
             id = self._next_id
@@ -67,8 +74,9 @@ class RawWorker:
         frame: dict[str, Any] = json.loads(self._read_exactly(length, timeout))
         return frame
 
-    def call(self, command: str, args: Mapping[str, Any] | None = None,
-             timeout: float = 10.0) -> dict[str, Any]:
+    def call(
+        self, command: str, args: Mapping[str, Any] | None = None, timeout: float = 10.0
+    ) -> dict[str, Any]:
         """Send one request and return its response frame (asserting the id matches)."""
         request_id = self.send(command, args)
         frame = self.receive(timeout)
@@ -98,10 +106,8 @@ class RawWorker:
         self.proc.wait(10)
         for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if stream is not None:
-                try:
+                with contextlib.suppress(OSError):
                     stream.close()
-                except OSError:
-                    pass
 
     def __enter__(self) -> RawWorker:
         return self

@@ -10,7 +10,10 @@ import sys
 def snakepit(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "snakepit_core.cli", *args],
-        capture_output=True, text=True, timeout=timeout, check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 
@@ -40,6 +43,13 @@ def test_adapters_lists_distribution_version_and_runtime():
 def test_demo_runs_the_seeds_examples_on_every_adapter():
     done = snakepit("demo", timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    for expected in ("adapter python", "adapter node", "adapter ruby", "compute add",
-                     "1000 concurrent pings", "program create/execute", "stats:"):
+    for expected in (
+        "adapter python",
+        "adapter node",
+        "adapter ruby",
+        "compute add",
+        "1000 concurrent pings",
+        "program create/execute",
+        "stats:",
+    ):
         assert expected in done.stdout

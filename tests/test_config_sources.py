@@ -22,7 +22,9 @@ def test_defaults_without_any_source(project):
 
 
 def test_pyproject_table(project):
-    (project / "pyproject.toml").write_text("[tool.snakepit]\npool_size = 3\npool_queue_timeout = 1.5\n")
+    (project / "pyproject.toml").write_text(
+        "[tool.snakepit]\npool_size = 3\npool_queue_timeout = 1.5\n"
+    )
     config = load_config()
     assert (config.pool_size, config.pool_queue_timeout) == (3, 1.5)
 
@@ -32,8 +34,9 @@ def test_precedence_of_every_source(project, monkeypatch):
         "[tool.snakepit]\npool_size = 3\npool_queue_timeout = 1.5\nworker_init_timeout = 7\n"
         "pool_max_queue_size = 11\n"
     )
-    (project / "snakepit.toml").write_text("pool_size = 4\npool_queue_timeout = 2.5\n"
-                                           "worker_init_timeout = 8\n")
+    (project / "snakepit.toml").write_text(
+        "pool_size = 4\npool_queue_timeout = 2.5\nworker_init_timeout = 8\n"
+    )
     monkeypatch.setenv("SNAKEPIT_POOL_SIZE", "5")
     monkeypatch.setenv("SNAKEPIT_POOL_QUEUE_TIMEOUT", "3.5")
     config = load_config(overrides={"pool_size": 6})

@@ -18,8 +18,8 @@ from snakepit_core import (
     ValidationError,
     get_plugin_manager,
     hookimpl,
+    hookspecs,
 )
-from snakepit_core import hookspecs
 from snakepit_core.plugins import PluginManager
 
 from conftest import BRIDGES
@@ -43,8 +43,15 @@ def make_owner(recorder: Recorder):
     class Owner:
         @hookimpl
         def snakepit_adapters(self):
-            return [ScriptAdapter("toy", sys.executable, BRIDGES / "misbehave.py",
-                                  args=["normal"], timeouts={"echo": 7.0})]
+            return [
+                ScriptAdapter(
+                    "toy",
+                    sys.executable,
+                    BRIDGES / "misbehave.py",
+                    args=["normal"],
+                    timeouts={"echo": 7.0},
+                )
+            ]
 
         @hookimpl
         def snakepit_validate_command(self, adapter, command, args):
@@ -69,26 +76,42 @@ def make_owner(recorder: Recorder):
 
         @hookimpl
         def snakepit_request_started(self, adapter, command, request_id, worker_id, session_id):
-            recorder.calls.append(("owner", "started", {"command": command,
-                                                        "worker_id": worker_id,
-                                                        "session_id": session_id}))
+            recorder.calls.append(
+                (
+                    "owner",
+                    "started",
+                    {"command": command, "worker_id": worker_id, "session_id": session_id},
+                )
+            )
 
         @hookimpl
-        def snakepit_request_finished(self, adapter, command, request_id, worker_id, session_id,
-                                      duration, queue_wait, error):
-            recorder.calls.append(("owner", "finished", {"command": command, "error": error,
-                                                         "duration": duration,
-                                                         "queue_wait": queue_wait}))
+        def snakepit_request_finished(
+            self, adapter, command, request_id, worker_id, session_id, duration, queue_wait, error
+        ):
+            recorder.calls.append(
+                (
+                    "owner",
+                    "finished",
+                    {
+                        "command": command,
+                        "error": error,
+                        "duration": duration,
+                        "queue_wait": queue_wait,
+                    },
+                )
+            )
 
         @hookimpl
         def snakepit_worker_started(self, adapter, worker_id, pid, startup_time):
-            recorder.calls.append(("owner", "worker_started", {"pid": pid,
-                                                               "startup_time": startup_time}))
+            recorder.calls.append(
+                ("owner", "worker_started", {"pid": pid, "startup_time": startup_time})
+            )
 
         @hookimpl
         def snakepit_worker_exited(self, adapter, worker_id, pid, exit_code, reason):
-            recorder.calls.append(("owner", "worker_exited", {"pid": pid, "reason": reason,
-                                                              "exit_code": exit_code}))
+            recorder.calls.append(
+                ("owner", "worker_exited", {"pid": pid, "reason": reason, "exit_code": exit_code})
+            )
 
     return Owner()
 
@@ -134,8 +157,7 @@ async def test_every_hook_called_with_its_arguments_owner_first(plugins):
         result = await pool.execute("echo", {"x": 1})
         pid = next(iter(pool.workers.values())).pid
     # prepare_args and process_response are firstresult: the owner's answer wins
-    assert result == {"wrapped_by": "owner",
-                      "inner": {"x": 1, "prepared_by": "owner"}}
+    assert result == {"wrapped_by": "owner", "inner": {"x": 1, "prepared_by": "owner"}}
     assert plugins.names("validate") == ["owner", "general"]
     assert plugins.names("prepare") == ["owner"]
     assert plugins.names("process") == ["owner"]
@@ -165,8 +187,9 @@ async def test_a_raising_hook_is_logged_and_counted_and_the_request_goes_on(capl
             raise RuntimeError("plugin bug")
 
         @hookimpl
-        def snakepit_request_finished(self, adapter, command, request_id, worker_id, session_id,
-                                      duration, queue_wait, error):
+        def snakepit_request_finished(
+            self, adapter, command, request_id, worker_id, session_id, duration, queue_wait, error
+        ):
             raise KeyError("another plugin bug")
 
         @hookimpl
@@ -218,8 +241,11 @@ def test_a_misspelled_hook_fails_loudly():
 
 def test_every_hookspec_is_documented_in_the_readme():
     readme = (ROOT / "README.md").read_text()
-    specs = [name for name, value in inspect.getmembers(hookspecs)
-             if name.startswith("snakepit_") and callable(value)]
+    specs = [
+        name
+        for name, value in inspect.getmembers(hookspecs)
+        if name.startswith("snakepit_") and callable(value)
+    ]
     assert len(specs) == 9
     for name in specs:
         assert f"`{name}(" in readme, f"hook {name} is not documented in README.md"
@@ -233,9 +259,7 @@ def fake_distribution(root: Path) -> Path:
     info = site / "snakepit_broken-0.1.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: snakepit-broken\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(
-        "[snakepit.adapters]\nbroken = snakepit_broken_plugin\n"
-    )
+    (info / "entry_points.txt").write_text("[snakepit.adapters]\nbroken = snakepit_broken_plugin\n")
     (site / "snakepit_broken_plugin.py").write_text(
         "raise ImportError('snakepit_broken_plugin needs a module that is not installed')\n"
     )
@@ -260,7 +284,10 @@ def test_snakepit_adapters_shows_the_broken_plugin(tmp_path):
     site = fake_distribution(tmp_path)
     done = subprocess.run(
         [sys.executable, "-m", "snakepit_core.cli", "adapters"],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
         env={**__import__("os").environ, "PYTHONPATH": str(site), "COLUMNS": "200"},
     )
     assert done.returncode == 0, done.stderr
@@ -274,14 +301,16 @@ async def test_cross_cutting_plugin_group_is_loaded(tmp_path, monkeypatch):
     info.mkdir(parents=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: snakepit-upper\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text("[snakepit.plugins]\nupper = snakepit_upper\n")
-    (site / "snakepit_upper.py").write_text(textwrap.dedent("""
+    (site / "snakepit_upper.py").write_text(
+        textwrap.dedent("""
         from snakepit_core import hookimpl
 
         @hookimpl
         def snakepit_process_response(adapter, command, response):
             if command == "echo":
                 return {"shouted": True, **response}
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(site))
     manager = PluginManager()
     manager.load()

@@ -15,10 +15,12 @@ def test_sync_pool_from_many_threads():
     with SyncPool("python", pool_size=2) as pool:
         assert pool.execute("echo", {"message": "hello"}, timeout=5)["echoed"]["message"] == "hello"
         with ThreadPoolExecutor(16) as threads:
-            results = list(threads.map(
-                lambda i: pool.execute("compute", {"operation": "multiply", "a": i, "b": 2}),
-                range(200),
-            ))
+            results = list(
+                threads.map(
+                    lambda i: pool.execute("compute", {"operation": "multiply", "a": i, "b": 2}),
+                    range(200),
+                )
+            )
         assert [r["result"] for r in results] == [i * 2 for i in range(200)]
         assert pool.stats()["requests"] == 201
 

@@ -49,9 +49,16 @@ async def test_a_perl_bridge():
     perl = shutil.which("perl")
     assert perl, "perl is required for this test (the CI machine has it)"
     adapter = ScriptAdapter(
-        "perl", perl, BRIDGES / "third_party.pl",
-        schemas={"add": {"type": "object", "required": ["a", "b"],
-                         "properties": {"a": {"type": "number"}, "b": {"type": "number"}}}},
+        "perl",
+        perl,
+        BRIDGES / "third_party.pl",
+        schemas={
+            "add": {
+                "type": "object",
+                "required": ["a", "b"],
+                "properties": {"a": {"type": "number"}, "b": {"type": "number"}},
+            }
+        },
     )
     async with Pool(adapter, pool_size=2) as pool:
         assert await pool.execute("reverse", {"text": "snakepit"}) == {"text": "tipekans"}

@@ -36,8 +36,9 @@ def hooks():
     return get_plugin_manager().hooks_for(adapter)
 
 
-@pytest.mark.parametrize(("command", "args", "field", "rule"), INVALID,
-                         ids=[f"{c}-{r}-{f}" for c, _, f, r in INVALID])
+@pytest.mark.parametrize(
+    ("command", "args", "field", "rule"), INVALID, ids=[f"{c}-{r}-{f}" for c, _, f, r in INVALID]
+)
 def test_invalid_arguments_name_the_field_and_rule(hooks, command, args, field, rule):
     with pytest.raises(ValidationError) as info:
         hooks.validate_command(command, args)
@@ -95,8 +96,14 @@ def test_envelope_schemas_describe_the_wire():
     request = compile_schema(envelope_schema("request"))
     response = compile_schema(envelope_schema("response"))
     assert request.is_valid({"id": 1, "command": "ping", "args": {}})
-    assert request.is_valid({"id": 1, "command": "ping", "args": {},
-                             "meta": {"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"}})
+    assert request.is_valid(
+        {
+            "id": 1,
+            "command": "ping",
+            "args": {},
+            "meta": {"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"},
+        }
+    )
     assert not request.is_valid({"command": "ping"})
     assert response.is_valid({"id": 1, "success": True, "result": None})
     assert response.is_valid({"id": 1, "success": False, "error": "boom"})
