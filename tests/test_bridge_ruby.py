@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from raw_worker import RawWorker
 from snakepit_ruby.plugin import LIBRARY_DIR, ruby_adapter, snakepit_adapters
+
+from raw_worker import RawWorker
 
 CANCEL_BOUND = 0.5  # seconds from $cancel to the "cancelled" answer
 

@@ -1,0 +1,375 @@
+# frozen_string_literal: true
+
+# snakepit's Ruby bridge library: an author writes handlers, this speaks the wire protocol of
+# docs/PROTOCOL.md (frames, the ping handshake, $cancel, error mapping, stdout protection).
+#
+#   require "snakepit"
+#   Snakepit.run({ "shout" => ->(args, ctx) { { "text" => args["text"].upcase } } })
+#
+#   Snakepit.run do |s|
+#     s.command("shout") { |args, ctx| { "text" => args["text"].upcase } }
+#   end
+#
+# Only Ruby's standard library is used, so a worker may start with `ruby --disable-gems`.
+
+require "json"
+require "io/wait"
+
+module Snakepit
+  VERSION = "0.1.0"
+  RUNTIME = "ruby"
+  CAPABILITIES = ["cancel"].freeze
+  CANCEL = "$cancel"
+  DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
+  # Python's json gives up near 1000 levels; JSON's default of 100 would refuse real data.
+  MAX_NESTING = 1000
+
+  # Raised into the main thread to stop a handler on $cancel. An Exception rather than a
+  # StandardError so that a handler's own `rescue => e` does not swallow it.
+  class Cancelled < Exception; end
+  CANCELLABLE = { Cancelled => :immediate }.freeze
+  UNCANCELLABLE = { Cancelled => :never }.freeze
+
+  # The input can no longer be trusted: the worker logs why and exits with status 3.
+  class ProtocolError < StandardError; end
+
+  # A response that cannot be sent as a frame; it is answered with success: false instead.
+  class EncodeError < StandardError; end
+
+  # What a handler knows about its request besides the args (from the request's `meta`).
+  Context = Struct.new(:request_id, :worker_id, :traceparent, :tracestate, :deadline_ms)
+
+  # Handler exceptions that become `success: false`; SystemExit and signals still end the worker.
+  HANDLER_ERRORS = [StandardError, ScriptError, SystemStackError].freeze
+
+  # Serves `handlers` ({name => callable}) and those the block registers; never returns.
+  def self.run(handlers = {}, &setup)
+    server = Server.new(Channel.take_over_stdio(max_frame_bytes))
+    handlers.each { |name, handler| server.command(name, handler) }
+    setup&.call(server)
+    server.serve
+  end
+
+  def self.max_frame_bytes
+    value = ENV.fetch("SNAKEPIT_MAX_FRAME_BYTES", "")
+    return DEFAULT_MAX_FRAME_BYTES if value.empty?
+
+    Integer(value, 10).tap { |limit| raise ArgumentError unless limit.positive? }
+  rescue ArgumentError
+    raise ArgumentError, "SNAKEPIT_MAX_FRAME_BYTES must be a positive integer, got #{value.inspect}"
+  end
+
+  # `text` as valid UTF-8, so that an error message can always be sent as JSON.
+  def self.utf8(text)
+    text = text.to_s
+    return text.scrub if text.encoding == Encoding::UTF_8
+
+    text.encode(Encoding::UTF_8, invalid: :replace, undef: :replace)
+  end
+
+  def self.log(message)
+    warn("snakepit-ruby: #{message}")
+  end
+
+  # Frames over the protocol's private descriptors (PROTOCOL.md, "Frames").
+  class Channel
+    HEADER_BYTES = 4
+    PARSE_OPTIONS = { max_nesting: MAX_NESTING }.freeze
+
+    # Moves the protocol off fd 0 and fd 1: `puts`, `system("echo")` and a child reading stdin
+    # then reach stderr and /dev/null, never the frames. Ruby's dup is close-on-exec, so child
+    # processes do not inherit the private descriptors either.
+    def self.take_over_stdio(max_frame_bytes)
+      input = STDIN.dup
+      output = STDOUT.dup
+      STDIN.reopen(File::NULL)
+      STDOUT.reopen(STDERR)
+      STDOUT.sync = true # the pool logs worker output line by line; do not hold it back
+      new(input, output, max_frame_bytes)
+    end
+
+    def initialize(input, output, max_frame_bytes)
+      @input = input.binmode
+      @output = output.binmode
+      @output.sync = true
+      @max = max_frame_bytes
+      @generator = new_generator
+    end
+
+    # The next frame as a Hash, or nil at the end of input.
+    def read
+      header = @input.read(HEADER_BYTES)
+      return nil if header.nil?
+      raise ProtocolError, "input ended inside a frame header" if header.bytesize < HEADER_BYTES
+
+      length = header.unpack1("N")
+      if length > @max
+        raise ProtocolError, "frame of #{length} bytes exceeds the limit of #{@max} bytes " \
+                             "(SNAKEPIT_MAX_FRAME_BYTES)"
+      end
+      decode(read_body(length))
+    end
+
+    # Whether input is waiting (in Ruby's buffer or the pipe), so that #read starts at once.
+    def readable?
+      !@input.wait_readable(0).nil?
+    end
+
+    # `message` as one frame (header and body in one string, so it goes out in one write).
+    def encode(message)
+      body = generate(message)
+      size = body.bytesize
+      raise EncodeError, "response of #{size} bytes exceeds the frame limit #{@max}" if size > @max
+
+      [size, body].pack("Na*")
+    end
+
+    def write(frame)
+      @output.write(frame)
+    end
+
+    private
+
+    # One generator for every response: configuring a new one costs a third of a ping.
+    def new_generator
+      JSON::State.new(max_nesting: MAX_NESTING)
+    end
+
+    def generate(message)
+      @generator.generate(message)
+    rescue StandardError => e # JSON's errors, and whatever a result's #to_json or #to_s raises
+      @generator = new_generator # a failed generate leaves the generator's depth raised
+      # JSON's messages start with a source line number ("1003: NaN not allowed"): noise here.
+      raise EncodeError, "result cannot be encoded as JSON (#{e.message.sub(/\A\d+: /, '')})"
+    end
+
+    def read_body(length)
+      body = @input.read(length)
+      if body.nil? || body.bytesize < length
+        raise ProtocolError, "input ended inside a frame (#{body.to_s.bytesize} of #{length} bytes)"
+      end
+
+      body
+    end
+
+    def decode(body)
+      # JSON.parse accepts invalid UTF-8 inside strings; the protocol does not.
+      body.force_encoding(Encoding::UTF_8)
+      raise ProtocolError, "frame is not valid UTF-8" unless body.valid_encoding?
+
+      frame = JSON.parse(body, PARSE_OPTIONS)
+      raise ProtocolError, "frame is not a JSON object: #{body[0, 80]}" unless frame.is_a?(Hash)
+
+      frame
+    rescue JSON::ParserError => e
+      raise ProtocolError, "frame is not valid JSON (#{e.message[0, 200]})"
+    end
+  end
+
+  # Requests in arrival order, and $cancel while a handler runs.
+  #
+  # Handlers run inline on the main thread: handing each request to another thread (a Queue or
+  # a Thread per request) measured 20-25% fewer pings per second. So that $cancel still gets
+  # through, a watcher thread looks at the input every POLL_SECONDS while a handler runs, reads
+  # what arrived, and stops the handler with Thread#raise when it is a $cancel for it. The main
+  # thread reads only while no handler runs, the watcher only while one does, so they never
+  # read at the same time.
+  class Inbox
+    POLL_SECONDS = 0.05
+
+    def initialize(channel, main = Thread.current)
+      @channel = channel
+      @main = main
+      @lock = Mutex.new
+      @running = nil # id of the request whose handler runs; guarded by @lock
+      @early = [] # requests the watcher read while a handler ran
+      @ended = false # the watcher reached the end of input
+      Thread.new { watch }
+    end
+
+    # The next request, or nil at the end of input. The watcher touches @early and @ended only
+    # while a handler runs, and this is called when none does.
+    def next_request
+      return @early.shift unless @early.empty?
+      return nil if @ended
+
+      @channel.read
+    end
+
+    # Runs the block as the handler of request `id`; a $cancel for `id` raises Cancelled in it.
+    # The caller masks Cancelled (Thread.handle_interrupt) everywhere else, so that it can
+    # only interrupt a handler, never a write.
+    def running(id)
+      @lock.synchronize { @running = id }
+      Thread.handle_interrupt(CANCELLABLE) { yield }
+    ensure
+      @lock.synchronize { @running = nil }
+      discard_late_cancel
+    end
+
+    private
+
+    # A $cancel that landed between the handler's return and the reset of @running is still
+    # pending; left alone it would stop the next request's handler.
+    def discard_late_cancel
+      return unless Thread.pending_interrupt?(Cancelled)
+
+      Thread.handle_interrupt(CANCELLABLE) {}
+    rescue Cancelled
+      nil # the handler finished first; its result stands
+    end
+
+    def watch
+      until @ended
+        sleep(POLL_SECONDS)
+        @lock.synchronize { read_during_handler if @running && @channel.readable? }
+      end
+    rescue ProtocolError => e
+      Snakepit.log("protocol error: #{e.message}; exiting")
+      exit(3) # Ruby passes a thread's SystemExit on to the main thread
+    end
+
+    def read_during_handler
+      frame = @channel.read
+      if frame.nil? then @ended = true
+      elsif frame["command"] != CANCEL then @early << frame
+      elsif frame["id"] == @running then @main.raise(Cancelled)
+      end
+    end
+  end
+
+  # Adapts a handler to be called as handler.call(args, ctx).
+  module Handler
+    # Lambdas and methods are called with as many arguments as they declare (args, or args
+    # and ctx); a plain block ignores extra arguments, so it always gets both.
+    def self.adapt(name, handler)
+      unless handler.respond_to?(:call)
+        raise ArgumentError, "handler of '#{name}' must be a callable or a block"
+      end
+      return handler if handler.is_a?(Proc) && !handler.lambda?
+
+      arity = handler.respond_to?(:arity) ? handler.arity : handler.method(:call).arity
+      required = arity.negative? ? -arity - 1 : arity
+      raise ArgumentError, "handler of '#{name}' must take (args) or (args, ctx)" if required > 2
+
+      case arity
+      when 0 then ->(_args, _ctx) { handler.call }
+      when 1 then ->(args, _ctx) { handler.call(args) }
+      else handler
+      end
+    end
+  end
+
+  # Dispatches requests to handlers and answers them (PROTOCOL.md, "Envelopes").
+  class Server
+    RESERVED = ["ping", CANCEL].freeze
+    NO_META = {}.freeze
+
+    attr_reader :worker_id, :requests_handled
+
+    def initialize(channel)
+      @channel = channel
+      @inbox = Inbox.new(channel)
+      @handlers = { "ping" => method(:ping) }
+      @started = monotonic
+      @worker_id = ENV["SNAKEPIT_WORKER_ID"] # until the handshake names it
+      @requests_handled = 0
+    end
+
+    # Registers `handler` (a callable taking (args) or (args, ctx)) or the block as `name`.
+    def command(name, handler = nil, &block)
+      name = name.to_s
+      if RESERVED.include?(name)
+        raise ArgumentError, "'#{name}' is built into snakepit and cannot be replaced"
+      end
+
+      @handlers[name] = Handler.adapt(name, handler || block)
+      self
+    end
+
+    def commands
+      @handlers.keys.sort
+    end
+
+    # Seconds since the worker started.
+    def uptime
+      monotonic - @started
+    end
+
+    # Answers requests until the end of input (exit 0), SIGTERM (exit 0) or an undecodable
+    # frame (exit 3).
+    def serve
+      trap("TERM") { exit(0) }
+      Thread.handle_interrupt(UNCANCELLABLE) do
+        while (request = @inbox.next_request)
+          handle(request)
+        end
+      end
+      exit(0)
+    rescue ProtocolError => e
+      Snakepit.log("protocol error: #{e.message}; exiting")
+      exit(3)
+    rescue Errno::EPIPE
+      exit(0) # the pool closed our output: it is gone, as at the end of input
+    end
+
+    private
+
+    def handle(request)
+      id = request["id"]
+      unless id.is_a?(Integer)
+        raise ProtocolError, "request without an integer id: #{request.to_s[0, 200]}"
+      end
+
+      command = request["command"]
+      # The main thread reads only while no handler runs, so this cancel names none: ignore it.
+      return if command == CANCEL
+
+      @requests_handled += 1
+      @channel.write(response(id, command, request))
+    end
+
+    def response(id, command, request)
+      handler = @handlers[command]
+      return failure(id, unknown_command(command)) unless handler
+
+      args = request["args"] || {}
+      return failure(id, "#{command}: args must be a JSON object") unless args.is_a?(Hash)
+
+      ctx = context(id, request["meta"])
+      result = @inbox.running(id) { handler.call(args, ctx) }
+      @channel.encode({ "id" => id, "success" => true, "result" => result })
+    rescue Cancelled
+      failure(id, "cancelled")
+    rescue *HANDLER_ERRORS => e
+      failure(id, "#{command}: #{Snakepit.utf8(e.message)}")
+    end
+
+    def unknown_command(command)
+      "unknown command '#{command}' (supported: #{commands.join(', ')})"
+    end
+
+    def failure(id, message)
+      @channel.encode({ "id" => id, "success" => false, "error" => message })
+    end
+
+    def context(id, meta)
+      meta = NO_META unless meta.is_a?(Hash)
+      Context.new(id, @worker_id, meta["traceparent"], meta["tracestate"], meta["deadline_ms"])
+    end
+
+    # The handshake: records the worker id the pool assigned (PROTOCOL.md, "Handshake").
+    def ping(args, _ctx)
+      @worker_id = args["worker_id"] if args["worker_id"].is_a?(String)
+      {
+        "status" => "ok", "uptime" => uptime, "requests_handled" => @requests_handled,
+        "worker_id" => @worker_id, "runtime" => RUNTIME, "capabilities" => CAPABILITIES,
+        "pid" => Process.pid
+      }
+    end
+
+    def monotonic
+      Process.clock_gettime(Process::CLOCK_MONOTONIC)
+    end
+  end
+end
