@@ -9,10 +9,13 @@ first, then the head of the general queue, and only then becomes idle.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import logging
 import signal
 import time
+import warnings
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -37,9 +40,24 @@ from .runinfo import RUN_ID, next_worker_id
 from .stats import PoolCounters
 from .supervisor import Supervisor
 from .telemetry import Attr, PoolTelemetry
-from .worker import Worker, _CommandFailure
+from .worker import Worker, _CommandFailure, terminate_process_groups
 
 log = logging.getLogger("snakepit.pool")
+
+#: Pools that are running, so that interpreter exit can stop what was left open.
+_running_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_pools_left_open() -> None:
+    for pool in list(_running_pools):
+        warnings.warn(
+            f"{pool!r} was still running at interpreter exit; stopping its workers "
+            "(use 'async with Pool(...)' or await pool.stop())",
+            ResourceWarning,
+            stacklevel=1,
+        )
+        pool.terminate_now()
 
 
 class _Waiter:
@@ -145,6 +163,7 @@ class Pool:
             )
             self.supervisor.record_startup_failure(failure)
         self._state = "running"
+        _running_pools.add(self)
         self.supervisor.after_start()
 
     async def _start_worker(self, slot: str = "0") -> Worker:
@@ -161,7 +180,7 @@ class Pool:
         try:
             await worker.start()
         except BaseException:
-            worker.kill("startup_failed")
+            worker.abort()
             raise
         if self._state not in ("starting", "running"):
             await worker.stop(0)
@@ -200,13 +219,17 @@ class Pool:
             return_exceptions=True,
         )
         self._state = "stopped"
+        _running_pools.discard(self)
         self.supervisor.after_stop()
         self._stopped.set()
 
-    def kill_now(self) -> None:
-        """SIGKILL every worker's process group at once (interpreter exit, signal handlers)."""
-        for worker in list(self.workers.values()):
-            worker.kill("stopped")
+    def terminate_now(self) -> None:
+        """Stop every worker without the event loop: SIGTERM each process group, wait up to
+        the grace period, then SIGKILL. For interpreter exit, when the loop may be gone."""
+        self._state = "stopped"
+        _running_pools.discard(self)
+        pids = [w.pid for w in self.workers.values() if w.pid is not None]
+        terminate_process_groups(pids, self.config.worker_shutdown_grace_period)
 
     # -- dispatch -----------------------------------------------------------------------------
 
@@ -235,7 +258,7 @@ class Pool:
 
     async def _acquire(self, preferred: Worker | None, strict: bool, fail_fast: bool) -> Worker:
         idle = self._idle
-        if preferred is not None and preferred in idle:
+        if preferred is not None and preferred in idle and preferred.alive:
             del idle[preferred]
             return preferred
         if strict:
@@ -248,9 +271,11 @@ class Pool:
                     worker_id=preferred.id,
                 )
             queue = self._bound_waiters.setdefault(preferred.id, deque())
-        elif idle:
-            return idle.popitem()[0]
         else:
+            while idle:
+                worker = idle.popitem()[0]
+                if worker.alive:  # a worker whose process just exited may still be listed
+                    return worker
             queue = self._waiters
         if self.supervisor.breaker_open:
             raise self.supervisor.unavailable_error()

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from typing import TYPE_CHECKING, Any
 
 from .errors import AdapterUnavailable, SnakepitError
@@ -26,8 +27,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("snakepit.supervisor")
 
 EXTERNAL_KILL_CODES = (-signal.SIGKILL, -signal.SIGTERM)
-#: Read a worker's RSS for ``max_worker_memory_mb`` every this many requests.
-MEMORY_CHECK_EVERY = 32
+#: Read a worker's RSS for ``max_worker_memory_mb`` at most this often (seconds).
+MEMORY_CHECK_INTERVAL = 0.5
 
 
 class Supervisor:
@@ -262,9 +263,12 @@ class Supervisor:
         due = bool(config.max_requests_per_worker) and (
             worker.completed >= config.max_requests_per_worker
         )
-        if not due and config.max_worker_memory_mb and worker.completed % MEMORY_CHECK_EVERY == 0:
-            rss = worker.rss_bytes()
-            due = rss is not None and rss > config.max_worker_memory_mb * 1024 * 1024
+        if not due and config.max_worker_memory_mb:
+            now = time.monotonic()
+            if now >= worker.next_memory_check:
+                worker.next_memory_check = now + MEMORY_CHECK_INTERVAL
+                rss = worker.rss_bytes()
+                due = rss is not None and rss > config.max_worker_memory_mb * 1024 * 1024
         if due:
             worker.retiring = True
             task = asyncio.ensure_future(self._recycle(worker))

@@ -52,6 +52,29 @@ def describe_exit(exit_code: int | None) -> str:
     return f"exit code {exit_code}"
 
 
+def terminate_process_groups(pids: list[int], grace: float) -> None:
+    """Synchronously SIGTERM the process groups led by ``pids``, then SIGKILL what remains."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    remaining = list(pids)
+    while remaining and time.monotonic() < deadline:
+        remaining = [pid for pid in remaining if _group_alive(pid)]
+        time.sleep(0.01)
+    for pid in remaining:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
 class _WorkerProtocol(asyncio.SubprocessProtocol):
     """Routes the subprocess's events to its :class:`Worker`."""
 
@@ -107,6 +130,7 @@ class Worker:
         self.health_ping: asyncio.Future[Any] | None = None
         self.health_misses = 0
         self.retiring = False
+        self.next_memory_check = 0.0
         self.retire_now = False
         self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
         self.exited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -438,6 +462,12 @@ class Worker:
         if self.state not in ("exiting",):
             self.state = "stopping" if reason == "stopped" else "killing"
         self._signal_group(signal.SIGKILL)
+
+    def abort(self) -> None:
+        """Kill and release the process's pipes now (a start that failed or was cancelled)."""
+        self.kill("startup_failed")
+        if self._transport is not None:
+            self._transport.close()
 
     async def stop(self, grace: float) -> None:
         """Close stdin, wait ``grace``, then SIGTERM and finally SIGKILL the process group."""

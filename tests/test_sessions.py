@@ -152,8 +152,9 @@ async def test_execute_in_session_adds_session_id_and_keeps_worker_state():
 async def test_prefer_affinity_sticks_when_the_worker_is_idle():
     async with Pool("python", pool_size=4) as pool:
         sessions = [f"s{i}" for i in range(6)]
-        first = {sid: (await pool.execute_in_session(sid, "ping", {}))["worker_id"]
-                 for sid in sessions}
+        first = {
+            sid: (await pool.execute_in_session(sid, "ping", {}))["worker_id"] for sid in sessions
+        }
         for _ in range(10):
             for sid in sessions:
                 served = (await pool.execute_in_session(sid, "ping", {}))["worker_id"]
@@ -205,8 +206,9 @@ async def test_strict_fail_fast_raises_affinity_busy():
 
 async def test_strict_session_lost_once_when_its_worker_dies_then_rebinds():
     async with Pool("python", pool_size=2) as pool:
-        first = await pool.execute_in_session("sl", "store", {"key": "k", "value": 1},
-                                              affinity="strict")
+        first = await pool.execute_in_session(
+            "sl", "store", {"key": "k", "value": 1}, affinity="strict"
+        )
         worker = pool.workers[(await pool.sessions.get_session("sl")).last_worker_id]
         worker.kill("crashed")
         await worker.exited
@@ -225,9 +227,7 @@ async def test_strict_waiters_get_session_lost_when_the_worker_dies_under_them()
             pool.execute_in_session("w", "sleep", {"seconds": 5}, affinity="strict")
         )
         await asyncio.sleep(0.1)
-        waiting = asyncio.ensure_future(
-            pool.execute_in_session("w", "ping", {}, affinity="strict")
-        )
+        waiting = asyncio.ensure_future(pool.execute_in_session("w", "ping", {}, affinity="strict"))
         await asyncio.sleep(0.1)
         worker = pool.workers[(await pool.sessions.get_session("w")).last_worker_id]
         worker.kill("crashed")
@@ -270,8 +270,11 @@ async def test_clear_session_reaches_every_worker_that_served_it():
             if probe["found"] is False and worker_id in pool.workers:
                 break
             await asyncio.sleep(0.02)
-        direct = [await pool._execute("retrieve", {"key": "k"}, 5.0, "c",
-                                      pool.workers[worker_id], True, False)]
+        direct = [
+            await pool._execute(
+                "retrieve", {"key": "k"}, 5.0, "c", pool.workers[worker_id], True, False
+            )
+        ]
         assert direct[0]["found"] is False
 
 
@@ -279,7 +282,8 @@ async def test_program_lifecycle():
     async with Pool("python", pool_size=2) as pool:
         helpers = SessionHelpers(pool)
         created = await helpers.execute_program_command(
-            "p", "create_program",
+            "p",
+            "create_program",
             {"signature": "question -> answer", "model": "m1", "temperature": 0.2},
         )
         program_id = created["program_id"]
@@ -304,10 +308,12 @@ def test_module_level_program_helper_on_the_default_pool():
 
     snakepit.start(adapter="python", pool_size=1)
     try:
-        created = snakepit.execute_program_command("m", "create_program",
-                                                   {"signature": "a, b -> c"})
+        created = snakepit.execute_program_command(
+            "m", "create_program", {"signature": "a, b -> c"}
+        )
         out = snakepit.execute_program_command(
-            "m", "execute_program",
+            "m",
+            "execute_program",
             {"program_id": created["program_id"], "inputs": {"a": 1, "b": "two"}},
         )
         assert out["outputs"] == {"c": "c(a=1, b=two)"}

@@ -1,10 +1,13 @@
 """A third-party-style bridge (no snakepit import) that misbehaves on request, for tests.
 
 Modes come from argv[1]: ``normal``, ``exit_in_handshake``, ``never_ready``, ``huge_stderr``,
-``bad_handshake``. Commands: ``ping``, ``echo``, ``sleep`` (args.seconds), ``die`` (stderr line,
+``bad_handshake``, ``crash_on_request`` (dies on every request after the handshake, like a bridge
+calling a method its runtime lacks), ``mute_pings`` (never answers a health-check ping),
+``fail_if_exists:PATH`` (exits during start-up while PATH exists). Commands: ``ping``, ``echo``, ``sleep`` (args.seconds), ``die`` (stderr line,
 then exit args.code), ``junk`` (text on stdout), ``wrong_id``, ``oversized`` (a frame header
 claiming 100 MiB), ``stderr_line`` (args.size bytes on one stderr line), ``flood`` (args.lines
-stderr lines), ``fail`` (success false).
+stderr lines), ``fail`` (success false), ``hog`` (keeps args.mb MiB), ``grandchild`` (starts a
+``sleep`` child that outlives nothing: returns its pid), ``spin`` (a CPU loop that never reads).
 """
 
 import json
@@ -15,6 +18,7 @@ import time
 
 MODE = sys.argv[1] if len(sys.argv) > 1 else "normal"
 stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+HOARD = []
 
 
 def send(message):
@@ -25,7 +29,13 @@ def send(message):
 
 def answer(request):
     command, args, rid = request["command"], request.get("args", {}), request["id"]
+    if MODE == "crash_on_request" and command != "ping":
+        sys.stderr.write("AttributeError: module 'os' has no attribute 'teleport'\n")
+        sys.stderr.flush()
+        sys.exit(1)
     if command == "ping":
+        if MODE == "mute_pings" and not args.get("initialization"):
+            return None
         if MODE == "bad_handshake":
             return {"id": rid, "success": True, "result": {"status": "starting"}}
         return {"id": rid, "success": True, "result": {"status": "ok", "pid": os.getpid()}}
@@ -55,12 +65,26 @@ def answer(request):
             sys.stderr.write(f"flood line {i}\n")
         sys.stderr.flush()
         return {"id": rid, "success": True, "result": {"lines": args["lines"]}}
+    if command == "hog":
+        HOARD.append(bytearray(args["mb"] * 1024 * 1024))
+        return {"id": rid, "success": True, "result": {"held_mb": len(HOARD) * args["mb"]}}
+    if command == "grandchild":
+        import subprocess
+
+        child = subprocess.Popen(["sleep", "1000"])
+        return {"id": rid, "success": True, "result": {"pid": child.pid}}
+    if command == "spin":
+        while True:
+            pass
     if command == "fail":
         return {"id": rid, "success": False, "error": "this command always fails"}
     return {"id": rid, "success": True, "result": args}
 
 
 def main():
+    if MODE.startswith("fail_if_exists:") and os.path.exists(MODE.split(":", 1)[1]):
+        sys.stderr.write("cannot start: the flag file exists\n")
+        sys.exit(6)
     if MODE == "exit_in_handshake":
         sys.stderr.write("ImportError: no module named 'torch'\n")
         sys.exit(4)
