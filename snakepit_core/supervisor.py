@@ -83,7 +83,6 @@ class Supervisor:
 
     def worker_ready(self, worker: Worker) -> None:
         assert worker.pid is not None
-        get_registry().add(worker.pid, worker.run_id, worker.id)
         startup_time = worker.ready_at - worker.started_at
         self.pool._hooks.worker_started(
             worker_id=worker.id, pid=worker.pid, startup_time=startup_time
@@ -102,7 +101,6 @@ class Supervisor:
     def worker_exited(self, worker: Worker) -> None:
         """A worker that was in service is gone: account for it and refill the pool."""
         assert worker.pid is not None
-        get_registry().remove(worker.pid)
         reason = worker.exit_reason or "crashed"
         self.pool._hooks.worker_exited(
             worker_id=worker.id, pid=worker.pid, exit_code=worker.exit_code, reason=reason

@@ -29,6 +29,8 @@ from .errors import (
 )
 from .launcher import launch_argv
 from .protocol import FrameDecoder, check_response, encode_frame
+from .registry import get_registry
+from .watchdog import get_watchdog
 
 log = logging.getLogger("snakepit.worker")
 stderr_log = logging.getLogger("snakepit.worker.stderr")
@@ -193,6 +195,9 @@ class Worker:
         self._transport = transport
         self._stdin = transport.get_pipe_transport(0)  # type: ignore[assignment]
         self.pid = transport.get_pid()
+        # Recorded before the handshake, so no moment exists where a parent's death leaves it.
+        get_registry().add(self.pid, self.run_id, self.id)
+        get_watchdog().watch(self.pid)
         await self._handshake()
 
     async def _handshake(self) -> None:
@@ -425,6 +430,9 @@ class Worker:
             self.errors += 1
             future.set_exception(self._crash_error())
         self.state = "dead"
+        if self.pid is not None:
+            get_registry().remove(self.pid)
+            get_watchdog().forget(self.pid)
         if self._transport is not None:
             self._transport.close()
         self.exited.set_result(None)

@@ -1,0 +1,54 @@
+"""The watchdog process: kills a parent's worker process groups when the parent dies.
+
+Run by :mod:`snakepit_core.watchdog` as ``python -I -S _watchdog.py`` in its own session, with
+its stdin a pipe from the parent. The parent writes ``+PGID`` when a worker starts and
+``-PGID`` when it is gone. When stdin reaches EOF the parent has exited (cleanly or by
+SIGKILL): every process group still listed is sent SIGKILL, which also takes the workers'
+own children. A group is only killed if one of its processes still carries the parent's
+``SNAKEPIT_RUN_ID`` (argv[1]), so a process group id reused by someone else is never touched.
+Standard library only, so it starts in milliseconds.
+"""
+
+import contextlib
+import os
+import signal
+import sys
+
+
+def main() -> None:
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+    groups = set()
+    for line in sys.stdin.buffer:
+        text = line.strip()
+        if not text:
+            continue
+        sign, pgid = text[:1], int(text[1:])
+        if sign == b"+":
+            groups.add(pgid)
+        else:
+            groups.discard(pgid)
+    for pgid in groups & groups_of_run(sys.argv[1].encode()):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+
+
+def groups_of_run(run_id: bytes) -> set:
+    """Process groups that have a member whose environment carries ``run_id``."""
+    marker = b"SNAKEPIT_RUN_ID=" + run_id
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as environ:
+                if marker not in environ.read().split(b"\0"):
+                    continue
+            found.add(os.getpgid(int(entry)))
+        except (OSError, ProcessLookupError):
+            continue
+    return found
+
+
+if __name__ == "__main__":
+    main()
