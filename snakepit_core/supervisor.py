@@ -195,7 +195,14 @@ class Supervisor:
                             raise result
                         self.record_startup_failure(result)
                     else:
-                        self.restarts += 1
+                        self._restarted(result, "replaced")
+
+    def _restarted(self, worker: Worker, why: str) -> None:
+        self.restarts += 1
+        self.pool.telemetry.worker_span(
+            "snakepit.worker.restart",
+            {Attr.WORKER_ID: worker.id, Attr.PROCESS_PID: worker.pid or -1, Attr.EXIT_REASON: why},
+        )
 
     def _free_slots(self, count: int) -> list[str]:
         used = {w.slot for w in self.pool.workers.values()}
@@ -277,14 +284,14 @@ class Supervisor:
     async def _recycle(self, old: Worker) -> None:
         """Start the replacement first; only then take ``old`` out of service."""
         try:
-            await self.pool._start_worker(old.slot)
+            new = await self.pool._start_worker(old.slot)
         except SnakepitError as exc:
             log.warning(
                 "pool %s: recycling %s: replacement failed: %s", self.pool.adapter.name, old.id, exc
             )
             old.retiring = False
             return
-        self.restarts += 1
+        self._restarted(new, "recycled")
         old.exit_reason = "recycled"
         if old in self.pool._idle:
             del self.pool._idle[old]
