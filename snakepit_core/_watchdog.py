@@ -33,7 +33,7 @@ def main() -> None:
             os.killpg(pgid, signal.SIGKILL)
 
 
-def groups_of_run(run_id: bytes) -> set:
+def groups_of_run(run_id: bytes) -> set[int]:
     """Process groups that have a member whose environment carries ``run_id``."""
     marker = b"SNAKEPIT_RUN_ID=" + run_id
     found = set()
