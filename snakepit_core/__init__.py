@@ -1,7 +1,7 @@
 """snakepit: a pool of long-lived external worker processes behind one async/sync API.
 
 >>> import snakepit_core as snakepit
->>> async with snakepit.Pool("python", pool_size=4) as pool:        # doctest: +SKIP
+>>> async with snakepit.Pool("my-adapter", pool_size=4) as pool:    # doctest: +SKIP
 ...     await pool.execute("compute", {"operation": "add", "a": 5, "b": 3})
 """
 

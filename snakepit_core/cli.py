@@ -20,8 +20,6 @@ from .pool import Pool
 
 console = Console()
 
-VERSION_FLAGS = {"ruby": ["-e", "print RUBY_VERSION"]}
-
 
 def runtime_version(adapter: Adapter) -> tuple[str | None, str]:
     """``(path, version or what is wrong)`` of the adapter's executable."""
@@ -98,6 +96,22 @@ def demo(only: tuple[str, ...], pool_size: int) -> None:
 
     ok = asyncio.run(run_demo(list(only) or None, pool_size, console))
     sys.exit(0 if ok else 1)
+
+
+@main.command()
+@click.argument("adapters", nargs=-1)
+@click.option("-x", "--exitfirst", is_flag=True, help="Stop at the first failure.")
+def conformance(adapters: tuple[str, ...], exitfirst: bool) -> None:
+    """Run the conformance suite against ADAPTERS (default: every installed adapter)."""
+    try:
+        from .conformance import run
+    except ImportError as exc:  # pragma: no cover - pytest missing
+        click.echo(
+            f"the conformance suite needs pytest: pip install 'snakepit-core[test]' ({exc})",
+            err=True,
+        )
+        sys.exit(2)
+    sys.exit(run(list(adapters), ["-x"] if exitfirst else []))
 
 
 @main.command()

@@ -72,7 +72,7 @@ class _Waiter:
 
 
 class Pool:
-    """A pool of worker processes of one adapter. Use ``async with Pool("python") as pool``."""
+    """A pool of worker processes of one adapter. Use ``async with Pool("my-adapter") as pool``."""
 
     def __init__(
         self,

@@ -55,7 +55,7 @@ class LoopThread:
 
 
 class SyncPool:
-    """A :class:`Pool` for code without an event loop. ``with SyncPool("python") as pool:``."""
+    """A :class:`Pool` for code without an event loop. ``with SyncPool("my-adapter") as pool:``."""
 
     def __init__(self, adapter: str | Adapter, **kwargs: Any) -> None:
         self._runner = LoopThread()
@@ -169,7 +169,7 @@ _default: SyncPool | None = None
 _default_lock = threading.Lock()
 
 
-def start(adapter: str | Adapter = "python", **kwargs: Any) -> SyncPool:
+def start(adapter: str | Adapter, **kwargs: Any) -> SyncPool:
     """Start the process-wide default pool (stopping a previous one: reconfiguration)."""
     global _default
     with _default_lock:

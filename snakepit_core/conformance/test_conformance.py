@@ -1,0 +1,268 @@
+"""Conformance: one suite, parametrized over adapters (``adapter_name``), that every bundled
+adapter passes with the same result shapes. See the package docstring for how to run it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from snakepit_core import (
+    AffinityBusy,
+    CommandError,
+    Pool,
+    PoolSaturated,
+    QueueTimeout,
+    SessionHelpers,
+    UnknownCommand,
+    ValidationError,
+    WorkerCrashed,
+    WorkerTimeout,
+)
+
+pytestmark = [pytest.mark.conformance]
+
+SHARED_COMMANDS = {
+    "ping",
+    "echo",
+    "compute",
+    "info",
+    "sleep",
+    "store",
+    "retrieve",
+    "clear_session",
+    "create_program",
+    "execute_program",
+}
+
+
+async def eventually(predicate: Callable[[], bool], within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def pool(adapter_name: str) -> AsyncIterator[Pool]:
+    async with Pool(adapter_name, pool_size=2) as started:
+        yield started
+
+
+async def test_declares_the_shared_commands(pool: Pool) -> None:
+    assert pool.adapter.commands is not None
+    assert pool.adapter.commands >= SHARED_COMMANDS
+    assert set(pool.adapter.schemas) >= pool.adapter.commands
+
+
+async def test_handshake_and_ping_shape(pool: Pool) -> None:
+    for worker in pool.workers.values():
+        assert "cancel" in worker.capabilities
+    ping = await pool.execute("ping", {})
+    assert ping["status"] == "ok" and ping["worker_id"] in pool.workers
+    assert isinstance(ping["uptime"], int | float) and ping["uptime"] >= 0
+    assert isinstance(ping["requests_handled"], int) and ping["requests_handled"] >= 1
+    assert ping["runtime"] == pool.adapter.name or isinstance(ping["runtime"], str)
+    assert ping["pid"] == pool.workers[ping["worker_id"]].pid
+    assert "cancel" in ping["capabilities"]
+
+
+async def test_echo(pool: Pool) -> None:
+    args = {"message": "hi", "nested": {"list": [1, "two", None, True]}, "unicode": "é漢🐍"}
+    assert await pool.execute("echo", args) == {"echoed": args}
+
+
+@pytest.mark.parametrize(
+    ("operation", "a", "b", "expected"),
+    [
+        ("add", 5, 3, 8),
+        ("subtract", 10, 4, 6),
+        ("multiply", 10, 5, 50),
+        ("divide", 7, 2, 3.5),
+        ("divide", 6, 2, 3),
+        ("add", 2.5, 0.5, 3),
+        ("multiply", -1.5, 2, -3),
+        ("add", 0.1, 0.2, 0.30000000000000004),
+    ],
+)
+async def test_compute(pool: Pool, operation: str, a: float, b: float, expected: float) -> None:
+    result = await pool.execute("compute", {"operation": operation, "a": a, "b": b})
+    assert result == {"operation": operation, "inputs": {"a": a, "b": b}, "result": expected}
+    assert type(result["result"]) is type(expected), "integral results are JSON integers"
+
+
+async def test_compute_failures(pool: Pool) -> None:
+    with pytest.raises(CommandError, match="compute: division by zero"):
+        await pool.execute("compute", {"operation": "divide", "a": 1, "b": 0})
+    with pytest.raises(CommandError, match="compute: result is not a finite number"):
+        await pool.execute("compute", {"operation": "multiply", "a": 1e308, "b": 10})
+    with pytest.raises(ValidationError, match="finite number"):
+        await pool.execute("compute", {"operation": "add", "a": float("nan"), "b": 1})
+
+
+async def test_integers_beyond_two_to_the_53(pool: Pool) -> None:
+    big = 2**60 + 1
+    try:
+        result = await pool.execute("compute", {"operation": "add", "a": big, "b": 1})
+    except CommandError as exc:  # documented: JavaScript refuses rather than round
+        assert "2^53" in str(exc)
+    else:
+        assert result["result"] == big + 1
+
+
+async def test_info_shape(pool: Pool) -> None:
+    info = await pool.execute("info", {})
+    for key, kind in [
+        ("runtime", str),
+        ("runtime_version", str),
+        ("bridge_version", str),
+        ("platform", str),
+        ("arch", str),
+        ("pid", int),
+        ("worker_id", str),
+        ("requests_handled", int),
+        ("commands", list),
+    ]:
+        assert isinstance(info[key], kind), key
+    assert isinstance(info["uptime"], int | float)
+    assert info["memory"]["rss_bytes"] > 0
+    assert set(info["commands"]) >= SHARED_COMMANDS and info["commands"] == sorted(info["commands"])
+
+
+async def test_validation_and_unknown_command(pool: Pool) -> None:
+    with pytest.raises(ValidationError, match=r"args\.b is required"):
+        await pool.execute("compute", {"operation": "add", "a": 1})
+    with pytest.raises(UnknownCommand, match="ping"):
+        await pool.execute("no_such_command", {})
+    assert pool.stats()["restarts"] == 0
+
+
+async def test_timeout_cancels_and_the_worker_keeps_serving(pool: Pool) -> None:
+    pids = {w.pid for w in pool.workers.values()}
+    started = time.monotonic()
+    with pytest.raises(WorkerTimeout):
+        await pool.execute("sleep", {"seconds": 30}, timeout=0.3)
+    assert time.monotonic() - started < 1.5
+    assert (await pool.execute("sleep", {"seconds": 0.01})) == {"slept": 0.01}
+    assert {w.pid for w in pool.workers.values()} == pids
+
+
+async def test_cancelling_the_caller_cancels_on_the_worker(pool: Pool) -> None:
+    call = asyncio.ensure_future(pool.execute("sleep", {"seconds": 30}))
+    await asyncio.sleep(0.2)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    await eventually(lambda: pool.stats()["available"] == 2)
+    assert pool.stats()["restarts"] == 0
+
+
+async def test_a_worker_killed_mid_request(pool: Pool) -> None:
+    call = asyncio.ensure_future(pool.execute("sleep", {"seconds": 30}))
+    await asyncio.sleep(0.2)
+    (busy,) = [w for w in pool.workers.values() if w.busy]
+    os.kill(busy.pid or 0, signal.SIGKILL)
+    with pytest.raises(WorkerCrashed) as crashed:
+        await call
+    assert crashed.value.exit_code == -signal.SIGKILL
+    await eventually(lambda: len(pool.workers) == 2 and pool.stats()["available"] == 2)
+    assert (await pool.execute("ping", {}))["status"] == "ok"
+
+
+async def test_queue_saturation_and_queue_timeout(adapter_name: str) -> None:
+    async with Pool(
+        adapter_name, pool_size=1, pool_max_queue_size=1, pool_queue_timeout=0.3
+    ) as pool:
+        busy = asyncio.ensure_future(pool.execute("sleep", {"seconds": 0.8}))
+        await asyncio.sleep(0.05)
+        queued = asyncio.ensure_future(pool.execute("ping", {}))
+        await asyncio.sleep(0.05)
+        with pytest.raises(PoolSaturated):
+            await pool.execute("ping", {})
+        with pytest.raises(QueueTimeout):
+            await queued
+        assert (await busy) == {"slept": 0.8}
+
+
+async def test_concurrent_callers(pool: Pool) -> None:
+    results = await asyncio.gather(
+        *(pool.execute("compute", {"operation": "multiply", "a": i, "b": 3}) for i in range(300))
+    )
+    assert [r["result"] for r in results] == [i * 3 for i in range(300)]
+    assert len({w.id for w in pool.workers.values()}) == 2
+
+
+async def test_worker_side_session_state(pool: Pool) -> None:
+    value: dict[str, Any] = {"weights": [0.1, 0.2], "name": "model"}
+    stored = await pool.execute_in_session(
+        "conf", "store", {"key": "m", "value": value}, affinity="strict"
+    )
+    assert stored == {"stored": True, "session_id": "conf", "key": "m"}
+    kept = await pool.execute_in_session("conf", "retrieve", {"key": "m"}, affinity="strict")
+    assert kept == {"found": True, "session_id": "conf", "key": "m", "value": value}
+    missing = await pool.execute_in_session("conf", "retrieve", {"key": "x"}, affinity="strict")
+    assert missing["found"] is False and missing["value"] is None
+    with pytest.raises(CommandError, match="session_id is required"):
+        await pool.execute("store", {"key": "k", "value": 1})
+    cleared = await pool.execute_in_session("conf", "clear_session", {}, affinity="strict")
+    assert cleared["cleared"] is True and cleared["session_id"] == "conf"
+
+
+async def test_strict_fail_fast(pool: Pool) -> None:
+    await pool.execute_in_session("ff", "ping", {}, affinity="strict")
+    running = asyncio.ensure_future(
+        pool.execute_in_session("ff", "sleep", {"seconds": 0.4}, affinity="strict")
+    )
+    await asyncio.sleep(0.1)
+    with pytest.raises(AffinityBusy):
+        await pool.execute_in_session("ff", "ping", {}, affinity="strict_fail_fast")
+    await running
+
+
+async def test_programs(pool: Pool) -> None:
+    helpers = SessionHelpers(pool)
+    created = await helpers.execute_program_command(
+        "prog",
+        "create_program",
+        {"signature": "question, context -> answer, confidence", "model": "m", "temperature": 0},
+    )
+    assert created["program_id"].startswith("prog_")
+    assert created["inputs"] == ["question", "context"]
+    assert created["outputs"] == ["answer", "confidence"]
+    assert created["config"] == {"model": "m", "temperature": 0}
+    executed = await helpers.execute_program_command(
+        "prog",
+        "execute_program",
+        {
+            "program_id": created["program_id"],
+            "inputs": {"question": "why?", "context": {"k": [1, 2]}},
+        },
+    )
+    assert executed["outputs"] == {
+        "answer": 'answer(question=why?, context={"k":[1,2]})',
+        "confidence": 'confidence(question=why?, context={"k":[1,2]})',
+    }
+    with pytest.raises(CommandError, match="missing input 'context'"):
+        await pool.execute(
+            "execute_program",
+            {"program": {"signature": "question, context -> a"}, "inputs": {"question": "q"}},
+        )
+    with pytest.raises(ValidationError):
+        await pool.execute("create_program", {"signature": "no arrow"})
+
+
+async def test_clean_shutdown_leaves_no_process(adapter_name: str) -> None:
+    pool = Pool(adapter_name, pool_size=3)
+    await pool.start()
+    await pool.execute("ping", {})
+    pids = [w.pid for w in pool.workers.values()]
+    await pool.stop()
+    for pid in pids:
+        assert pid is not None
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pid, 0)
