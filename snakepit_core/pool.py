@@ -127,6 +127,7 @@ class Pool:
             raise PoolStopped(f"pool of {self.adapter.name!r} was already started")
         self._loop = asyncio.get_running_loop()
         self._state = "starting"
+        self.telemetry.refresh()
         self.supervisor.before_start()
         size = self.config.pool_size
         tasks = [asyncio.ensure_future(self._start_worker(str(slot))) for slot in range(size)]

@@ -89,6 +89,9 @@ class PoolTelemetry:
             "snakepit.worker.restarts", unit="{restart}", description="Worker replacements"
         )
         self._base = {Attr.RPC_SYSTEM: RPC_SYSTEM_VALUE, Attr.ADAPTER: adapter.name}
+        self.tracing = False
+        self.metering = False
+        self.refresh()
         self._gauge_source: Any = None
         meter.create_observable_gauge(
             "snakepit.pool.queue_depth", callbacks=[self._observe("queued")], unit="{request}"
@@ -114,15 +117,17 @@ class PoolTelemetry:
 
         return callback
 
-    @property
-    def tracing(self) -> bool:
-        return self._explicit_tracing or _sdk_configured(
+    def refresh(self) -> None:
+        """Decide whether spans and metrics are recorded at all.
+
+        Called when the pool starts: with neither a provider passed in nor a global SDK
+        configured, the hot path skips telemetry entirely (one attribute check per request).
+        Configure the global SDK before starting pools, as OpenTelemetry recommends.
+        """
+        self.tracing = self._explicit_tracing or _sdk_configured(
             trace.get_tracer_provider(), _DEFAULT_TRACER_PROVIDERS
         )
-
-    @property
-    def metering(self) -> bool:
-        return self._explicit_metrics or _sdk_configured(
+        self.metering = self._explicit_metrics or _sdk_configured(
             metrics.get_meter_provider(), _DEFAULT_METER_PROVIDERS
         )
 

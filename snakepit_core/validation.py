@@ -82,6 +82,11 @@ class SchemaValidation:
         )
 
     def _validator(self, adapter: Adapter, command: str) -> Any:
+        """The cached validator of ``command``, or None when no check is needed.
+
+        A schema that accepts ``{}`` is remembered as such, so the many calls with empty
+        arguments (ping, info) skip the schema walk entirely.
+        """
         per_adapter = self._validators.get(adapter)
         if per_adapter is None:
             per_adapter = self._validators[adapter] = {}
@@ -91,6 +96,7 @@ class SchemaValidation:
             schema = adapter.schemas.get(command)
             validator = None if schema is None else compile_schema(schema)
             per_adapter[command] = validator
+            per_adapter[(command, "empty_ok")] = validator is None or validator.is_valid({})
             return validator
 
     @hookimpl
@@ -105,7 +111,7 @@ class SchemaValidation:
                 command=command,
             )
         validator = self._validator(adapter, command)
-        if validator is None:
+        if validator is None or (not args and self._validators[adapter][(command, "empty_ok")]):
             return
         error = best_match(validator.iter_errors(args))
         if error is not None:
