@@ -411,6 +411,7 @@ class Pool:
         span = telemetry.start_request(command, session_id) if telemetry.tracing else None
         started = time.monotonic()
         worker: Worker | None = None
+        request_id = 0
         queue_wait = 0.0
         error: BaseException | None = None
         try:
@@ -421,20 +422,25 @@ class Pool:
             if span is not None:
                 telemetry.set_worker(span, worker.id, worker.pid, queue_wait)
                 meta = telemetry.inject(span)
-            if hooks.has_request_telemetry:
-                hooks.request_started(
-                    command=command,
-                    request_id=worker._next_id + 1,
-                    worker_id=worker.id,
-                    session_id=session_id,
-                )
+            if session_id is not None:
+                try:
+                    await self.sessions.note_worker(session_id, worker.id)
+                except BaseException:
+                    self._release(worker)
+                    raise
             try:
                 future = worker.send(command, args, timeout=timeout, meta=meta)
             except ValidationError:
                 self._release(worker)
                 raise
-            if session_id is not None:
-                await self.sessions.note_worker(session_id, worker.id)
+            request_id = worker.pending_request_id or 0
+            if hooks.has_request_telemetry:
+                hooks.request_started(
+                    command=command,
+                    request_id=request_id,
+                    worker_id=worker.id,
+                    session_id=session_id,
+                )
             try:
                 result = await future
             except asyncio.CancelledError:
@@ -468,7 +474,7 @@ class Pool:
             if hooks.has_request_telemetry:
                 hooks.request_finished(
                     command=command,
-                    request_id=worker.pending_request_id if worker else 0,
+                    request_id=request_id,
                     worker_id=worker.id if worker else None,
                     session_id=session_id,
                     duration=duration,
