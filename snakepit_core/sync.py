@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import os
 import threading
 import warnings
 import weakref
@@ -24,11 +25,27 @@ T = TypeVar("T")
 _open_pools: weakref.WeakSet[SyncPool] = weakref.WeakSet()
 
 
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's loop when installed (``snakepit-core[fast]``), else asyncio's.
+
+    Only for loops snakepit owns; ``SNAKEPIT_UVLOOP=0`` turns it off.
+    """
+    if os.environ.get("SNAKEPIT_UVLOOP") != "0":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+            return loop
+    return asyncio.new_event_loop()
+
+
 class LoopThread:
     """An event loop running in a private daemon thread, and a way to wait on it."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_event_loop()
         self.thread = threading.Thread(
             target=self.loop.run_forever, name="snakepit-loop", daemon=True
         )

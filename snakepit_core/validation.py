@@ -73,16 +73,19 @@ def describe_error(command: str, error: jsonschema.ValidationError) -> tuple[str
     return field, rule, f"{command}: {field}: {error.message} (rule: {rule})"
 
 
+_Compiled = tuple[Any, bool]
+
+
 class SchemaValidation:
     """Registered as the plugin ``snakepit.core``; runs for every adapter."""
 
     def __init__(self) -> None:
-        self._validators: weakref.WeakKeyDictionary[Adapter, dict[str, Any]] = (
+        self._validators: weakref.WeakKeyDictionary[Adapter, dict[str, _Compiled]] = (
             weakref.WeakKeyDictionary()
         )
 
-    def _validator(self, adapter: Adapter, command: str) -> Any:
-        """The cached validator of ``command``, or None when no check is needed.
+    def _validator(self, adapter: Adapter, command: str) -> _Compiled:
+        """The cached ``(validator, accepts_empty)`` of ``command`` (validator None: no schema).
 
         A schema that accepts ``{}`` is remembered as such, so the many calls with empty
         arguments (ping, info) skip the schema walk entirely.
@@ -95,9 +98,9 @@ class SchemaValidation:
         except KeyError:
             schema = adapter.schemas.get(command)
             validator = None if schema is None else compile_schema(schema)
-            per_adapter[command] = validator
-            per_adapter[(command, "empty_ok")] = validator is None or validator.is_valid({})
-            return validator
+            compiled = (validator, validator is None or bool(validator.is_valid({})))
+            per_adapter[command] = compiled
+            return compiled
 
     @hookimpl
     def snakepit_validate_command(
@@ -110,8 +113,8 @@ class SchemaValidation:
                 adapter=adapter.name,
                 command=command,
             )
-        validator = self._validator(adapter, command)
-        if validator is None or (not args and self._validators[adapter][(command, "empty_ok")]):
+        validator, accepts_empty = self._validator(adapter, command)
+        if validator is None or (accepts_empty and not args):
             return
         error = best_match(validator.iter_errors(args))
         if error is not None:

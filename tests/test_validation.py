@@ -80,8 +80,8 @@ def test_compiled_validators_are_cached(hooks):
 
     core = get_plugin_manager()._pm.get_plugin("snakepit.core")
     assert isinstance(core, SchemaValidation)
-    first = core._validator(hooks.adapter, "compute")
-    assert core._validator(hooks.adapter, "compute") is first
+    first, _ = core._validator(hooks.adapter, "compute")
+    assert core._validator(hooks.adapter, "compute")[0] is first
 
 
 def test_schemas_are_draft_2020_12_and_strict():
