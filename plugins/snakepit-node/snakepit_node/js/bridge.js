@@ -1,0 +1,264 @@
+"use strict";
+/**
+ * The bundled snakepit Node.js bridge: the built-in commands of docs/PROTOCOL.md, written with
+ * the bridge library like any custom worker. Each handler throws an Error whose message the
+ * library prefixes with the command name ("compute: division by zero").
+ */
+
+// The library first: requiring it moves the protocol pipes aside before anything can write.
+const { run, status, version } = require("./snakepit");
+const { randomBytes } = require("crypto");
+const { setTimeout: delay } = require("timers/promises");
+
+const MAX_SAFE = "integer beyond 2^53 cannot be represented exactly in JavaScript";
+
+// ---------------------------------------------------------------------------------------------
+// compute
+// ---------------------------------------------------------------------------------------------
+
+const OPERATIONS = {
+  add: (a, b) => a + b,
+  subtract: (a, b) => a - b,
+  multiply: (a, b) => a * b,
+  divide: (a, b) => {
+    if (b === 0) throw new Error("division by zero");
+    return a / b;
+  },
+  power: (a, b) => a ** b,
+  sqrt: (a) => Math.sqrt(a),
+};
+const UNARY = new Set(["sqrt"]);
+
+function compute(args) {
+  const { operation, a, b } = args;
+  const apply = lookup(OPERATIONS, operation, "operation");
+  requireNumber("a", a);
+  if (!UNARY.has(operation) || b !== undefined) requireNumber("b", b);
+  const result = apply(a, b);
+  // Non-finite first: 1e308 * 10 is an overflow, although 1e308 is also an unsafe integer.
+  if (!Number.isFinite(result)) throw new Error("result is not a finite number");
+  if ([a, b, result].some(isUnsafeInteger)) throw new Error(MAX_SAFE);
+  return { operation, inputs: { a, b: b === undefined ? null : b }, result };
+}
+
+/** Every float64 of magnitude 2^53 or more is integral, so "integer" here means the value. */
+function isUnsafeInteger(value) {
+  return Number.isInteger(value) && !Number.isSafeInteger(value);
+}
+
+// ---------------------------------------------------------------------------------------------
+// random
+// ---------------------------------------------------------------------------------------------
+
+const DISTRIBUTIONS = {
+  uniform: (args) => {
+    const { min, max } = bounds(args, 0, 1);
+    const u = Math.random();
+    return { value: clamp(min * (1 - u) + max * u, min, max), min, max };
+  },
+  integer: (args) => {
+    const { min, max } = bounds(args, 0, 100);
+    if (![min, max].every(Number.isSafeInteger)) {
+      throw new Error("'min' and 'max' must be integers within ±(2^53 - 1) for type 'integer'");
+    }
+    const value = min + Math.floor(Math.random() * (max - min + 1));
+    return { value: Math.min(value, max), min, max };
+  },
+  normal: (args) => {
+    const { mean = 0, std = 1 } = args;
+    requireNumber("mean", mean);
+    requireNumber("std", std);
+    if (std < 0) throw new Error("'std' must not be negative");
+    return { value: mean + std * standardNormal(), mean, std };
+  },
+};
+
+function random(args) {
+  const type = args.type === undefined ? "uniform" : args.type;
+  const { value, ...params } = lookup(DISTRIBUTIONS, type, "type")(args);
+  if (!Number.isFinite(value)) throw new Error("result is not a finite number");
+  return { type, value, ...params };
+}
+
+function bounds(args, defaultMin, defaultMax) {
+  const { min = defaultMin, max = defaultMax } = args;
+  requireNumber("min", min);
+  requireNumber("max", max);
+  if (min > max) throw new Error(`'min' (${min}) must not exceed 'max' (${max})`);
+  return { min, max };
+}
+
+/** Box-Muller; 1 - random() is in (0, 1], so the logarithm is finite. */
+function standardNormal() {
+  const radius = Math.sqrt(-2 * Math.log(1 - Math.random()));
+  return radius * Math.cos(2 * Math.PI * Math.random());
+}
+
+function clamp(value, min, max) {
+  return Math.min(Math.max(value, min), max);
+}
+
+// ---------------------------------------------------------------------------------------------
+// info, sleep
+// ---------------------------------------------------------------------------------------------
+
+function info() {
+  const bridge = status();
+  const memoryUsage = process.memoryUsage();
+  return {
+    runtime: "node",
+    runtime_version: process.versions.node,
+    bridge_version: version,
+    platform: process.platform,
+    arch: process.arch,
+    pid: process.pid,
+    worker_id: bridge.workerId,
+    uptime: bridge.uptime,
+    requests_handled: bridge.requestsHandled,
+    memory: { rss_bytes: memoryUsage.rss },
+    memory_usage: memoryUsage,
+    commands: bridge.commands,
+  };
+}
+
+async function sleep(args, ctx) {
+  const { seconds } = args;
+  if (typeof seconds !== "number" || !(seconds >= 0 && seconds <= 3600)) {
+    throw new Error("'seconds' must be a number from 0 to 3600");
+  }
+  await delay(seconds * 1000, undefined, { signal: ctx.signal });
+  return { slept: seconds };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Session state: store, retrieve, clear_session
+// ---------------------------------------------------------------------------------------------
+
+/** session_id -> Map(key -> value); a session exists only while it holds a value. */
+const sessions = new Map();
+
+function store(args) {
+  const sessionId = requireSession(args);
+  const key = requireKey(args);
+  if (!Object.hasOwn(args, "value")) throw new Error("'value' is required");
+  let values = sessions.get(sessionId);
+  if (values === undefined) sessions.set(sessionId, (values = new Map()));
+  values.set(key, args.value);
+  return { stored: true, session_id: sessionId, key };
+}
+
+function retrieve(args) {
+  const sessionId = requireSession(args);
+  const key = requireKey(args);
+  const values = sessions.get(sessionId);
+  const found = values !== undefined && values.has(key);
+  return { found, session_id: sessionId, key, value: found ? values.get(key) : null };
+}
+
+function clearSession(args) {
+  const sessionId = requireSession(args);
+  const values = sessions.get(sessionId);
+  sessions.delete(sessionId);
+  return { cleared: values !== undefined, session_id: sessionId, keys: values ? values.size : 0 };
+}
+
+function requireSession(args) {
+  const sessionId = args.session_id;
+  if (typeof sessionId !== "string" || sessionId === "") {
+    throw new Error("session_id is required (use execute_in_session)");
+  }
+  return sessionId;
+}
+
+function requireKey(args) {
+  if (typeof args.key !== "string" || args.key === "") {
+    throw new Error("'key' must be a non-empty string");
+  }
+  return args.key;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Programs: create_program, execute_program
+// ---------------------------------------------------------------------------------------------
+
+function createProgram(args) {
+  const { signature, program_id: programId, session_id: _sessionId, ...config } = args;
+  const { inputs, outputs } = parseSignature(signature);
+  return {
+    program_id: programId || `prog_${randomBytes(8).toString("hex")}`,
+    signature,
+    inputs,
+    outputs,
+    config,
+  };
+}
+
+function executeProgram(args) {
+  const { program, inputs: values } = args;
+  if (!isPlainObject(program) || typeof program.signature !== "string") {
+    throw new Error("'program' must be an object with a 'signature'");
+  }
+  if (!isPlainObject(values)) throw new Error("'inputs' must be an object");
+  const { inputs, outputs } = parseSignature(program.signature);
+  const missing = inputs.find((name) => !Object.hasOwn(values, name));
+  if (missing !== undefined) throw new Error(`missing input '${missing}'`);
+  const call = inputs.map((name) => `${name}=${formatValue(values[name])}`).join(", ");
+  const results = {};
+  for (const name of outputs) results[name] = `${name}(${call})`;
+  return { program_id: program.program_id || null, outputs: results };
+}
+
+/** "in1, in2 -> out1, out2": names trimmed, blanks dropped, both sides non-empty. */
+function parseSignature(signature) {
+  const sides = typeof signature === "string" ? signature.split("->").map(splitNames) : [];
+  if (sides.length !== 2 || sides.some((names) => names.length === 0)) {
+    throw new Error(
+      `signature must look like 'in1, in2 -> out1, out2' (got ${JSON.stringify(signature)})`,
+    );
+  }
+  return { inputs: sides[0], outputs: sides[1] };
+}
+
+function splitNames(side) {
+  return side
+    .split(",")
+    .map((name) => name.trim())
+    .filter((name) => name !== "");
+}
+
+/** Strings as they are, anything else as compact JSON. */
+function formatValue(value) {
+  return typeof value === "string" ? value : JSON.stringify(value);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks shared by the commands
+// ---------------------------------------------------------------------------------------------
+
+/** `table[name]`, or an error listing the supported names (own keys only, never prototypes). */
+function lookup(table, name, what) {
+  if (typeof name === "string" && Object.hasOwn(table, name)) return table[name];
+  const supported = Object.keys(table).join(", ");
+  throw new Error(`unknown ${what} '${name}' (supported: ${supported})`);
+}
+
+function requireNumber(name, value) {
+  if (typeof value !== "number") throw new Error(`'${name}' must be a number`);
+}
+
+function isPlainObject(value) {
+  return value !== null && typeof value === "object" && !Array.isArray(value);
+}
+
+run({
+  echo: (args) => ({ echoed: args }),
+  compute,
+  random,
+  info,
+  sleep,
+  store,
+  retrieve,
+  clear_session: clearSession,
+  create_program: createProgram,
+  execute_program: executeProgram,
+});
