@@ -230,9 +230,9 @@ def test_handshake_shape() -> None:
         assert result["runtime"] == "python"
         assert result["capabilities"] == ["cancel"]
         assert result["pid"] == worker.proc.pid
-        assert result["requests_handled"] == 0
+        assert result["requests_handled"] == 1  # counts the request being answered
         assert isinstance(result["uptime"], float) and result["uptime"] >= 0
-        assert result_of(worker, "ping")["requests_handled"] == 1
+        assert result_of(worker, "ping")["requests_handled"] == 2
 
 
 def test_echo_returns_args_as_received(bridge: RawWorker) -> None:
@@ -262,7 +262,7 @@ def test_info_shape(bridge: RawWorker) -> None:
     assert info["arch"] == os.uname().machine
     assert info["pid"] == bridge.proc.pid
     assert info["worker_id"] == "py-1"
-    assert info["requests_handled"] == 1
+    assert info["requests_handled"] == 2
     assert isinstance(info["memory"]["rss_bytes"], int) and info["memory"]["rss_bytes"] > 0
     assert info["commands"] == BUILTINS
 

@@ -435,7 +435,8 @@ class _Worker:
         return {
             "status": "ok",
             "uptime": time.monotonic() - self.started,
-            "requests_handled": self.handled,
+            # Counts this request too, as every bundled bridge does.
+            "requests_handled": self.handled + 1,
             "worker_id": self.worker_id,
             "runtime": RUNTIME,
             "capabilities": list(CAPABILITIES),
@@ -447,7 +448,7 @@ class _Worker:
             "worker_id": self.worker_id,
             "pid": self.pid,
             "uptime": time.monotonic() - self.started,
-            "requests_handled": self.handled,
+            "requests_handled": self.handled + 1,
             "commands": sorted(self.commands),
         }
 
