@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+import pytest_asyncio
 
 from snakepit_core import (
     AffinityBusy,
@@ -25,7 +26,8 @@ from snakepit_core import (
     WorkerTimeout,
 )
 
-pytestmark = [pytest.mark.conformance]
+# Explicit asyncio marks: the suite must also run where pytest-asyncio is in strict mode.
+pytestmark = [pytest.mark.conformance, pytest.mark.asyncio]
 
 SHARED_COMMANDS = {
     "ping",
@@ -48,7 +50,7 @@ async def eventually(predicate: Callable[[], bool], within: float = 5.0) -> None
         await asyncio.sleep(0.02)
 
 
-@pytest.fixture
+@pytest_asyncio.fixture
 async def pool(adapter_name: str) -> AsyncIterator[Pool]:
     async with Pool(adapter_name, pool_size=2) as started:
         yield started
