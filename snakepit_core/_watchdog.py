@@ -28,7 +28,11 @@ def main() -> None:
             groups.add(pgid)
         else:
             groups.discard(pgid)
-    for pgid in groups & groups_of_run(sys.argv[1].encode()):
+    # Where /proc exists, kill only groups that still hold a process of this run; elsewhere
+    # the recorded groups are all there is to go on.
+    if os.path.isdir("/proc"):
+        groups &= groups_of_run(sys.argv[1].encode())
+    for pgid in groups:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)
 

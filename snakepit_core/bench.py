@@ -20,6 +20,7 @@ import json
 import multiprocessing
 import os
 import platform
+import resource
 import shutil
 import statistics
 import struct
@@ -54,10 +55,8 @@ QUICK_MAX_REQUESTS = 2000
 #: Concurrent caller coroutines, each awaiting its pings one after another.
 CALLERS = 128
 VALIDATION_CALLS = 20000
-#: Runtimes slower per ping than Python get this share of ``requests`` to bound the run time.
-REQUEST_SHARE = {"python": 1.0}
-OTHER_RUNTIME_SHARE = 0.5
-ADAPTER_ORDER = ("python", "node", "ruby")
+#: Above this share of the machine's CPU used by other processes, the report warns.
+BUSY_SHARE = 0.1
 COMPUTE_ARGS = {"operation": "add", "a": 5, "b": 3}
 
 #: The raw pipe peer's child, byte for byte what the shared peer_pipe.py runs.
@@ -86,7 +85,6 @@ class Settings:
     worker_counts: tuple[int, ...]
     startup_workers: int
     latency_pings: int
-    use_uvloop: bool
     callers: int = CALLERS
 
     @classmethod
@@ -97,7 +95,6 @@ class Settings:
         rounds: int,
         adapters: Sequence[str] | None,
         quick: bool,
-        use_uvloop: bool,
     ) -> Settings:
         if rounds < 1 or requests < 1:
             raise click.UsageError("--rounds and --requests must be at least 1")
@@ -108,18 +105,13 @@ class Settings:
             worker_counts=QUICK_WORKER_COUNTS if quick else WORKER_COUNTS,
             startup_workers=QUICK_STARTUP_WORKERS if quick else STARTUP_WORKERS,
             latency_pings=QUICK_LATENCY_PINGS if quick else LATENCY_PINGS,
-            use_uvloop=use_uvloop,
         )
 
     @property
     def session_adapter(self) -> str:
-        """Sessions and validation are measured on Python workers when they are installed."""
-        return "python" if "python" in self.adapters else self.adapters[0]
-
-    def pings_for(self, adapter: str) -> int:
-        return max(
-            self.callers, int(self.requests * REQUEST_SHARE.get(adapter, OTHER_RUNTIME_SHARE))
-        )
+        """Sessions and validation are measured on the first adapter: the host's own runtime
+        when an installed adapter runs this very interpreter (the peers' runtime)."""
+        return self.adapters[0]
 
 
 def select_adapters(requested: Sequence[str] | None) -> tuple[str, ...]:
@@ -134,8 +126,14 @@ def select_adapters(requested: Sequence[str] | None) -> tuple[str, ...]:
         names = [name for name, adapter in found.items() if shutil.which(adapter.executable)]
     if not names:
         raise click.UsageError("no adapter to benchmark: pip install snakepit-python")
-    rank = {name: index for index, name in enumerate(ADAPTER_ORDER)}
-    return tuple(sorted(names, key=lambda name: (rank.get(name, len(rank)), name)))
+    host = os.path.realpath(sys.executable)
+
+    def runs_this_interpreter(name: str) -> bool:
+        executable = shutil.which(found[name].executable)
+        return executable is not None and os.path.realpath(executable) == host
+
+    # The adapter that runs this interpreter first: it is the one the peers compare with.
+    return tuple(sorted(names, key=lambda name: (not runs_this_interpreter(name), name)))
 
 
 class Samples:
@@ -239,6 +237,7 @@ class RawChild:
 
 @contextlib.contextmanager
 def raw_children(count: int) -> Iterator[list[RawChild]]:
+    """``count`` raw children, closed (stdin EOF, then waited for) however the block ends."""
     children: list[RawChild] = []
     try:
         children.extend(RawChild() for _ in range(count))
@@ -324,7 +323,7 @@ async def measure_pool(adapter: str, size: int, settings: Settings, samples: Sam
             return pool.execute("ping", {})
 
         await drive(ping, settings.callers, settings.callers)  # warm-up, like the peers' first map
-        rps = await drive(ping, settings.pings_for(adapter), settings.callers)
+        rps = await drive(ping, settings.requests, settings.callers)
         samples.add(f"throughput.{adapter}.{size}", rps)
         if size == PEER_WORKERS:
             p50, p99 = await sequential_latency(pool, settings.latency_pings)
@@ -384,6 +383,23 @@ def validation_us(pool: Pool, command: str, args: dict[str, Any]) -> float:
     return (time.perf_counter() - started) / VALIDATION_CALLS * 1e6
 
 
+async def side_by_side(
+    first: Callable[[int], Awaitable[Any]],
+    second: Callable[[int], Awaitable[Any]],
+    total: int,
+    callers: int,
+) -> tuple[float, float]:
+    """Throughput of two calls in the order first, second, second, first (half ``total`` each).
+
+    Whichever runs first would otherwise get the colder (or the warmer) machine.
+    """
+    half = max(1, total // 2)
+    elapsed = {first: 0.0, second: 0.0}
+    for call in (first, second, second, first):
+        elapsed[call] += half / await drive(call, half, callers)
+    return 2 * half / elapsed[first], 2 * half / elapsed[second]
+
+
 async def measure_sessions(adapter: str, settings: Settings, samples: Samples) -> None:
     """Session store ops/s; ``execute`` vs ``execute_in_session`` on 4 workers; validation."""
     samples.add("sessions.store_ops_per_s", await session_store_ops(settings.requests))
@@ -396,11 +412,11 @@ async def measure_sessions(adapter: str, settings: Settings, samples: Samples) -
             return pool.execute_in_session(f"bench-{index}", "ping", {})
 
         await drive(in_session, settings.callers, settings.callers)  # warm-up, creates sessions
-        total = settings.pings_for(adapter)
-        samples.add("sessions.execute_rps", await drive(plain, total, settings.callers))
-        samples.add(
-            "sessions.execute_in_session_rps", await drive(in_session, total, settings.callers)
+        plain_rps, session_rps = await side_by_side(
+            plain, in_session, settings.requests, settings.callers
         )
+        samples.add("sessions.execute_rps", plain_rps)
+        samples.add("sessions.execute_in_session_rps", session_rps)
         samples.add("validation.compute_us", validation_us(pool, "compute", COMPUTE_ARGS))
         samples.add("validation.ping_us", validation_us(pool, "ping", {}))
 
@@ -493,17 +509,17 @@ def run_bench(
 
     Returns the same document that ``as_json`` prints.
     """
-    settings = Settings.build(
-        requests=requests, rounds=rounds, adapters=adapters, quick=quick, use_uvloop=use_uvloop
-    )
+    settings = Settings.build(requests=requests, rounds=rounds, adapters=adapters, quick=quick)
     console = console or Console()
     with asyncio.Runner(loop_factory=loop_factory(use_uvloop)) as runner:
-        event_loop = describe_loop(runner.get_loop())
+        env = environment(describe_loop(runner.get_loop()))
+        meter = OtherLoad()
         if as_json:
             samples = run_steps(settings, runner, lambda _label: None)
         else:
             samples = run_with_progress(settings, runner, console)
-    doc = build_document(settings, samples, event_loop)
+    env["other_cpu_share"] = meter.share()
+    doc = build_document(settings, samples, env)
     if as_json:
         print(json.dumps(doc, indent=2))
     else:
@@ -652,17 +668,68 @@ def judge(targets: Sequence[Target], ratios: dict[str, float]) -> list[dict[str,
 
 
 def environment(event_loop: str) -> dict[str, Any]:
-    """The machine and the codec/loop/launcher choices that shape the figures."""
+    """The machine, its load, and the codec/loop/launcher choices that shape the figures."""
     return {
+        "load_before": load_average(),
         "cpus": os.cpu_count(),
         "cpu_model": cpu_model(),
-        "python": platform.python_version(),
+        "host_interpreter": platform.python_version(),
         "platform": platform.platform(),
         "json_codec": JSON_CODEC,
         "event_loop": event_loop,
         "mp_start_method": multiprocessing.get_start_method(),
         "pdeathsig_launcher": pdeathsig_available(),
     }
+
+
+class OtherLoad:
+    """The share of the machine's CPU capacity that other processes used during the run.
+
+    Machine-wide busy time (``/proc/stat``, steal included) minus this process's and its
+    reaped children's (``getrusage``: every worker is reaped by the end), over wall time times
+    CPUs. Linux only; ``share()`` is None elsewhere.
+    """
+
+    def __init__(self) -> None:
+        self._started = time.monotonic()
+        self._machine = machine_busy_seconds()
+        self._own = own_cpu_seconds()
+
+    def share(self) -> float | None:
+        machine = machine_busy_seconds()
+        if machine is None or self._machine is None:
+            return None
+        others = (machine - self._machine) - (own_cpu_seconds() - self._own)
+        capacity = (time.monotonic() - self._started) * (os.cpu_count() or 1)
+        return round(max(0.0, others) / capacity, 3)
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU seconds all processes (and the hypervisor's steal) used since boot, from /proc/stat."""
+    try:
+        with open("/proc/stat", encoding="ascii") as stat:
+            fields = [int(value) for value in stat.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process and of its children that have been waited for."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
+
+
+def load_average() -> float | None:
+    """The 1-minute load average: other work on the machine skews every figure."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def cpu_model() -> str:
@@ -674,7 +741,7 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def build_document(settings: Settings, samples: Samples, event_loop: str) -> dict[str, Any]:
+def build_document(settings: Settings, samples: Samples, env: dict[str, Any]) -> dict[str, Any]:
     """The JSON document: settings, environment, medians, ratios, targets and raw samples."""
     medians = samples.medians()
     ratios = compute_ratios(medians, settings.session_adapter)
@@ -689,10 +756,9 @@ def build_document(settings: Settings, samples: Samples, event_loop: str) -> dic
             "callers": settings.callers,
             "peer_workers": PEER_WORKERS,
             "session_adapter": settings.session_adapter,
-            "pings_per_adapter": {a: settings.pings_for(a) for a in settings.adapters},
             "startup_sequential_method": "one-worker pools started one after another",
         },
-        "environment": environment(event_loop),
+        "environment": env,
         "results": nest(medians),
         "ratios": ratios,
         "targets": judge(TARGETS, ratios),
@@ -706,13 +772,23 @@ def render(doc: dict[str, Any], console: Console) -> None:
     console.print(
         f"[bold]snakepit bench[/bold]: median of {settings['rounds']} rounds, "
         f"{settings['callers']} concurrent callers; {env['cpus']} CPUs ({env['cpu_model']}), "
-        f"Python {env['python']}, JSON codec {env['json_codec']}, event loop {env['event_loop']}"
+        f"Python {env['host_interpreter']}, JSON codec {env['json_codec']}, event loop {env['event_loop']}"
     )
+    share = env["other_cpu_share"]
+    if share is not None:
+        note = f"[yellow]over {BUSY_SHARE:.0%}: figures skewed[/yellow]" if busy(env) else "quiet"
+        console.print(f"other processes used {share:.1%} of the machine's CPU time ({note})")
     console.print(throughput_table(settings, results))
     console.print(startup_table(settings, results))
     console.print(sessions_table(settings, results))
     console.print(ratios_table(settings["session_adapter"], doc["ratios"]))
     console.print(targets_table(doc["targets"]))
+
+
+def busy(env: dict[str, Any]) -> bool:
+    """Other processes took more than ``BUSY_SHARE`` of the machine during the run."""
+    share = env.get("other_cpu_share")
+    return share is not None and share > BUSY_SHARE
 
 
 def throughput_table(settings: dict[str, Any], results: dict[str, Any]) -> Table:

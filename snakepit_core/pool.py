@@ -99,6 +99,8 @@ class Pool:
         self.workers: dict[str, Worker] = {}
         self._idle: dict[Worker, None] = {}
         self._waiters: deque[_Waiter] = deque()
+        #: Workers between spawn and service (stop() waits for them too).
+        self._starting: set[Worker] = set()
         self._bound_waiters: dict[str, deque[_Waiter]] = {}
         self._queued = 0
         self._state = "new"
@@ -178,11 +180,14 @@ class Pool:
             on_idle=self._release,
             on_exit=self._on_worker_exit,
         )
+        self._starting.add(worker)
         try:
             await worker.start()
         except BaseException:
             worker.abort()
             raise
+        finally:
+            self._starting.discard(worker)
         if self._state not in ("starting", "running"):
             await worker.stop(0)
             raise PoolStopped(f"pool of {self.adapter.name!r} stopped while a worker started")
@@ -205,8 +210,17 @@ class Pool:
             return
         self._state = "stopping"
         grace = self.config.worker_shutdown_grace_period if grace is None else grace
-        self.supervisor.before_stop()
+        starting = list(self._starting)
+        cancelled = self.supervisor.before_stop()
         self._fail_waiters(lambda: PoolStopped(f"pool of {self.adapter.name!r} is stopping"))
+        # A cancelled start aborts (SIGKILLs) its worker: wait for that, then for those
+        # processes to be gone, so that nothing of the pool outlives stop().
+        await asyncio.gather(*cancelled, return_exceptions=True)
+        bound = self.config.cleanup_retry_interval * self.config.cleanup_max_retries
+        await asyncio.gather(
+            *(asyncio.wait_for(asyncio.shield(w.exited), bound) for w in starting),
+            return_exceptions=True,
+        )
         deadline = time.monotonic() + grace
         while any(w.busy for w in self.workers.values()) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)

@@ -23,7 +23,6 @@ try:  # pragma: no cover - which branch runs depends on the environment
 
     _orjson_dumps = orjson.dumps
     _loads: Callable[[bytes], Any] = orjson.loads
-    _DecodeErrors: tuple[type[Exception], ...] = (orjson.JSONDecodeError, UnicodeDecodeError)
     JSON_CODEC = "orjson"
 
     def _dumps(obj: Any) -> bytes:
@@ -36,7 +35,6 @@ try:  # pragma: no cover - which branch runs depends on the environment
 except ImportError:  # pragma: no cover
     _stdlib_encoder = json.JSONEncoder(allow_nan=False, separators=(",", ":"), ensure_ascii=False)
     _loads = json.loads
-    _DecodeErrors = (json.JSONDecodeError, UnicodeDecodeError)
     JSON_CODEC = "json"
 
     def _dumps(obj: Any) -> bytes:
@@ -112,7 +110,7 @@ class FrameDecoder:
     def _decode(body: bytes) -> Any:
         try:
             message = _loads(body)
-        except _DecodeErrors as exc:
+        except (ValueError, RecursionError) as exc:  # every codec's errors, deep nesting
             raise ProtocolError(
                 f"frame is not valid UTF-8 JSON ({exc}): {_describe(body)}", cause="invalid_json"
             ) from None

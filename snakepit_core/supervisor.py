@@ -71,10 +71,13 @@ class Supervisor:
         if len(self.pool.workers) < self.pool.config.pool_size:
             self._wake.set()
 
-    def before_stop(self) -> None:
-        for task in [*self._tasks, *self._recycling]:
+    def before_stop(self) -> list[asyncio.Task[None]]:
+        """Cancel refill, health checks and recycling; the caller awaits what is returned."""
+        tasks = [*self._tasks, *self._recycling]
+        for task in tasks:
             task.cancel()
         self._tasks.clear()
+        return tasks
 
     def after_stop(self) -> None:
         self._tasks.clear()
@@ -143,7 +146,8 @@ class Supervisor:
     def _is_early_death(worker: Worker, reason: str) -> bool:
         if worker.completed > 0 or reason not in ("crashed", "protocol_error"):
             return False
-        return worker.exit_code not in EXTERNAL_KILL_CODES
+        # After a protocol error the SIGKILL is the pool's own, not an external kill.
+        return reason == "protocol_error" or worker.exit_code not in EXTERNAL_KILL_CODES
 
     def _record_early_death(self, description: str) -> None:
         self.consecutive_early_deaths += 1

@@ -83,6 +83,11 @@ class _WorkerProtocol(asyncio.SubprocessProtocol):
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Runs before any other callback of the process (even process_exited of a worker that
+        # exits at once), and before subprocess_exec returns to Worker.start.
+        self.worker._on_connected(transport)  # type: ignore[arg-type]
+
     def pipe_data_received(self, fd: int, data: bytes) -> None:
         if fd == 1:
             self.worker._on_stdout(data)
@@ -192,13 +197,17 @@ class Worker:
                 worker_id=self.id,
                 executable=argv[0],
             ) from None
-        self._transport = transport
         self._stdin = transport.get_pipe_transport(0)  # type: ignore[assignment]
+        if self.exited.done():  # it exited before the handshake could even be sent
+            await self._fail_startup(WorkerCrashed(f"worker {self.id} exited at once"))
+        await self._handshake()
+
+    def _on_connected(self, transport: asyncio.SubprocessTransport) -> None:
+        self._transport = transport
         self.pid = transport.get_pid()
         # Recorded before the handshake, so no moment exists where a parent's death leaves it.
         get_registry().add(self.pid, self.run_id, self.id)
         get_watchdog().watch(self.pid)
-        await self._handshake()
 
     async def _handshake(self) -> None:
         args = {"worker_id": self.id, "initialization": True}
