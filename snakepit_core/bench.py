@@ -772,7 +772,8 @@ def render(doc: dict[str, Any], console: Console) -> None:
     console.print(
         f"[bold]snakepit bench[/bold]: median of {settings['rounds']} rounds, "
         f"{settings['callers']} concurrent callers; {env['cpus']} CPUs ({env['cpu_model']}), "
-        f"Python {env['host_interpreter']}, JSON codec {env['json_codec']}, event loop {env['event_loop']}"
+        f"Python {env['host_interpreter']}, JSON codec {env['json_codec']}, "
+        f"event loop {env['event_loop']}"
     )
     share = env["other_cpu_share"]
     if share is not None:

@@ -139,7 +139,10 @@ def doctor() -> None:
 @click.option("--adapter", "only", multiple=True, help="Only these adapters (default: all).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("--quick", is_flag=True, help="Fewer worker counts and requests.")
-def bench(requests: int, rounds: int, only: tuple[str, ...], as_json: bool, quick: bool) -> None:
+@click.option("--uvloop/--no-uvloop", default=False, help="Run snakepit on uvloop if installed.")
+def bench(
+    requests: int, rounds: int, only: tuple[str, ...], as_json: bool, quick: bool, uvloop: bool
+) -> None:
     """Benchmark ping throughput/latency, start-up and sessions against reference peers."""
     from .bench import run_bench
 
@@ -150,6 +153,7 @@ def bench(requests: int, rounds: int, only: tuple[str, ...], as_json: bool, quic
         as_json=as_json,
         quick=quick,
         console=console,
+        use_uvloop=uvloop,
     )
 
 
