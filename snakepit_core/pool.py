@@ -17,13 +17,14 @@ import time
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from opentelemetry import metrics, trace
 
 from .adapter import Adapter
 from .config import PoolConfig
+from .deadlines import Deadlines
 from .errors import (
     AffinityBusy,
     CommandError,
@@ -63,12 +64,15 @@ def _stop_pools_left_open() -> None:
 class _Waiter:
     """A caller waiting for a worker; ``future`` receives the worker."""
 
-    __slots__ = ("future", "queue", "timer")
+    __slots__ = ("deadline", "future", "queue")
 
-    def __init__(self, future: asyncio.Future[Worker], queue: deque[_Waiter]) -> None:
+    def __init__(
+        self, future: asyncio.Future[Worker], queue: deque[_Waiter], deadline: float
+    ) -> None:
         self.future = future
         self.queue = queue
-        self.timer: asyncio.TimerHandle | None = None
+        #: Loop time at which it leaves the queue with ``QueueTimeout``.
+        self.deadline = deadline
 
 
 class Pool:
@@ -106,6 +110,7 @@ class Pool:
         self._state = "new"
         self._stopped = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._deadlines: Deadlines  # created by start(), on the pool's loop
         self.supervisor = Supervisor(self)
         self._session_store = session_store
         self._sessions: Any = None
@@ -128,6 +133,7 @@ class Pool:
         if self._state != "new":
             raise PoolStopped(f"pool of {self.adapter.name!r} was already started")
         self._loop = asyncio.get_running_loop()
+        self._deadlines = Deadlines(self._loop, self._expire_due)
         self._state = "starting"
         self.telemetry.refresh()
         self.supervisor.before_start()
@@ -151,6 +157,7 @@ class Pool:
             )
         if not self.workers:
             self._state = "stopped"
+            self._deadlines.close()
             self._stopped.set()
             self.supervisor.after_stop()
             first = failures[0] if failures else None
@@ -179,6 +186,7 @@ class Pool:
             slot=slot,
             on_idle=self._release,
             on_exit=self._on_worker_exit,
+            watch_deadline=self._deadlines.watch,
         )
         self._starting.add(worker)
         try:
@@ -235,6 +243,7 @@ class Pool:
         )
         self._state = "stopped"
         _running_pools.discard(self)
+        self._deadlines.close()
         self.supervisor.after_stop()
         self._stopped.set()
 
@@ -264,8 +273,6 @@ class Pool:
 
     def _hand_over(self, waiter: _Waiter, worker: Worker) -> bool:
         self._queued -= 1
-        if waiter.timer is not None:
-            waiter.timer.cancel()
         if waiter.future.done():
             return False
         waiter.future.set_result(worker)
@@ -303,8 +310,9 @@ class Pool:
                 queued=self._queued,
             )
         assert self._loop is not None
-        waiter = _Waiter(self._loop.create_future(), queue)
-        waiter.timer = self._loop.call_later(self.config.pool_queue_timeout, self._expire, waiter)
+        deadline = self._loop.time() + self.config.pool_queue_timeout
+        waiter = _Waiter(self._loop.create_future(), queue, deadline)
+        self._deadlines.watch(deadline)
         queue.append(waiter)
         self._queued += 1
         try:
@@ -316,14 +324,32 @@ class Pool:
             raise
 
     def _leave_queue(self, waiter: _Waiter) -> None:
-        if waiter.timer is not None:
-            waiter.timer.cancel()
         with contextlib.suppress(ValueError):
             waiter.queue.remove(waiter)
             self._queued -= 1
 
+    def _expire_due(self, now: float) -> float | None:
+        """Expire every request and queued caller whose deadline passed; the next deadline.
+
+        Queues are first-in first-out with one timeout, so only their heads need a look.
+        """
+        following: float | None = None
+        for worker in [*self.workers.values(), *self._starting]:
+            deadline = worker.deadline
+            if deadline is None:
+                continue
+            if deadline <= now:
+                worker.expire()
+            elif following is None or deadline < following:
+                following = deadline
+        for queue in [self._waiters, *self._bound_waiters.values()]:
+            while queue and queue[0].deadline <= now:
+                self._expire(queue[0])
+            if queue and (following is None or queue[0].deadline < following):
+                following = queue[0].deadline
+        return following
+
     def _expire(self, waiter: _Waiter) -> None:
-        waiter.timer = None
         self._leave_queue(waiter)
         if not waiter.future.done():
             self.counters.queue_timeouts += 1
@@ -347,8 +373,6 @@ class Pool:
             while queue:
                 waiter = queue.popleft()
                 self._queued -= 1
-                if waiter.timer is not None:
-                    waiter.timer.cancel()
                 if not waiter.future.done():
                     waiter.future.set_exception(error())
 
@@ -376,15 +400,16 @@ class Pool:
                 f"pool of {self.adapter.name!r} is {state}", adapter=self.adapter.name
             )
 
-    async def execute(
+    def execute(
         self, command: str, args: dict[str, Any] | None = None, *, timeout: float | None = None
-    ) -> Any:
-        """Run ``command`` on a free worker and return the worker's result.
+    ) -> Coroutine[Any, Any, Any]:
+        """Run ``command`` on a free worker and return (when awaited) the worker's result.
 
         ``timeout`` (seconds) bounds the execution; without it the adapter's (or a plugin's)
-        timeout applies. Raises a :class:`SnakepitError` subclass on failure.
+        timeout applies. Raises a :class:`SnakepitError` subclass on failure. A plain method
+        returning the coroutine, so each call costs one coroutine frame, not two.
         """
-        return await self._execute(command, args, timeout, None, None, False, False)
+        return self._execute(command, args, timeout, None, None, False, False)
 
     async def _execute(
         self,

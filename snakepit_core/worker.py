@@ -114,6 +114,7 @@ class Worker:
         slot: str = "0",
         on_idle: Callable[[Worker], None],
         on_exit: Callable[[Worker], None],
+        watch_deadline: Callable[[float], None],
     ) -> None:
         self.adapter = adapter
         self.id = worker_id
@@ -123,6 +124,10 @@ class Worker:
         self.slot = slot
         self._on_idle_callback = on_idle
         self._on_exit_callback = on_exit
+        self._watch_deadline = watch_deadline
+        #: Loop time by which the request in flight must be answered (None: nothing pending).
+        self.deadline: float | None = None
+        self._timeout = 0.0
         self.state = "new"  # new -> starting -> ready -> stopping -> dead
         self.pid: int | None = None
         self.exit_code: int | None = None
@@ -150,7 +155,6 @@ class Worker:
         self._pending_id: int | None = None
         self._pending: asyncio.Future[Any] | None = None
         self._pending_command = ""
-        self._deadline: asyncio.TimerHandle | None = None
         self._cancel_timer: asyncio.TimerHandle | None = None
         self._drain_timer: asyncio.TimerHandle | None = None
         self._protocol_error: ProtocolError | None = None
@@ -270,7 +274,9 @@ class Worker:
         self._pending_id = request_id
         self._pending = future
         self._pending_command = command
-        self._deadline = self._loop.call_later(timeout, self._on_deadline, timeout)
+        self._timeout = timeout
+        self.deadline = deadline = self._loop.time() + timeout
+        self._watch_deadline(deadline)
         self.requests += 1
         assert self._stdin is not None
         self._stdin.write(frame)
@@ -288,9 +294,7 @@ class Worker:
         """
         if self._pending_id is None or not self.alive:
             return
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+        self.deadline = None
         if "cancel" in self.capabilities and self._cancel_timer is None:
             self._write({"id": self._pending_id, "command": "$cancel"})
             self._cancel_timer = self._loop.call_later(
@@ -303,16 +307,18 @@ class Worker:
         if self._stdin is not None and not self._stdin.is_closing():
             self._stdin.write(encode_frame(message, self.config.max_frame_bytes))
 
-    def _on_deadline(self, timeout: float) -> None:
-        self._deadline = None
+    def expire(self) -> None:
+        """The deadline of the request in flight passed: fail it, then cancel or kill."""
+        self.deadline = None
+        timeout = self._timeout
         future = self._pending
         if future is not None and not future.done():
             self.errors += 1
             future.set_exception(
                 WorkerTimeout(
                     f"adapter {self.adapter.name!r}: worker {self.id} (pid {self.pid}) did not "
-                    f"answer {self._pending_command!r} within {timeout}s; "
-                    "the worker is being replaced",
+                    f"answer {self._pending_command!r} within {timeout}s; the request is "
+                    "cancelled on the worker, which is replaced if it does not let go",
                     adapter=self.adapter.name,
                     worker_id=self.id,
                     command=self._pending_command,
@@ -359,10 +365,10 @@ class Worker:
     def _clear_pending(self) -> None:
         self._pending_id = None
         self._pending = None
-        for timer in (self._deadline, self._cancel_timer):
-            if timer is not None:
-                timer.cancel()
-        self._deadline = self._cancel_timer = None
+        self.deadline = None
+        if self._cancel_timer is not None:
+            self._cancel_timer.cancel()
+            self._cancel_timer = None
 
     def _on_protocol_error(self, exc: ProtocolError) -> None:
         message = (
