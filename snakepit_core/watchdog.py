@@ -30,10 +30,15 @@ class Watchdog:
         self._lock = threading.Lock()
         self._process: subprocess.Popen[bytes] | None = None
         self._owner_pid = -1
+        #: The groups being watched, re-sent to a new watchdog if the old one was killed.
+        self._groups: set[int] = set()
 
     def _ensure_started(self) -> subprocess.Popen[bytes] | None:
-        if self._process is not None and self._owner_pid == os.getpid():
+        alive = self._process is not None and self._process.poll() is None
+        if alive and self._owner_pid == os.getpid():
             return self._process
+        if self._owner_pid != os.getpid():
+            self._groups.clear()  # a forked child inherits none of its parent's workers
         try:
             self._process = subprocess.Popen(
                 [sys.executable, "-I", "-S", str(SCRIPT), RUN_ID],
@@ -51,6 +56,10 @@ class Watchdog:
             )
             self._process = None
         self._owner_pid = os.getpid()
+        if self._process is not None and self._process.stdin is not None and self._groups:
+            with contextlib.suppress(OSError, ValueError):
+                self._process.stdin.write(b"".join(b"+%d\n" % g for g in self._groups))
+                self._process.stdin.flush()
         return self._process
 
     def _send(self, line: bytes) -> None:
@@ -64,9 +73,11 @@ class Watchdog:
 
     def watch(self, pgid: int) -> None:
         """Kill process group ``pgid`` if this process dies before :meth:`forget`."""
+        self._groups.add(pgid)
         self._send(b"+%d\n" % pgid)
 
     def forget(self, pgid: int) -> None:
+        self._groups.discard(pgid)
         self._send(b"-%d\n" % pgid)
 
     @property
