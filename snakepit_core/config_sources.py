@@ -22,13 +22,12 @@ ENV_PREFIX = "SNAKEPIT_"
 _NOT_CONFIG = {
     "WORKER_ID",
     "RUN_ID",
-    "MAX_FRAME_BYTES",
     "PDEATHSIG",
     "NODE_EXECUTABLE",
     "RUBY_EXECUTABLE",
+    "JSON",
+    "UVLOOP",
     "REGISTRY_DIR",
-    "CHAOS_REQUESTS",
-    "SOAK_REQUESTS",
 }
 
 

@@ -3,13 +3,15 @@
 Requests are ``{"id", "command", "args"[, "meta"]}``; responses ``{"id", "success", "result"}``
 or ``{"id", "success": false, "error"}``. Everything a worker sends that breaks these rules
 becomes a :class:`ProtocolError` naming what was wrong, so that worker can be replaced.
-orjson is used when installed (``snakepit-core[fast]``); the stdlib codec otherwise.
+orjson is used when installed (``snakepit-core[fast]``); the stdlib codec otherwise, or when
+``SNAKEPIT_JSON=stdlib`` asks for it (to measure the difference).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +21,8 @@ DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
 HEADER_BYTES = 4
 
 try:  # pragma: no cover - which branch runs depends on the environment
+    if os.environ.get("SNAKEPIT_JSON") == "stdlib":
+        raise ImportError("the stdlib JSON codec was asked for")
     import orjson
 
     _orjson_dumps = orjson.dumps
