@@ -83,6 +83,20 @@ class RawWorker:
         assert frame["id"] == request_id, frame
         return frame
 
+    def result(self, command: str, args: Mapping[str, Any] | None = None) -> Any:
+        """The result of a call that must succeed."""
+        response = self.call(command, args)
+        assert response["success"] is True, response
+        return response["result"]
+
+    def error(self, command: str, args: Mapping[str, Any] | None = None) -> str:
+        """The error message of a call that must fail (a failure carries nothing else)."""
+        response = self.call(command, args)
+        assert response["success"] is False, response
+        assert set(response) <= {"id", "success", "error", "timestamp"}, response
+        message: str = response["error"]
+        return message
+
     def handshake(self, worker_id: str = "raw-1") -> dict[str, Any]:
         frame = self.call("ping", {"worker_id": worker_id, "initialization": True})
         assert frame["success"] is True and frame["result"]["status"] == "ok", frame

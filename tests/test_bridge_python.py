@@ -134,20 +134,6 @@ def frame(obj: Any) -> bytes:
     return struct.pack(">I", len(body)) + body
 
 
-def result_of(worker: RawWorker, command: str, args: dict[str, Any] | None = None) -> Any:
-    response = worker.call(command, args)
-    assert response["success"] is True, response
-    return response["result"]
-
-
-def error_of(worker: RawWorker, command: str, args: dict[str, Any] | None = None) -> str:
-    response = worker.call(command, args)
-    assert response["success"] is False, response
-    assert set(response) == {"id", "success", "error"}, response
-    error: str = response["error"]
-    return error
-
-
 def compute(worker: RawWorker, operation: str, a: Any, b: Any) -> dict[str, Any]:
     return worker.call("compute", {"operation": operation, "a": a, "b": b})
 
@@ -232,16 +218,11 @@ def test_handshake_shape() -> None:
         assert result["pid"] == worker.proc.pid
         assert result["requests_handled"] == 1  # counts the request being answered
         assert isinstance(result["uptime"], float) and result["uptime"] >= 0
-        assert result_of(worker, "ping")["requests_handled"] == 2
-
-
-def test_echo_returns_args_as_received(bridge: RawWorker) -> None:
-    args = {"text": "héllo", "nested": {"list": [1, 2.5, None, True]}, "session_id": "s"}
-    assert result_of(bridge, "echo", args) == {"echoed": args}
+        assert worker.result("ping")["requests_handled"] == 2
 
 
 def test_info_shape(bridge: RawWorker) -> None:
-    info = result_of(bridge, "info")
+    info = bridge.result("info")
     assert set(info) == {
         "runtime",
         "runtime_version",
@@ -314,53 +295,15 @@ def test_compute_refusals(bridge: RawWorker, operation: str, a: Any, b: Any, err
     assert response == {"id": response["id"], "success": False, "error": error}
 
 
-def test_sleep(bridge: RawWorker) -> None:
-    started = time.monotonic()
-    assert result_of(bridge, "sleep", {"seconds": 0.05}) == {"slept": 0.05}
-    assert time.monotonic() - started >= 0.05
-    assert error_of(bridge, "sleep", {"seconds": -1}) == (
-        "sleep: 'seconds' must be a number from 0 to 3600"
-    )
-
-
-def test_session_state(bridge: RawWorker) -> None:
-    stored = result_of(bridge, "store", {"session_id": "s1", "key": "k", "value": {"v": [1]}})
-    assert stored == {"stored": True, "session_id": "s1", "key": "k"}
-    assert result_of(bridge, "retrieve", {"session_id": "s1", "key": "k"}) == {
-        "found": True,
-        "session_id": "s1",
-        "key": "k",
-        "value": {"v": [1]},
-    }
-    assert result_of(bridge, "retrieve", {"session_id": "s2", "key": "k"}) == {
-        "found": False,
-        "session_id": "s2",
-        "key": "k",
-        "value": None,
-    }
-    result_of(bridge, "store", {"session_id": "s1", "key": "other", "value": None})
-    assert result_of(bridge, "clear_session", {"session_id": "s1"}) == {
-        "cleared": True,
-        "session_id": "s1",
-        "keys": 2,
-    }
-    assert result_of(bridge, "clear_session", {"session_id": "s1"}) == {
-        "cleared": False,
-        "session_id": "s1",
-        "keys": 0,
-    }
-    assert result_of(bridge, "retrieve", {"session_id": "s1", "key": "k"})["found"] is False
-
-
 @pytest.mark.parametrize("command", ["store", "retrieve"])
 def test_session_commands_need_a_session(bridge: RawWorker, command: str) -> None:
-    error = error_of(bridge, command, {"key": "k", "value": 1})
+    error = bridge.error(command, {"key": "k", "value": 1})
     assert error == f"{command}: session_id is required (use execute_in_session)"
 
 
 def test_create_program(bridge: RawWorker) -> None:
     args = {"signature": " question , context -> answer ", "temperature": 0.2, "session_id": "s"}
-    program = result_of(bridge, "create_program", args)
+    program = bridge.result("create_program", args)
     assert re.fullmatch(r"prog_[0-9a-f]{16}", program["program_id"])
     assert program == {
         "program_id": program["program_id"],
@@ -369,21 +312,21 @@ def test_create_program(bridge: RawWorker) -> None:
         "outputs": ["answer"],
         "config": {"temperature": 0.2},
     }
-    named = result_of(bridge, "create_program", {"signature": "a -> b", "program_id": "mine"})
+    named = bridge.result("create_program", {"signature": "a -> b", "program_id": "mine"})
     assert named["program_id"] == "mine"
     assert named["config"] == {}
 
 
 @pytest.mark.parametrize("signature", ["a b", "-> out", "in ->", "a, -> b", "a -> b -> c"])
 def test_create_program_refuses_a_bad_signature(bridge: RawWorker, signature: str) -> None:
-    error = error_of(bridge, "create_program", {"signature": signature})
+    error = bridge.error("create_program", {"signature": signature})
     assert error.startswith(f"create_program: invalid signature {signature!r}")
 
 
 def test_execute_program(bridge: RawWorker) -> None:
-    program = result_of(bridge, "create_program", {"signature": "q, ctx -> answer, why"})
+    program = bridge.result("create_program", {"signature": "q, ctx -> answer, why"})
     inputs = {"ctx": {"k": [1, 2.0, "é"]}, "q": "what?"}
-    result = result_of(bridge, "execute_program", {"program": program, "inputs": inputs})
+    result = bridge.result("execute_program", {"program": program, "inputs": inputs})
     assert result == {
         "program_id": program["program_id"],
         "outputs": {
@@ -392,17 +335,12 @@ def test_execute_program(bridge: RawWorker) -> None:
         },
     }
     anonymous = {"program": {"signature": "x -> y"}, "inputs": {"x": 5}}
-    assert result_of(bridge, "execute_program", anonymous) == {
+    assert bridge.result("execute_program", anonymous) == {
         "program_id": None,
         "outputs": {"y": "y(x=5)"},
     }
     missing = {"program": program, "inputs": {"q": 1}}
-    assert error_of(bridge, "execute_program", missing) == "execute_program: missing input 'ctx'"
-
-
-def test_unknown_command(bridge: RawWorker) -> None:
-    supported = ", ".join(BUILTINS)
-    assert error_of(bridge, "nope") == f"unknown command 'nope' (supported: {supported})"
+    assert bridge.error("execute_program", missing) == "execute_program: missing input 'ctx'"
 
 
 def test_bad_envelopes_fail_cleanly(bridge: RawWorker) -> None:
@@ -414,18 +352,18 @@ def test_bad_envelopes_fail_cleanly(bridge: RawWorker) -> None:
     }
     bridge.send_raw(frame({"id": 51, "command": 7}))
     assert bridge.receive()["error"] == "request 'command' must be a string"
-    assert result_of(bridge, "echo", {"still": "alive"}) == {"echoed": {"still": "alive"}}
+    assert bridge.result("echo", {"still": "alive"}) == {"echoed": {"still": "alive"}}
 
 
 def test_large_frames_both_ways(bridge: RawWorker) -> None:
     payload = "x" * (3 * 1024 * 1024)
-    assert result_of(bridge, "echo", {"payload": payload}) == {"echoed": {"payload": payload}}
+    assert bridge.result("echo", {"payload": payload}) == {"echoed": {"payload": payload}}
 
 
 def test_response_over_the_frame_limit_is_refused() -> None:
     with RawWorker(BRIDGE, env={"SNAKEPIT_MAX_FRAME_BYTES": "300"}) as worker:
         worker.handshake()
-        error = error_of(worker, "info")
+        error = worker.error("info")
         assert re.fullmatch(
             r"info: response of \d+ bytes exceeds the frame limit of 300 bytes", error
         )
@@ -434,11 +372,6 @@ def test_response_over_the_frame_limit_is_refused() -> None:
 # -------------------------------------------------------------------------
 # Process behaviour
 # -------------------------------------------------------------------------
-
-
-def test_exit_0_on_end_of_input(bridge: RawWorker) -> None:
-    status, _ = finish(bridge)
-    assert status == 0
 
 
 @pytest.mark.parametrize("busy", [False, True])
@@ -480,8 +413,8 @@ def test_frame_limit_comes_from_the_environment() -> None:
 
 
 def test_user_output_cannot_corrupt_the_protocol(custom: RawWorker) -> None:
-    assert result_of(custom, "noisy") == "quiet"
-    assert result_of(custom, "shout", {"text": "still framed"}) == {"text": "STILL FRAMED"}
+    assert custom.result("noisy") == "quiet"
+    assert custom.result("shout", {"text": "still framed"}) == {"text": "STILL FRAMED"}
     status, stderr = finish(custom)
     assert status == 0
     for line in ("printed-before-run", "printed-by-handler", "written-to-fd-1", "echoed-by-child"):
@@ -505,11 +438,11 @@ def test_child_processes_cannot_steal_request_bytes(custom: RawWorker) -> None:
 
 
 def test_library_handlers(custom: RawWorker) -> None:
-    assert result_of(custom, "shout", {"text": "hi"}) == {"text": "HI"}
-    assert result_of(custom, "slow_add", {"a": 2, "b": 3}) == 5
-    assert result_of(custom, "double", {"n": 4}) == 8
-    assert result_of(custom, "scaled", {"n": 4}) == 12
-    assert result_of(custom, "wrapped") == "awaited"  # a sync wrapper returning a coroutine
+    assert custom.result("shout", {"text": "hi"}) == {"text": "HI"}
+    assert custom.result("slow_add", {"a": 2, "b": 3}) == 5
+    assert custom.result("double", {"n": 4}) == 8
+    assert custom.result("scaled", {"n": 4}) == 12
+    assert custom.result("wrapped") == "awaited"  # a sync wrapper returning a coroutine
     supported = ", ".join(
         sorted(
             [
@@ -531,19 +464,17 @@ def test_library_handlers(custom: RawWorker) -> None:
             ]
         )
     )
-    assert error_of(custom, "echo") == f"unknown command 'echo' (supported: {supported})"
+    assert custom.error("echo") == f"unknown command 'echo' (supported: {supported})"
 
 
 def test_handler_exceptions_become_failures(custom: RawWorker) -> None:
-    assert error_of(custom, "boom") == "boom: it broke"
-    assert error_of(custom, "refuse") == "refuse: not today"
-    assert error_of(custom, "lookup") == "lookup: KeyError: 'missing'"
-    assert error_of(custom, "shout", {"text": 5}) == (
-        "shout: 'int' object has no attribute 'upper'"
-    )
-    assert error_of(custom, "not_json").startswith("not_json: result cannot be sent as JSON")
-    assert error_of(custom, "not_finite").startswith("not_finite: result cannot be sent as JSON")
-    assert result_of(custom, "shout", {"text": "ok"}) == {"text": "OK"}
+    assert custom.error("boom") == "boom: it broke"
+    assert custom.error("refuse") == "refuse: not today"
+    assert custom.error("lookup") == "lookup: KeyError: 'missing'"
+    assert custom.error("shout", {"text": 5}) == ("shout: 'int' object has no attribute 'upper'")
+    assert custom.error("not_json").startswith("not_json: result cannot be sent as JSON")
+    assert custom.error("not_finite").startswith("not_finite: result cannot be sent as JSON")
+    assert custom.result("shout", {"text": "ok"}) == {"text": "OK"}
     _, stderr = finish(custom)
     assert "RuntimeError: it broke" in stderr  # unexpected errors log their traceback
     assert "not today" not in stderr  # a CommandError is expected: nothing logged
@@ -561,7 +492,7 @@ def test_trace_context_reaches_the_handler(custom: RawWorker) -> None:
         "success": True,
         "result": {"request_id": request_id, "worker_id": "custom-1", **meta},
     }
-    bare = result_of(custom, "trace")
+    bare = custom.result("trace")
     assert (bare["traceparent"], bare["tracestate"], bare["deadline_ms"]) == (None, None, None)
 
 
@@ -581,50 +512,20 @@ def assert_cancels(worker: RawWorker, command: str, args: dict[str, Any]) -> Non
 
 def test_cancel_builtin_sleep(bridge: RawWorker) -> None:
     assert_cancels(bridge, "sleep", {"seconds": 30})
-    assert result_of(bridge, "sleep", {"seconds": 0}) == {"slept": 0}
+    assert bridge.result("sleep", {"seconds": 0}) == {"slept": 0}
 
 
 def test_cancel_async_handler(custom: RawWorker) -> None:
     assert_cancels(custom, "slow_add", {"a": 1, "b": 2, "delay": 30})
-    assert result_of(custom, "slow_add", {"a": 1, "b": 2, "delay": 0.01}) == 3
+    assert custom.result("slow_add", {"a": 1, "b": 2, "delay": 0.01}) == 3
 
 
 def test_cancel_sync_handler_in_time_sleep(custom: RawWorker) -> None:
     assert_cancels(custom, "nap", {"seconds": 30})
-    assert result_of(custom, "nap", {"seconds": 0}) == "woke"
+    assert custom.result("nap", {"seconds": 0}) == "woke"
     assert_cancels(custom, "nap", {"seconds": 30})  # and again: the set-up is restored
-
-
-def test_cancel_for_an_id_not_running_is_ignored(bridge: RawWorker) -> None:
-    bridge.send("$cancel", id=424242)
-    assert result_of(bridge, "ping")["status"] == "ok"
-    request_id = bridge.send("sleep", {"seconds": 0.3})
-    time.sleep(0.1)
-    bridge.send("$cancel", id=424242)
-    assert bridge.receive() == {"id": request_id, "success": True, "result": {"slept": 0.3}}
 
 
 # -------------------------------------------------------------------------
 # Memory
 # -------------------------------------------------------------------------
-
-
-def test_memory_stays_flat_over_10000_requests(bridge: RawWorker) -> None:
-    """After a 1,000-request warm-up, 10,000 more requests (ping, echo, compute, errors) may
-    grow VmRSS by less than 10 MiB: a per-request leak of even 1 KiB would exceed it."""
-    requests = [
-        ("ping", {}),
-        ("echo", {"payload": "x" * 200, "n": [1, 2, 3]}),
-        ("compute", {"operation": "divide", "a": 7, "b": 2}),
-        ("compute", {"operation": "divide", "a": 1, "b": 0}),
-        ("nope", {}),
-    ]
-
-    def run(count: int) -> None:
-        for index in range(count):
-            bridge.call(*requests[index % len(requests)])
-
-    run(1000)
-    before = rss_bytes(bridge.proc.pid)
-    run(10_000)
-    assert rss_bytes(bridge.proc.pid) - before < 10 * 1024 * 1024
