@@ -25,8 +25,14 @@ LEAK_TOLERANCE = 20 * 1024 * 1024
 
 
 @pytest.fixture(params=RUNTIMES)
-def bridge(request: pytest.FixtureRequest) -> Iterator[RawWorker]:
-    adapter = get_plugin_manager().get_adapter(request.param)
+def runtime(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    return name
+
+
+@pytest.fixture
+def bridge(runtime: str) -> Iterator[RawWorker]:
+    adapter = get_plugin_manager().get_adapter(runtime)
     with RawWorker(adapter.command_line(), env=adapter.env) as worker:
         worker.handshake()
         yield worker
@@ -38,6 +44,37 @@ def rss_bytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS")
+
+
+def test_handshake_shape(runtime: str) -> None:
+    adapter = get_plugin_manager().get_adapter(runtime)
+    with RawWorker(adapter.command_line(), env=adapter.env) as worker:
+        response = worker.handshake("w-7")
+        assert set(response) <= {"id", "success", "result", "timestamp"}
+        ping = response["result"]
+        assert set(ping) == {
+            "status", "uptime", "requests_handled", "worker_id", "runtime", "capabilities", "pid",
+        }  # fmt: skip
+        assert ping["status"] == "ok" and ping["worker_id"] == "w-7"
+        assert ping["runtime"] == runtime and ping["capabilities"] == ["cancel"]
+        assert ping["pid"] == worker.proc.pid
+        assert isinstance(ping["uptime"], float) and ping["uptime"] >= 0
+        assert ping["requests_handled"] == 1  # counts the request being answered
+        assert worker.result("ping")["requests_handled"] == 2
+
+
+def test_info_shape(bridge: RawWorker, runtime: str) -> None:
+    info = bridge.result("info")
+    assert set(info) >= {
+        "runtime", "runtime_version", "bridge_version", "platform", "arch", "pid", "worker_id",
+        "uptime", "requests_handled", "memory", "commands",
+    }  # fmt: skip
+    assert info["runtime"] == runtime and info["pid"] == bridge.proc.pid
+    assert info["worker_id"] == "raw-1" and info["requests_handled"] == 2
+    assert all(isinstance(info[key], str) and info[key] for key in ("runtime_version", "arch"))
+    assert isinstance(info["memory"]["rss_bytes"], int) and info["memory"]["rss_bytes"] > 0
+    commands = get_plugin_manager().get_adapter(runtime).commands
+    assert commands is not None and info["commands"] == sorted(commands)
 
 
 def test_echo_returns_args_as_received(bridge: RawWorker) -> None:

@@ -226,21 +226,6 @@ def test_node_adapter_puts_the_library_on_node_path(monkeypatch: pytest.MonkeyPa
 # -------------------------------------------------------------------------------------------
 
 
-def test_handshake_shape(start_bridge: Callable[..., RawWorker]) -> None:
-    worker = start_bridge()
-    result = worker.handshake("w-42")["result"]
-    assert set(result) == {
-        "status", "uptime", "requests_handled", "worker_id", "runtime", "capabilities", "pid",
-    }  # fmt: skip
-    assert result["status"] == "ok"
-    assert result["worker_id"] == "w-42"
-    assert result["runtime"] == "node"
-    assert result["capabilities"] == ["cancel"]
-    assert result["pid"] == worker.proc.pid
-    assert result["requests_handled"] == 1
-    assert isinstance(result["uptime"], float) and result["uptime"] > 0
-
-
 def test_worker_id_from_the_environment_until_the_handshake(
     start_bridge: Callable[..., RawWorker],
 ) -> None:
@@ -256,26 +241,15 @@ def test_requests_handled_counts_requests_but_not_cancels(bridge: RawWorker) -> 
     assert bridge.result("ping")["requests_handled"] == 3
 
 
-def test_info_shape(bridge: RawWorker, adapter: Adapter) -> None:
+def test_info_node_specifics(bridge: RawWorker, adapter: Adapter) -> None:
     info = bridge.result("info")
-    assert set(info) == {
-        "runtime", "runtime_version", "bridge_version", "platform", "arch", "pid", "worker_id",
-        "uptime", "requests_handled", "memory", "memory_usage", "commands",
-    }  # fmt: skip
     version = subprocess.run(
         [adapter.resolve_executable(), "--version"], capture_output=True, text=True, check=True
     ).stdout.strip()
-    assert info["runtime"] == "node"
     assert info["runtime_version"] == version.removeprefix("v")
     assert info["bridge_version"] == snakepit_node.__version__
     assert info["platform"] == sys.platform
-    assert isinstance(info["arch"], str) and info["arch"]
-    assert info["pid"] == bridge.proc.pid
-    assert info["worker_id"] == "raw-1"
-    assert info["requests_handled"] == 2
-    assert isinstance(info["memory"]["rss_bytes"], int) and info["memory"]["rss_bytes"] > 0
     assert {"rss", "heapTotal", "heapUsed"} <= set(info["memory_usage"])
-    assert info["commands"] == BUILTINS
 
 
 @pytest.mark.parametrize(

@@ -197,55 +197,12 @@ def test_python_adapter_runs_a_library_worker_with_this_interpreter(tmp_path: Pa
 # -------------------------------------------------------------------------
 
 
-def test_handshake_shape() -> None:
-    with RawWorker(BRIDGE) as worker:
-        response = worker.handshake("py-7")
-        assert set(response) == {"id", "success", "result"}
-        result = response["result"]
-        assert set(result) == {
-            "status",
-            "uptime",
-            "requests_handled",
-            "worker_id",
-            "runtime",
-            "capabilities",
-            "pid",
-        }
-        assert result["status"] == "ok"
-        assert result["worker_id"] == "py-7"
-        assert result["runtime"] == "python"
-        assert result["capabilities"] == ["cancel"]
-        assert result["pid"] == worker.proc.pid
-        assert result["requests_handled"] == 1  # counts the request being answered
-        assert isinstance(result["uptime"], float) and result["uptime"] >= 0
-        assert worker.result("ping")["requests_handled"] == 2
-
-
-def test_info_shape(bridge: RawWorker) -> None:
+def test_info_python_specifics(bridge: RawWorker) -> None:
     info = bridge.result("info")
-    assert set(info) == {
-        "runtime",
-        "runtime_version",
-        "bridge_version",
-        "platform",
-        "arch",
-        "pid",
-        "worker_id",
-        "uptime",
-        "requests_handled",
-        "memory",
-        "commands",
-    }
-    assert info["runtime"] == "python"
     assert info["runtime_version"] == ".".join(map(str, sys.version_info[:3]))
     assert info["bridge_version"] == "0.1.0"
     assert info["platform"] == sys.platform
     assert info["arch"] == os.uname().machine
-    assert info["pid"] == bridge.proc.pid
-    assert info["worker_id"] == "py-1"
-    assert info["requests_handled"] == 2
-    assert isinstance(info["memory"]["rss_bytes"], int) and info["memory"]["rss_bytes"] > 0
-    assert info["commands"] == BUILTINS
 
 
 @pytest.mark.parametrize(
