@@ -9,12 +9,11 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import Any
 
 from .errors import ConfigError
 from .protocol import DEFAULT_MAX_FRAME_BYTES
 
-Affinity = Literal["prefer", "strict", "strict_fail_fast"]
 AFFINITY_MODES: tuple[str, ...] = ("prefer", "strict", "strict_fail_fast")
 
 

@@ -136,25 +136,3 @@ class AffinityBusy(SnakepitError):
     """Strict fail-fast affinity: the session's worker is busy right now."""
 
     code = "affinity_busy"
-
-
-ALL_ERRORS: tuple[type[SnakepitError], ...] = (
-    SnakepitError,
-    ValidationError,
-    UnknownCommand,
-    UnknownAdapter,
-    ConfigError,
-    StartupError,
-    PoolSaturated,
-    QueueTimeout,
-    WorkerTimeout,
-    WorkerCrashed,
-    ProtocolError,
-    CommandError,
-    AdapterUnavailable,
-    PoolStopped,
-    SessionNotFound,
-    SessionExists,
-    SessionLost,
-    AffinityBusy,
-)

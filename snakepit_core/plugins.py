@@ -79,7 +79,6 @@ class AdapterHooks:
         self.adapter = adapter
         self._on_error = on_error
         self.version = version
-        self._manager = manager
         owner = manager.owner_of(adapter.name)
         self._impls: dict[str, tuple[_Impl, ...]] = {
             name: tuple(manager.ordered_impls(name, first=owner)) for name in REQUEST_HOOKS
@@ -99,7 +98,7 @@ class AdapterHooks:
             return None
 
     def _record_error(self, hook: str, plugin_name: str) -> None:
-        self._manager.record_hook_error(hook, plugin_name)
+        log.exception("snakepit plugin %r raised in %s; the request goes on", plugin_name, hook)
         if self._on_error is not None:
             self._on_error(hook, plugin_name)
 
@@ -167,8 +166,6 @@ class PluginManager:
         self._owners: dict[str, str] = {}
         self._distributions: dict[str, tuple[str | None, str | None]] = {}
         self.failures: list[PluginFailure] = []
-        #: Hook implementations that raised during a request, by "hook:plugin".
-        self.hook_errors: dict[str, int] = {}
         from .validation import SchemaValidation
 
         self._pm.register(SchemaValidation(), name=CORE_PLUGIN_NAME)
@@ -339,11 +336,6 @@ class PluginManager:
         """The hooks for ``adapter``; ``on_error(hook, plugin)`` hears of raising hooks."""
         self.load()
         return AdapterHooks(self, adapter, self._version, on_error)
-
-    def record_hook_error(self, hook: str, plugin_name: str) -> None:
-        key = f"{hook}:{plugin_name}"
-        self.hook_errors[key] = self.hook_errors.get(key, 0) + 1
-        log.exception("snakepit plugin %r raised in %s; the request goes on", plugin_name, hook)
 
     def distribution_of(self, plugin_name: str) -> tuple[str | None, str | None]:
         return self._distributions.get(plugin_name, (None, None))

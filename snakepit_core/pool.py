@@ -23,7 +23,7 @@ from typing import Any
 from opentelemetry import metrics, trace
 
 from .adapter import Adapter
-from .config import PoolConfig
+from .config import AFFINITY_MODES, PoolConfig
 from .deadlines import Deadlines
 from .errors import (
     AffinityBusy,
@@ -557,9 +557,9 @@ class Pool:
         self._check_running()
         check_session_id(session_id)
         mode = affinity or self.config.session_affinity
-        if mode not in ("prefer", "strict", "strict_fail_fast"):
+        if mode not in AFFINITY_MODES:
             raise ValidationError(
-                f"affinity must be 'prefer', 'strict' or 'strict_fail_fast', not {mode!r}"
+                f"affinity must be one of {', '.join(AFFINITY_MODES)}, not {mode!r}"
             )
         store = self.sessions
         session = await store.get_or_create_session(session_id)
