@@ -599,13 +599,14 @@ def test_fuzz_frame_decoder(codec, capsys):
     protocol = protocol_module(codec)
     tally: Counter[str] = Counter()
     slowest = 0.0
-
-    @settings(
+    bounded = settings(
         max_examples=examples,
         deadline=None,
         database=None,
         suppress_health_check=list(HealthCheck),
     )
+
+    @bounded
     @given(
         segments=st.lists(SEGMENTS, min_size=1, max_size=4),
         cuts=st.lists(st.integers(0, 2**20), max_size=8),
@@ -634,12 +635,7 @@ def test_fuzz_frame_decoder(codec, capsys):
         slowest = max(slowest, time.monotonic() - started)
         assert time.monotonic() - started < 5, "the decoder took too long: a hang?"
 
-    @settings(
-        max_examples=examples,
-        deadline=None,
-        database=None,
-        suppress_health_check=list(HealthCheck),
-    )
+    @bounded
     @given(
         messages=st.lists(JSON_OBJECTS, min_size=1, max_size=4),
         cuts=st.lists(st.integers(0, 2**20), max_size=8),
