@@ -182,6 +182,7 @@ module Snakepit
       @main = main
       @lock = Mutex.new
       @running = nil # id of the request whose handler runs; guarded by @lock
+      @raised = false # whether Cancelled was raised into that handler; guarded by @lock
       @early = [] # requests the watcher read while a handler ran
       @ended = false # the watcher reached the end of input
       Thread.new { watch }
@@ -203,20 +204,36 @@ module Snakepit
       @lock.synchronize { @running = id }
       Thread.handle_interrupt(CANCELLABLE) { yield }
     ensure
-      @lock.synchronize { @running = nil }
-      discard_late_cancel
+      discard_late_cancels if finish
     end
 
     private
 
-    # A $cancel that landed between the handler's return and the reset of @running is still
-    # pending; left alone it would stop the next request's handler.
-    def discard_late_cancel
-      return unless Thread.pending_interrupt?(Cancelled)
+    # Ends the handler's turn and says whether the watcher raised Cancelled during it. The
+    # watcher raises only while it holds @lock and `id` is @running, so once this returns no
+    # Cancelled can be raised for this request any more, and any it raised is already queued.
+    def finish
+      @lock.synchronize do
+        raised = @raised
+        @running = nil
+        @raised = false
+        raised
+      end
+    end
 
-      Thread.handle_interrupt(CANCELLABLE) {}
-    rescue Cancelled
-      nil # the handler finished first; its result stands
+    # A $cancel that landed after the handler returned (its Cancelled queued while masked) is
+    # still pending; left alone it would stop the next request's handler. Unmasking Cancelled
+    # around an empty block delivers one queued Cancelled at the block's return (a check point),
+    # so this loop drains them all; with none queued (the handler was stopped) it does nothing.
+    # Not `Thread.pending_interrupt?(Cancelled)`: on Ruby 3.1 that call segfaults whenever an
+    # interrupt is queued (it treats the queued exception as a class; Ruby bug #19110).
+    def discard_late_cancels
+      loop do
+        Thread.handle_interrupt(CANCELLABLE) {}
+        return
+      rescue Cancelled
+        next # the handler finished first; its result stands
+      end
     end
 
     def watch
@@ -233,7 +250,9 @@ module Snakepit
       frame = @channel.read
       if frame.nil? then @ended = true
       elsif frame["command"] != CANCEL then @early << frame
-      elsif frame["id"] == @running then @main.raise(Cancelled)
+      elsif frame["id"] == @running
+        @raised = true
+        @main.raise(Cancelled)
       end
     end
   end
