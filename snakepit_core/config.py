@@ -12,9 +12,10 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from .errors import ConfigError
-from .protocol import DEFAULT_MAX_FRAME_BYTES
+from .protocol import DEFAULT_MAX_FRAME_BYTES, get_codec
 
 AFFINITY_MODES: tuple[str, ...] = ("prefer", "strict", "strict_fail_fast")
+JSON_CODECS: tuple[str, ...] = ("auto", "orjson", "json")
 
 
 def _default_pool_size() -> int:
@@ -36,6 +37,8 @@ class PoolConfig:
     cleanup_retry_interval: float = 0.1
     cleanup_max_retries: int = 10
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    #: ``auto`` (orjson when installed), ``orjson`` or ``json``; both accept the same values.
+    json_codec: str = "auto"
     #: How long a worker may take to answer ``$cancel`` before it is killed and replaced.
     cancel_grace_period: float = 0.5
     #: Recycling: 0 / None means off.
@@ -139,3 +142,9 @@ def validate_config(config: PoolConfig, *, source: str) -> None:
         fail("max_worker_memory_mb", "must be a number of MiB > 0, or None for no limit")
     if config.session_affinity not in AFFINITY_MODES:
         fail("session_affinity", f"must be one of {', '.join(AFFINITY_MODES)}")
+    if config.json_codec not in JSON_CODECS:
+        fail("json_codec", f"must be one of {', '.join(JSON_CODECS)}")
+    try:
+        get_codec(config.json_codec)
+    except ValueError as exc:
+        fail("json_codec", f"{exc} (pip install 'snakepit-core[fast]')")

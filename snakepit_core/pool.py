@@ -12,7 +12,8 @@ import asyncio
 import atexit
 import contextlib
 import logging
-import signal
+import math
+import os
 import time
 import warnings
 import weakref
@@ -36,17 +37,36 @@ from .errors import (
     StartupError,
     ValidationError,
 )
+from .forking import detach_worker_pipes
+from .json_values import check_arguments
 from .plugins import AdapterHooks, get_plugin_manager, resolve_adapter
-from .runinfo import RUN_ID, next_worker_id
+from .runinfo import current_run_id, next_worker_id
 from .stats import PoolCounters
 from .supervisor import Supervisor
-from .telemetry import Attr, PoolTelemetry
+from .telemetry import PoolTelemetry
 from .worker import Worker, _CommandFailure, terminate_process_groups
 
 log = logging.getLogger("snakepit.pool")
 
 #: Pools that are running, so that interpreter exit can stop what was left open.
 _running_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+#: Pools started in this process and not yet stopped: what a fork child must forget.
+_live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+
+
+def _forget_pools_after_fork() -> None:
+    """In a fork child: the parent's pools are the parent's. Mark them inherited (every call
+    raises ``PoolStopped``, ``stop()`` returns at once), never signal their workers, and let
+    go of the pipes to those workers."""
+    pids: list[int] = []
+    for pool in list(_live_pools):
+        pids.extend(pool._mark_inherited())
+    _live_pools.clear()
+    _running_pools.clear()
+    detach_worker_pipes(pids)
+
+
+os.register_at_fork(after_in_child=_forget_pools_after_fork)
 
 
 @atexit.register
@@ -59,6 +79,21 @@ def _stop_pools_left_open() -> None:
             stacklevel=1,
         )
         pool.terminate_now()
+
+
+def _seconds(value: Any, what: str, adapter: str, command: str) -> float:
+    """``value`` as a timeout in seconds: a finite number > 0, else ``ValidationError``."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+        if math.isfinite(seconds) and seconds > 0:
+            return seconds
+    raise ValidationError(
+        f"adapter {adapter!r}: {command}: {what} must be a finite number of seconds > 0, "
+        f"not {value!r}",
+        adapter=adapter,
+        command=command,
+        field="timeout",
+    )
 
 
 class _Waiter:
@@ -107,7 +142,11 @@ class Pool:
         self._starting: set[Worker] = set()
         self._bound_waiters: dict[str, deque[_Waiter]] = {}
         self._queued = 0
-        self._state = "new"
+        self._state = "new"  # new -> starting -> running -> stopping -> stopped; or inherited
+        #: The process that started the pool (a fork child sees another pid and may not use it).
+        self._owner_pid = os.getpid()
+        #: The tasks of start() that bring up the first workers (stop() cancels them).
+        self._startup_tasks: list[asyncio.Task[Worker]] = []
         self._stopped = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._deadlines: Deadlines  # created by start(), on the pool's loop
@@ -129,25 +168,42 @@ class Pool:
         await self.stop()
 
     async def start(self) -> None:
-        """Start ``pool_size`` workers concurrently; ``StartupError`` if none can start."""
+        """Start ``pool_size`` workers concurrently; ``StartupError`` if none can start.
+
+        If ``start()`` is cancelled (``asyncio.wait_for(pool.start(), 1)``) or the pool is
+        stopped meanwhile, every worker it started is stopped before the error propagates.
+        """
         if self._state != "new":
             raise PoolStopped(f"pool of {self.adapter.name!r} was already started")
         self._loop = asyncio.get_running_loop()
         self._deadlines = Deadlines(self._loop, self._expire_due)
         self._state = "starting"
+        self._owner_pid = os.getpid()
+        _live_pools.add(self)
         self.telemetry.refresh()
         self.supervisor.before_start()
         size = self.config.pool_size
         tasks = [asyncio.ensure_future(self._start_worker(str(slot))) for slot in range(size)]
-        done, pending = await asyncio.wait(tasks, timeout=self.config.pool_startup_timeout)
-        for task in pending:
-            task.cancel()
-        failures: list[BaseException] = []
-        for task in tasks:
-            if task in done and task.exception() is not None:
-                failures.append(task.exception())  # type: ignore[arg-type]
+        self._startup_tasks = tasks
+        try:
+            done, pending = await asyncio.wait(tasks, timeout=self.config.pool_startup_timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        except BaseException:
+            await self.stop(0)
+            raise
+        self._startup_tasks = []
+        if self._state != "starting":
+            raise PoolStopped(
+                f"pool of {self.adapter.name!r} was stopped while it started",
+                adapter=self.adapter.name,
+            )
+        failures: list[BaseException] = [
+            error for error in (task.exception() for task in done) if error is not None
+        ]
         if pending:
-            await asyncio.wait(pending)
             failures.append(
                 StartupError(
                     f"adapter {self.adapter.name!r}: {len(pending)} worker(s) not ready within "
@@ -157,6 +213,7 @@ class Pool:
             )
         if not self.workers:
             self._state = "stopped"
+            _live_pools.discard(self)
             self._deadlines.close()
             self._stopped.set()
             self.supervisor.after_stop()
@@ -176,13 +233,16 @@ class Pool:
         _running_pools.add(self)
         self.supervisor.after_start()
 
-    async def _start_worker(self, slot: str = "0") -> Worker:
-        """Start one worker and put it into service; raises ``StartupError``."""
+    async def _start_worker(self, slot: str = "0", restart: str | None = None) -> Worker:
+        """Start one worker and put it into service; raises ``StartupError``.
+
+        ``restart`` says why when it replaces a worker (``replaced``, ``recycled``).
+        """
         worker = Worker(
             self.adapter,
             next_worker_id(self.adapter.name),
             self.config,
-            run_id=RUN_ID,
+            run_id=current_run_id(),
             slot=slot,
             on_idle=self._release,
             on_exit=self._on_worker_exit,
@@ -200,7 +260,7 @@ class Pool:
             await worker.stop(0)
             raise PoolStopped(f"pool of {self.adapter.name!r} stopped while a worker started")
         self.workers[worker.id] = worker
-        self.supervisor.worker_ready(worker)
+        self.supervisor.worker_ready(worker, restart)
         self._release(worker)
         return worker
 
@@ -209,6 +269,8 @@ class Pool:
 
         Idempotent; concurrent callers all wait for the same stop.
         """
+        if self._state == "inherited":
+            return  # the parent's workers are the parent's to stop
         if self._state in ("stopping", "stopped"):
             await self._stopped.wait()
             return
@@ -219,7 +281,9 @@ class Pool:
         self._state = "stopping"
         grace = self.config.worker_shutdown_grace_period if grace is None else grace
         starting = list(self._starting)
-        cancelled = self.supervisor.before_stop()
+        cancelled = [*self.supervisor.before_stop(), *self._startup_tasks]
+        for task in self._startup_tasks:
+            task.cancel()
         self._fail_waiters(lambda: PoolStopped(f"pool of {self.adapter.name!r} is stopping"))
         # A cancelled start aborts (SIGKILLs) its worker: wait for that, then for those
         # processes to be gone, so that nothing of the pool outlives stop().
@@ -243,6 +307,7 @@ class Pool:
         )
         self._state = "stopped"
         _running_pools.discard(self)
+        _live_pools.discard(self)
         self._deadlines.close()
         self.supervisor.after_stop()
         self._stopped.set()
@@ -250,10 +315,18 @@ class Pool:
     def terminate_now(self) -> None:
         """Stop every worker without the event loop: SIGTERM each process group, wait up to
         the grace period, then SIGKILL. For interpreter exit, when the loop may be gone."""
+        if self._state == "inherited":
+            return
         self._state = "stopped"
         _running_pools.discard(self)
+        _live_pools.discard(self)
         pids = [w.pid for w in self.workers.values() if w.pid is not None]
         terminate_process_groups(pids, self.config.worker_shutdown_grace_period)
+
+    def _mark_inherited(self) -> list[int]:
+        """In a fork child: this pool is the parent's. Returns its workers' pids."""
+        self._state = "inherited"
+        return [w.pid for w in [*self.workers.values(), *self._starting] if w.pid is not None]
 
     # -- dispatch -----------------------------------------------------------------------------
 
@@ -299,7 +372,7 @@ class Pool:
                 if worker.alive:  # a worker whose process just exited may still be listed
                     return worker
             queue = self._waiters
-        if self.supervisor.breaker_open:
+        if self.supervisor.breaker_open and not self.workers:
             raise self.supervisor.unavailable_error()
         if self._queued >= self.config.pool_max_queue_size:
             self.counters.pool_saturated += 1
@@ -395,6 +468,14 @@ class Pool:
 
     def _check_running(self) -> None:
         if self._state != "running":
+            if self._state == "inherited":
+                raise PoolStopped(
+                    f"pool of {self.adapter.name!r} belongs to process {self._owner_pid}: it was "
+                    f"inherited through fork() and cannot be used in process {os.getpid()}; "
+                    "start a new pool in this process",
+                    adapter=self.adapter.name,
+                    owner_pid=self._owner_pid,
+                )
             state = {"new": "not started", "starting": "still starting"}.get(self._state, "stopped")
             raise PoolStopped(
                 f"pool of {self.adapter.name!r} is {state}", adapter=self.adapter.name
@@ -422,15 +503,20 @@ class Pool:
         fail_fast: bool,
     ) -> Any:
         self._check_running()
+        adapter = self.adapter.name
         if args is None:
             args = {}
         elif not isinstance(args, dict):
             raise ValidationError(
-                f"adapter {self.adapter.name!r}: {command}: args must be an object (a dict), "
+                f"adapter {adapter!r}: {command}: args must be an object (a dict), "
                 f"not {type(args).__name__}",
-                adapter=self.adapter.name,
+                adapter=adapter,
                 command=command,
             )
+        if timeout is not None:
+            timeout = _seconds(timeout, "timeout", adapter, command)
+        # JSON first: the schema walk and the codecs must only ever see JSON values.
+        exact = check_arguments(args, adapter=adapter, command=command) if args else False
         hooks = self._hooks
         if hooks.version != self._plugins.version:
             hooks = self._hooks = self._plugins.hooks_for(self.adapter, self._count_hook_error)
@@ -439,11 +525,13 @@ class Pool:
             args = {**args, "session_id": session_id}
         if hooks.has_prepare:
             args = hooks.prepare_args(command, args)
+            exact = check_arguments(args, adapter=adapter, command=command)
         if timeout is None:
             if hooks.has_timeout:
                 timeout = hooks.command_timeout(command, args)
             if timeout is None:
                 timeout = self.adapter.timeout_for(command)
+            timeout = _seconds(timeout, "the command timeout", adapter, command)
         counters = self.counters
         counters.requests += 1
         telemetry = self.telemetry
@@ -455,21 +543,18 @@ class Pool:
         error: BaseException | None = None
         try:
             worker = await self._acquire(preferred, strict, fail_fast)
-            dispatched = time.monotonic()
-            queue_wait = dispatched - started
-            meta = None
-            if span is not None:
-                telemetry.set_worker(span, worker.id, worker.pid, queue_wait)
-                meta = telemetry.inject(span)
-            if session_id is not None:
-                try:
-                    await self.sessions.note_worker(session_id, worker.id)
-                except BaseException:
-                    self._release(worker)
-                    raise
             try:
-                future = worker.send(command, args, timeout=timeout, meta=meta)
-            except ValidationError:
+                dispatched = time.monotonic()
+                queue_wait = dispatched - started
+                meta = None
+                if span is not None:
+                    telemetry.set_worker(span, worker.id, worker.pid, queue_wait)
+                    meta = telemetry.inject(span)
+                if session_id is not None:
+                    await self.sessions.note_worker(session_id, worker.id)
+                future = worker.send(command, args, timeout=timeout, meta=meta, exact=exact)
+            except BaseException:
+                # Nothing was sent: the worker goes back into service whatever went wrong.
                 self._release(worker)
                 raise
             request_id = worker.pending_request_id or 0
@@ -643,4 +728,4 @@ class Pool:
         return f"<Pool {self.adapter.name} {self._state} workers={len(self.workers)}>"
 
 
-__all__ = ["Attr", "Pool", "signal"]
+__all__ = ["Pool"]

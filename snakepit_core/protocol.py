@@ -3,16 +3,15 @@
 Requests are ``{"id", "command", "args"[, "meta"]}``; responses ``{"id", "success", "result"}``
 or ``{"id", "success": false, "error"}``. Everything a worker sends that breaks these rules
 becomes a :class:`ProtocolError` naming what was wrong, so that worker can be replaced.
-orjson is used when installed (``snakepit-core[fast]``); the stdlib codec otherwise, or when
-``SNAKEPIT_JSON=stdlib`` asks for it (to measure the difference).
+orjson is used when installed (``snakepit-core[fast]``), the stdlib codec otherwise or when a
+pool's ``json_codec`` asks for it; both accept and produce exactly the same values.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-from collections.abc import Callable
+import reprlib
 from typing import Any
 
 from .errors import ProtocolError, ValidationError
@@ -20,36 +19,101 @@ from .errors import ProtocolError, ValidationError
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
 HEADER_BYTES = 4
 
-try:  # pragma: no cover - which branch runs depends on the environment
-    if os.environ.get("SNAKEPIT_JSON") == "stdlib":
-        raise ImportError("the stdlib JSON codec was asked for")
-    import orjson
 
-    _orjson_dumps = orjson.dumps
-    _loads: Callable[[bytes], Any] = orjson.loads
-    JSON_CODEC = "orjson"
+class Codec:
+    """A JSON codec for frames. Both codecs accept and produce the same values.
 
-    def _dumps(obj: Any) -> bytes:
-        body: bytes = _orjson_dumps(obj)
-        # orjson writes NaN and Infinity as null; the stdlib codec refuses them, as we must.
-        if b"null" in body:
-            json.dumps(obj, allow_nan=False)
+    ``encode`` takes values already checked by :func:`~snakepit_core.json_values.check_arguments`
+    (or built by snakepit itself); ``exact`` asks for the stdlib encoder, for values orjson
+    cannot encode exactly. Decoding refuses NaN and Infinity, which are not JSON.
+    """
+
+    name = "json"
+
+    def __init__(self) -> None:
+        self._encoder = json.JSONEncoder(allow_nan=False, separators=(",", ":"), ensure_ascii=False)
+        self._decoder = json.JSONDecoder(parse_constant=_refuse_constant)
+
+    def encode(self, obj: Any, exact: bool = False) -> bytes:
+        return self._encoder.encode(obj).encode("utf-8")
+
+    def decode(self, body: bytes) -> Any:
+        return self._decoder.decode(body.decode("utf-8"))
+
+
+class OrjsonCodec(Codec):
+    """orjson, with the stdlib codec wherever orjson would give a different answer.
+
+    orjson reads an integer beyond 64 bits as a float: a body with a run of 19 or more digits
+    (which is the only way to write one) is decoded by the stdlib codec, exactly. Finding such a
+    run costs about a millisecond per megabyte.
+    """
+
+    name = "orjson"
+
+    def __init__(self, orjson: Any) -> None:
+        super().__init__()
+        self._dumps = orjson.dumps
+        self._loads = orjson.loads
+
+    def encode(self, obj: Any, exact: bool = False) -> bytes:
+        if exact:
+            return super().encode(obj)
+        try:
+            body: bytes = self._dumps(obj)
+        except TypeError:  # values snakepit built itself, not checked beforehand
+            return super().encode(obj)
         return body
 
+    def decode(self, body: bytes) -> Any:
+        if _LONG_DIGIT_RUN in body.translate(_DIGIT_MAP):
+            return super().decode(body)
+        return self._loads(body)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+#: Every digit becomes b"1" and every other byte b"0": a long run of digits is a run of b"1".
+_DIGIT_MAP = bytes(49 if 48 <= byte <= 57 else 48 for byte in range(256))
+_LONG_DIGIT_RUN = b"1" * 19
+
+STDLIB_CODEC = Codec()
+try:  # pragma: no cover - which branch runs depends on the environment
+    import orjson as _orjson
 except ImportError:  # pragma: no cover
-    _stdlib_encoder = json.JSONEncoder(allow_nan=False, separators=(",", ":"), ensure_ascii=False)
-    _loads = json.loads
-    JSON_CODEC = "json"
-
-    def _dumps(obj: Any) -> bytes:
-        return _stdlib_encoder.encode(obj).encode("utf-8")
+    ORJSON_CODEC: Codec | None = None
+else:
+    ORJSON_CODEC = OrjsonCodec(_orjson)
 
 
-def encode_frame(message: dict[str, Any], max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> bytes:
+def get_codec(name: str = "auto") -> Codec:
+    """The codec called ``name``: ``json``, ``orjson``, or ``auto`` (orjson when installed)."""
+    if name == "json":
+        return STDLIB_CODEC
+    if ORJSON_CODEC is not None:
+        return ORJSON_CODEC
+    if name == "orjson":
+        raise ValueError("the orjson codec was asked for but orjson is not installed")
+    return STDLIB_CODEC
+
+
+#: The codec of pools left at ``json_codec = "auto"``.
+DEFAULT_CODEC = get_codec()
+JSON_CODEC = DEFAULT_CODEC.name
+
+
+def encode_frame(
+    message: dict[str, Any],
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    codec: Codec = DEFAULT_CODEC,
+    exact: bool = False,
+) -> bytes:
     """Serialize ``message`` into one frame; ``ValidationError`` if it cannot or is too big."""
     try:
-        body = _dumps(message)
-    except (TypeError, ValueError) as exc:
+        body = codec.encode(message, exact)
+    except (TypeError, ValueError, RecursionError) as exc:
         raise ValidationError(f"arguments are not valid JSON: {exc}") from None
     if len(body) > max_frame_bytes:
         raise ValidationError(
@@ -70,10 +134,13 @@ class FrameDecoder:
     frame per read, is decoded without copying into the buffer.
     """
 
-    __slots__ = ("_buffer", "max_frame_bytes")
+    __slots__ = ("_buffer", "_codec", "max_frame_bytes")
 
-    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+    def __init__(
+        self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, codec: Codec = DEFAULT_CODEC
+    ) -> None:
         self.max_frame_bytes = max_frame_bytes
+        self._codec = codec
         self._buffer = bytearray()
 
     @property
@@ -110,10 +177,9 @@ class FrameDecoder:
             messages.append(self._decode(body))
         return messages
 
-    @staticmethod
-    def _decode(body: bytes) -> Any:
+    def _decode(self, body: bytes) -> Any:
         try:
-            message = _loads(body)
+            message = self._codec.decode(body)
         except (ValueError, RecursionError) as exc:  # every codec's errors, deep nesting
             raise ProtocolError(
                 f"frame is not valid UTF-8 JSON ({exc}): {_describe(body)}", cause="invalid_json"
@@ -140,18 +206,30 @@ def check_response(message: dict[str, Any]) -> tuple[int, bool, Any]:
     if success is False:
         error = message.get("error")
         if not isinstance(error, str):
-            error = json.dumps(error) if error is not None else "worker reported failure"
+            error = _short(error) if error is not None else "worker reported failure"
         return request_id, False, error
     raise ProtocolError(
         f"response 'success' must be true or false: {_short(message)}", cause="bad_envelope"
     )
 
 
+#: Shows the start of what a worker sent, however deep or big, without recursing.
+_preview = reprlib.Repr()
+_preview.maxlevel, _preview.maxstring, _preview.maxother, _preview.maxlong = 4, 120, 60, 60
+
+
 def _short(message: Any) -> str:
-    text = repr(message)
+    text = _preview.repr(message)
     return text if len(text) <= 200 else text[:200] + "..."
 
 
 def is_finite_number(value: Any) -> bool:
-    """JSON numbers only: NaN and Infinity are not JSON."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    """JSON numbers only: NaN and Infinity are not JSON (any int is finite, however big)."""
+    kind = type(value)
+    if kind is int:
+        return True
+    if kind is float:
+        return math.isfinite(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return isinstance(value, int) or math.isfinite(value)

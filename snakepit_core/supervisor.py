@@ -2,21 +2,26 @@
 
 One refill task keeps the pool at ``pool_size``: a worker that had been serving is replaced at
 once; early deaths (during start-up, or on the first request with a crash status) are retried
-with exponential backoff, and ``crash_loop_threshold`` of them in a row open the breaker. While
-it is open, calls that find no idle worker fail fast with ``AdapterUnavailable`` and one probe
-worker is started every ``crash_loop_probe_interval``; the first request it serves closes it.
+with exponential backoff, and ``crash_loop_threshold`` of them in a row open the breaker.
+
+The breaker is for a bridge that cannot start, not for a hostile environment: a worker killed
+from outside (SIGKILL, SIGTERM) never counts, and running out of descriptors, processes or
+memory only backs off. While the breaker is open, one probe worker is started every
+``crash_loop_probe_interval`` and the first request a worker started since then serves closes
+it; calls fail fast with ``AdapterUnavailable`` only while no worker at all is in service.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
 import time
 from typing import TYPE_CHECKING, Any
 
-from .errors import AdapterUnavailable, SnakepitError
+from .errors import AdapterUnavailable, PoolStopped, SnakepitError, StartupError
 from .registry import get_registry
 from .telemetry import Attr
 from .worker import Worker, describe_exit
@@ -27,6 +32,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("snakepit.supervisor")
 
 EXTERNAL_KILL_CODES = (-signal.SIGKILL, -signal.SIGTERM)
+#: Spawn failures that say the machine is short of something, not that the bridge is broken.
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM, errno.ENOSPC})
 #: Read a worker's RSS for ``max_worker_memory_mb`` at most this often (seconds).
 MEMORY_CHECK_INTERVAL = 0.5
 
@@ -40,6 +47,8 @@ class Supervisor:
         self.breaker = "closed"  # closed -> open -> half_open -> closed
         self.consecutive_early_deaths = 0
         self.last_failure = ""
+        #: Loop time the breaker last opened: only workers ready after it close it again.
+        self._opened_at = 0.0
         self._backoff = 0.0
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -84,8 +93,12 @@ class Supervisor:
 
     # -- worker events ------------------------------------------------------------------------
 
-    def worker_ready(self, worker: Worker) -> None:
+    def worker_ready(self, worker: Worker, restart: str | None = None) -> None:
+        """``worker`` entered service; ``restart`` says why when it replaces another one (counted
+        here, so ``restarts`` is up to date as soon as the replacement serves)."""
         assert worker.pid is not None
+        if restart is not None:
+            self._restarted(worker, restart)
         startup_time = worker.ready_at - worker.started_at
         self.pool._hooks.worker_started(
             worker_id=worker.id, pid=worker.pid, startup_time=startup_time
@@ -134,7 +147,7 @@ class Supervisor:
                 f"worker {worker.id} died on its first request ({describe_exit(worker.exit_code)})"
                 f"{worker.stderr_excerpt()}"
             )
-        elif reason != "recycled":
+        elif reason != "recycled" and worker.completed:
             self.consecutive_early_deaths = 0
             self._backoff = 0.0
         if reason != "recycled":
@@ -149,22 +162,45 @@ class Supervisor:
         # After a protocol error the SIGKILL is the pool's own, not an external kill.
         return reason == "protocol_error" or worker.exit_code not in EXTERNAL_KILL_CODES
 
-    def _record_early_death(self, description: str) -> None:
-        self.consecutive_early_deaths += 1
-        self.last_failure = description
+    def _grow_backoff(self) -> None:
         config = self.pool.config
         self._backoff = min(
             config.restart_backoff_max,
             self._backoff * 2 if self._backoff else config.restart_backoff_initial,
         )
+
+    def _record_early_death(self, description: str) -> None:
+        self.consecutive_early_deaths += 1
+        self.last_failure = description
+        self._grow_backoff()
+        config = self.pool.config
         if self.consecutive_early_deaths >= config.crash_loop_threshold and self.breaker != "open":
             self.breaker = "open"
+            self._opened_at = time.monotonic()
             error = self.unavailable_error()
             log.error("%s", error.message)
-            self.pool._fail_waiters(lambda: error)
+            if not self.pool.workers:  # waiters of a pool still serving keep their place
+                self.pool._fail_waiters(lambda: error)
 
     def record_startup_failure(self, failure: BaseException) -> None:
-        self._record_early_death(getattr(failure, "message", repr(failure)))
+        """A worker failed to start: count it toward the breaker unless it is not the bridge's
+        fault (killed from outside: retried at once; short of resources: backed off)."""
+        context = getattr(failure, "context", {})
+        description = getattr(failure, "message", repr(failure))
+        if context.get("cause") == "exited" and context.get("exit_code") in EXTERNAL_KILL_CODES:
+            log.info(
+                "pool %s: a starting worker was killed: %s", self.pool.adapter.name, description
+            )
+            return
+        if context.get("cause") == "spawn" and context.get("errno") in RESOURCE_ERRNOS:
+            log.warning(
+                "pool %s: cannot start a worker, backing off: %s",
+                self.pool.adapter.name,
+                description,
+            )
+            self._grow_backoff()
+            return
+        self._record_early_death(description)
 
     def slot_restarts(self, worker: Worker) -> int:
         return self._slot_restarts.get(worker.slot, 0)
@@ -184,22 +220,24 @@ class Supervisor:
                     await asyncio.sleep(config.crash_loop_probe_interval)
                     count = 1
                 else:
-                    if self.consecutive_early_deaths:
+                    if self._backoff:
                         await asyncio.sleep(self._backoff)
                     count = self._missing()
                 if not self.pool.running or count <= 0:
                     break
                 slots = self._free_slots(count)
                 results = await asyncio.gather(
-                    *(self.pool._start_worker(slot) for slot in slots), return_exceptions=True
+                    *(self.pool._start_worker(slot, "replaced") for slot in slots),
+                    return_exceptions=True,
                 )
                 for result in results:
-                    if isinstance(result, BaseException):
-                        if not isinstance(result, SnakepitError):
-                            raise result
+                    if isinstance(result, StartupError):
                         self.record_startup_failure(result)
-                    else:
-                        self._restarted(result, "replaced")
+                    elif isinstance(result, BaseException):
+                        if not isinstance(result, PoolStopped):
+                            raise result
+                    elif not self.consecutive_early_deaths:
+                        self._backoff = 0.0  # resources are back
 
     def _restarted(self, worker: Worker, why: str) -> None:
         self.restarts += 1
@@ -257,7 +295,7 @@ class Supervisor:
 
     def retire_if_due(self, worker: Worker) -> bool:
         """Called on every release: ``True`` when ``worker`` must leave service now."""
-        if self.breaker == "half_open" and worker.completed:
+        if self.breaker == "half_open" and worker.completed and worker.ready_at > self._opened_at:
             self.breaker = "closed"
             self.consecutive_early_deaths = 0
             self._backoff = 0.0
@@ -288,14 +326,13 @@ class Supervisor:
     async def _recycle(self, old: Worker) -> None:
         """Start the replacement first; only then take ``old`` out of service."""
         try:
-            new = await self.pool._start_worker(old.slot)
+            await self.pool._start_worker(old.slot, "recycled")
         except SnakepitError as exc:
             log.warning(
                 "pool %s: recycling %s: replacement failed: %s", self.pool.adapter.name, old.id, exc
             )
             old.retiring = False
             return
-        self._restarted(new, "recycled")
         old.exit_reason = "recycled"
         if old in self.pool._idle:
             del self.pool._idle[old]

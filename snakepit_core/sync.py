@@ -42,17 +42,35 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 
 class LoopThread:
-    """An event loop running in a private daemon thread, and a way to wait on it."""
+    """An event loop running in a private daemon thread, and a way to wait on it.
+
+    The thread exists only in the process that started it: in a fork child, ``call`` raises
+    ``PoolStopped`` naming the parent instead of waiting forever for a loop that is not there,
+    and ``close`` returns at once.
+    """
 
     def __init__(self) -> None:
+        self.owner_pid = os.getpid()
         self.loop = new_event_loop()
         self.thread = threading.Thread(
             target=self.loop.run_forever, name="snakepit-loop", daemon=True
         )
         self.thread.start()
 
+    @property
+    def inherited(self) -> bool:
+        """True in a fork child of the process that started the loop."""
+        return os.getpid() != self.owner_pid
+
     def call(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run ``coroutine`` on the loop and wait for its result (from any other thread)."""
+        if self.inherited:
+            coroutine.close()
+            raise PoolStopped(
+                f"this pool belongs to process {self.owner_pid}: it was inherited through fork() "
+                f"and cannot be used in process {os.getpid()}; start a new pool in this process",
+                owner_pid=self.owner_pid,
+            )
         if threading.current_thread() is self.thread:
             coroutine.close()
             raise RuntimeError("a blocking snakepit call was made from its own loop thread")
@@ -65,6 +83,8 @@ class LoopThread:
             raise
 
     def close(self) -> None:
+        if self.inherited:
+            return
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
         if not self.thread.is_alive():
@@ -130,6 +150,9 @@ class SyncPool:
         return SyncSessionStore(self.pool.sessions, self._call)
 
     def stats(self) -> dict[str, Any]:
+        """:meth:`Pool.stats`; still answers after ``stop()`` (the final figures)."""
+        if self._closed or self._runner.inherited:
+            return self.pool.stats()
         return self._call(_stats(self.pool))
 
     def execute_program_command(
@@ -144,6 +167,9 @@ class SyncPool:
 
     def stop(self, grace: float | None = None) -> None:
         """Stop the pool and its loop thread. Idempotent; safe from signal handlers."""
+        if self._runner.inherited:
+            self._closed = True
+            return  # the parent's workers are the parent's to stop
         with self._lock:
             if self._closed:
                 return
@@ -171,6 +197,8 @@ async def _stats(pool: Pool) -> dict[str, Any]:
 @atexit.register
 def _stop_open_pools() -> None:
     for pool in list(_open_pools):
+        if pool._runner.inherited:
+            continue
         warnings.warn(
             f"{pool!r} was still running at interpreter exit; stopping it "
             "(call stop() or use 'with SyncPool(...)')",
@@ -184,6 +212,15 @@ def _stop_open_pools() -> None:
 
 _default: SyncPool | None = None
 _default_lock = threading.Lock()
+
+
+def _new_lock_after_fork() -> None:
+    """Another thread of the parent may have held the lock at fork(): the child needs its own."""
+    global _default_lock
+    _default_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_after_fork)
 
 
 def start(adapter: str | Adapter, **kwargs: Any) -> SyncPool:

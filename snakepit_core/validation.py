@@ -18,6 +18,7 @@ from jsonschema.exceptions import best_match
 from .adapter import Adapter
 from .errors import UnknownCommand, ValidationError
 from .hookspecs import hookimpl
+from .json_values import format_path
 from .protocol import is_finite_number
 
 _type_checker = Draft202012Validator.TYPE_CHECKER.redefine(
@@ -34,16 +35,9 @@ def compile_schema(schema: Mapping[str, Any]) -> Any:
     return StrictValidator(schema)
 
 
-def _field_path(error: jsonschema.ValidationError) -> str:
-    path = "args"
-    for part in error.absolute_path:
-        path += f"[{part}]" if isinstance(part, int) else f".{part}"
-    return path
-
-
 def describe_error(command: str, error: jsonschema.ValidationError) -> tuple[str, str, str]:
     """``(field, rule, message)`` for the error, naming the exact field at fault."""
-    field = _field_path(error)
+    field = format_path(tuple(error.absolute_path))
     rule = str(error.validator)
     instance = error.instance
     if rule == "required" and isinstance(instance, dict):

@@ -28,7 +28,7 @@ from .errors import (
     WorkerTimeout,
 )
 from .launcher import launch_argv
-from .protocol import FrameDecoder, check_response, encode_frame
+from .protocol import FrameDecoder, check_response, encode_frame, get_codec
 from .registry import get_registry
 from .watchdog import get_watchdog
 
@@ -149,7 +149,8 @@ class Worker:
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.SubprocessTransport | None = None
         self._stdin: asyncio.WriteTransport | None = None
-        self._decoder = FrameDecoder(config.max_frame_bytes)
+        self._codec = get_codec(config.json_codec)
+        self._decoder = FrameDecoder(config.max_frame_bytes, self._codec)
         self._stderr_partial = b""
         self._next_id = 0
         self._pending_id: int | None = None
@@ -200,6 +201,8 @@ class Worker:
                 adapter=self.adapter.name,
                 worker_id=self.id,
                 executable=argv[0],
+                cause="spawn",
+                errno=exc.errno,
             ) from None
         self._stdin = transport.get_pipe_transport(0)  # type: ignore[assignment]
         if self.exited.done():  # it exited before the handshake could even be sent
@@ -234,11 +237,14 @@ class Worker:
         self.kill("startup_failed")
         await asyncio.shield(self.exited)
         if isinstance(cause, WorkerTimeout):
-            what = f"did not become ready within {self.config.worker_init_timeout}s"
+            kind, what = (
+                "timeout",
+                f"did not become ready within {self.config.worker_init_timeout}s",
+            )
         elif isinstance(cause, WorkerCrashed):
-            what = f"exited during its handshake ({describe_exit(self.exit_code)})"
+            kind, what = "exited", f"exited during its handshake ({describe_exit(self.exit_code)})"
         else:
-            what = f"failed its handshake: {cause.message}"
+            kind, what = "handshake", f"failed its handshake: {cause.message}"
         command_line = " ".join(self.adapter.command_line())
         raise StartupError(
             f"adapter {self.adapter.name!r}: worker {self.id} ({command_line}) {what}"
@@ -247,6 +253,7 @@ class Worker:
             worker_id=self.id,
             exit_code=self.exit_code,
             stderr_tail=list(self.stderr_tail),
+            cause=kind,
         ) from None
 
     # -- requests -----------------------------------------------------------------------------
@@ -258,28 +265,33 @@ class Worker:
         *,
         timeout: float,
         meta: dict[str, Any] | None = None,
+        exact: bool = False,
     ) -> asyncio.Future[Any]:
         """Write one request; the returned future gets the result or a ``SnakepitError``.
 
         Raises ``ValidationError`` (and sends nothing) if the request cannot be encoded.
+        ``exact`` asks for the stdlib encoder (see :func:`~snakepit_core.json_values.
+        check_arguments`). Everything that can fail happens before the worker is marked busy,
+        so a failed send leaves it free.
         """
         assert self._pending_id is None, f"worker {self.id} already has a request in flight"
-        self._next_id += 1
-        request_id = self._next_id
+        request_id = self._next_id + 1
         message: dict[str, Any] = {"id": request_id, "command": command, "args": args}
         if meta:
             message["meta"] = meta
-        frame = encode_frame(message, self.config.max_frame_bytes)
+        frame = encode_frame(message, self.config.max_frame_bytes, self._codec, exact)
+        deadline = self._loop.time() + timeout
         future: asyncio.Future[Any] = self._loop.create_future()
+        assert self._stdin is not None
+        self._stdin.write(frame)
+        self._next_id = request_id
         self._pending_id = request_id
         self._pending = future
         self._pending_command = command
         self._timeout = timeout
-        self.deadline = deadline = self._loop.time() + timeout
+        self.deadline = deadline
         self._watch_deadline(deadline)
         self.requests += 1
-        assert self._stdin is not None
-        self._stdin.write(frame)
         return future
 
     @property
@@ -305,7 +317,7 @@ class Worker:
 
     def _write(self, message: dict[str, Any]) -> None:
         if self._stdin is not None and not self._stdin.is_closing():
-            self._stdin.write(encode_frame(message, self.config.max_frame_bytes))
+            self._stdin.write(encode_frame(message, self.config.max_frame_bytes, self._codec))
 
     def expire(self) -> None:
         """The deadline of the request in flight passed: fail it, then cancel or kill."""
@@ -332,11 +344,15 @@ class Worker:
             return
         try:
             messages = self._decoder.feed(data)
+            for message in messages:
+                self._on_message(message)
         except ProtocolError as exc:
             self._on_protocol_error(exc)
-            return
-        for message in messages:
-            self._on_message(message)
+        except Exception as exc:  # a bug must not leave the caller waiting for its timeout
+            log.exception("worker %s: cannot handle its output", self.id)
+            self._on_protocol_error(
+                ProtocolError(f"its output could not be handled ({exc!r})", cause="internal")
+            )
 
     def _on_message(self, message: dict[str, Any]) -> None:
         try:

@@ -73,12 +73,13 @@ def full(pool: Pool, pool_size: int) -> bool:
 
 @pytest.mark.parametrize("adapter", ADAPTERS)
 async def test_chaos_sigkill_a_busy_worker_every_50ms(adapter, capsys):
-    """50 callers, a SIGKILL to a random busy worker every 50 ms: every call resolves with its
-    result or WorkerCrashed, the breaker stays closed, the pool refills, nothing is left."""
+    """50 callers, a SIGKILL to a random busy worker every 50 ms and to half the workers that
+    are starting: every call resolves with its result or WorkerCrashed, the breaker stays
+    closed, the pool refills, nothing is left."""
     total = size("SNAKEPIT_TEST_CHAOS_REQUESTS", 5000, 2500, adapter)
     callers, pool_size = 50, 4
     outcomes: Counter[str] = Counter()
-    kills = kills_busy = 0
+    kills = kills_busy = kills_starting = 0
     breaker_seen = False
     chaos = True
     async with Pool(
@@ -99,7 +100,7 @@ async def test_chaos_sigkill_a_busy_worker_every_50ms(adapter, capsys):
                     outcomes["ok"] += 1
 
         async def killer() -> None:
-            nonlocal kills, kills_busy, breaker_seen
+            nonlocal kills, kills_busy, kills_starting, breaker_seen
             while chaos:
                 await asyncio.sleep(0.05)
                 breaker_seen |= pool.stats()["breaker_open"]
@@ -118,8 +119,24 @@ async def test_chaos_sigkill_a_busy_worker_every_50ms(adapter, capsys):
                         kills += 1
                         kills_busy += victim.busy  # still busy when the signal went out
 
+        async def starting_killer() -> None:
+            """Every other replacement is killed while it starts, 10 at most (so the chaos
+            stays bounded: a node worker takes a few hundred ms to start on a busy machine)."""
+            nonlocal kills_starting
+            decided: set[int] = set()
+            while chaos and kills_starting < 10:
+                await asyncio.sleep(0.002)
+                for starting in list(pool._starting):
+                    if starting.pid is None or starting.pid in decided:
+                        continue
+                    decided.add(starting.pid)
+                    if len(decided) % 2:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(starting.pid, signal.SIGKILL)
+                            kills_starting += 1
+
         share = [total // callers + (i < total % callers) for i in range(callers)]
-        killing = asyncio.ensure_future(killer())
+        killing = asyncio.gather(killer(), starting_killer())
         await asyncio.wait_for(
             asyncio.gather(*(caller(i, share[i]) for i in range(callers))), timeout=170
         )
@@ -140,6 +157,7 @@ async def test_chaos_sigkill_a_busy_worker_every_50ms(adapter, capsys):
         crashed=outcomes["crashed"],
         kills=kills,
         kills_of_busy_workers=kills_busy,
+        kills_of_starting_workers=kills_starting,
         restarts=stats["restarts"],
         chaos_s=round(chaos_seconds, 2),
         recovery_s=round(recovery, 3),
@@ -150,7 +168,102 @@ async def test_chaos_sigkill_a_busy_worker_every_50ms(adapter, capsys):
     assert outcomes["crashed"] <= kills
     assert not breaker_seen and not stats["breaker_open"]
     assert stats["restarts"] >= kills - pool_size
+    assert kills_starting > 0, "no kill hit a starting worker"
     assert leftover == []
+
+
+async def test_running_out_of_descriptors_backs_off_without_opening_the_breaker(capsys):
+    """Spawns failing with EMFILE for a second while two healthy workers serve: the breaker
+    stays closed, every call is served, and the pool refills once descriptors are back."""
+    import resource
+
+    async with Pool("python", pool_size=3, crash_loop_threshold=2, restart_backoff_max=0.2) as pool:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        probe = os.dup(0)
+        os.close(probe)
+        victim = next(iter(pool.workers.values()))
+        # Every descriptor below the lowest free one is taken: no new one can be opened.
+        resource.setrlimit(resource.RLIMIT_NOFILE, (probe, hard))
+        served = 0
+        try:
+            os.kill(victim.pid, signal.SIGKILL)
+            until = time.monotonic() + 1.0
+            while time.monotonic() < until:
+                assert await pool.execute("echo", {"n": served}) == {"echoed": {"n": served}}
+                assert not pool.supervisor.breaker_open
+                served += 1
+                await asyncio.sleep(0.005)
+            in_service = len(pool.workers)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        refill = await wait_until(lambda: full(pool, 3), within=15)
+        stats = pool.stats()
+    report(capsys, "emfile", served=served, in_service=in_service, refill_s=round(refill, 3))
+    assert in_service == 2, "a worker started although no descriptor was free"
+    assert not stats["breaker_open"]
+
+
+async def test_sigkills_of_starting_workers_never_open_the_breaker(capsys):
+    """10 s of SIGKILLs to every starting worker (and now and then a serving one) on all three
+    runtimes at once, the breaker sampled every 10 ms: it never opens, no call is refused with
+    AdapterUnavailable, every call resolves with its result or WorkerCrashed."""
+    from snakepit_core import AdapterUnavailable
+
+    seconds = float(os.environ.get("SNAKEPIT_TEST_KILL_SECONDS", "10"))
+    pool_size = 3
+    pools = [
+        Pool(adapter, pool_size=pool_size, pool_queue_timeout=120, pool_max_queue_size=10_000)
+        for adapter in ADAPTERS
+    ]
+    await asyncio.gather(*(pool.start() for pool in pools))
+    outcomes: dict[str, Counter[str]] = {pool.adapter.name: Counter() for pool in pools}
+    deadline = time.monotonic() + seconds
+
+    async def caller(pool: Pool) -> None:
+        counts = outcomes[pool.adapter.name]
+        while time.monotonic() < deadline:
+            try:
+                await pool.execute("echo", {"n": 1}, timeout=60)
+                counts["ok"] += 1
+            except WorkerCrashed:
+                counts["crashed"] += 1
+            except AdapterUnavailable:
+                counts["unavailable"] += 1
+
+    async def killer(pool: Pool) -> None:
+        counts = outcomes[pool.adapter.name]
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+            counts["breaker_open_samples"] += pool.supervisor.breaker_open
+            counts["samples"] += 1
+            for starting in list(pool._starting):
+                if starting.pid is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(starting.pid, signal.SIGKILL)
+                        counts["kills_starting"] += 1
+            serving = [w for w in pool.workers.values() if w.alive]
+            if len(serving) > 1 and random.random() < 0.05:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(random.choice(serving).pid, signal.SIGKILL)
+                    counts["kills_serving"] += 1
+
+    try:
+        tasks = [caller(pool) for pool in pools for _ in range(8)]
+        tasks += [killer(pool) for pool in pools]
+        await asyncio.wait_for(asyncio.gather(*tasks), seconds + 60)
+        recovered = await wait_until(lambda: all(full(p, pool_size) for p in pools), within=30)
+        for pool in pools:
+            assert await pool.execute("echo", {"after": 1}) == {"echoed": {"after": 1}}
+    finally:
+        await asyncio.gather(*(pool.stop() for pool in pools))
+    figures = {f"{name}_{key}": value for name, c in outcomes.items() for key, value in c.items()}
+    report(capsys, "starting_kills", seconds=seconds, recovery_s=round(recovered, 3), **figures)
+    for name, counts in outcomes.items():
+        assert counts["kills_starting"] >= 5, (name, counts)
+        assert counts["breaker_open_samples"] == 0, (name, counts)
+        assert counts["unavailable"] == 0, (name, counts)
+        assert counts["ok"] > 0, (name, counts)
+    assert live_pids_of_run(RUN_ID) == []
 
 
 @pytest.mark.parametrize("adapter", ADAPTERS)

@@ -5,7 +5,8 @@ Modes come from argv[1]: ``normal``, ``exit_in_handshake``, ``never_ready``, ``h
 calling a method its runtime lacks), ``mute_pings`` (never answers a health-check ping),
 ``fail_if_exists:PATH`` (exits during start-up while PATH exists). Commands: ``ping``, ``echo``, ``sleep`` (args.seconds), ``die`` (stderr line,
 then exit args.code), ``junk`` (text on stdout), ``wrong_id``, ``oversized`` (a frame header
-claiming 100 MiB), ``stderr_line`` (args.size bytes on one stderr line), ``flood`` (args.lines
+claiming 100 MiB), ``stderr_line`` (args.size bytes on one stderr line), ``deep_error`` / ``deep_no_id`` (an error
+value or an id-less frame nested args.depth levels deep), ``flood`` (args.lines
 stderr lines), ``fail`` (success false), ``hog`` (keeps args.mb MiB), ``grandchild`` (starts a
 ``sleep`` child that outlives nothing: returns its pid), ``spin`` (a CPU loop that never reads).
 """
@@ -23,6 +24,11 @@ HOARD = []
 
 def send(message):
     body = json.dumps(message).encode()
+    stdout.write(struct.pack(">I", len(body)) + body)
+    stdout.flush()
+
+
+def send_raw(body):
     stdout.write(struct.pack(">I", len(body)) + body)
     stdout.flush()
 
@@ -76,6 +82,14 @@ def answer(request):
     if command == "spin":
         while True:
             pass
+    if command == "deep_error":
+        depth = args["depth"]
+        send_raw(b'{"id":%d,"success":false,"error":%s1%s}' % (rid, b"[" * depth, b"]" * depth))
+        return None
+    if command == "deep_no_id":
+        depth = args["depth"]
+        send_raw(b'{"success":true,"result":%s1%s}' % (b"[" * depth, b"]" * depth))
+        return None
     if command == "fail":
         return {"id": rid, "success": False, "error": "this command always fails"}
     return {"id": rid, "success": True, "result": args}
