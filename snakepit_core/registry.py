@@ -1,54 +1,92 @@
 """A process registry on disk, so workers of a dead parent can be found and reaped.
 
 Each worker is recorded (pid, its kernel start time, run id, owner pid and owner start time)
-in a small SQLite file in ``$XDG_RUNTIME_DIR/snakepit`` or a 0700 per-user temp directory. At
-the next pool start, and with ``snakepit reap``, every process whose environment carries the
-``SNAKEPIT_RUN_ID`` of a run whose owner is gone is killed, with its process group. A pid is
-only ever killed after checking that it still belongs to that run (start time or environment),
-so a recycled pid is never touched.
+in a small SQLite file in ``$SNAKEPIT_REGISTRY_DIR``, else ``$XDG_RUNTIME_DIR/snakepit``, else
+``$TMPDIR/snakepit-$UID``. At the next pool start, and with ``snakepit reap``, every process of
+this user whose environment carries the ``SNAKEPIT_RUN_ID`` of a dead run is killed, with its
+process group. A run is dead only when the owner its id names (see :mod:`.runinfo`) is gone, so
+the database decides which runs are looked at, never which are dead: a forged entry naming a
+live run kills nothing. A pid is killed only right after checking that it is still this user's
+and still carries that run id, so a recycled pid is never touched.
+
+The registry trusts its directory only if it is a real directory (not a symbolic link) owned by
+this user that no one else can write: no group or other write bit. Read access for others is
+allowed (they see file names; the files are 0600), so a directory made by ``mkdir`` with the
+usual umask can be configured. A directory the registry creates is 0700; it never changes the
+mode of an existing one. Its parents are not checked: a configured directory should sit in a
+tree only you, or root, can change. Files are trusted only if they are regular files owned by
+this user (made 0600, so no one else reads the run ids). Anything else disables the registry
+for this process: one warning, a line in ``snakepit doctor``, and pools run without it. A
+corrupt database in that private directory is ours: it is moved aside
+(``workers.sqlite3.corrupt-TIME-PID``) and a new one is created. No method raises.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import logging
 import os
 import signal
 import sqlite3
+import stat
 import tempfile
 import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .runinfo import RUN_ID
+from .runinfo import current_run_id, process_start_time, run_is_dead
+
+__all__ = [
+    "REGISTRY_DIR_ENV",
+    "ReapReport",
+    "Registry",
+    "RegistryDisabled",
+    "get_registry",
+    "kill_run",
+    "process_run_id",
+    "process_start_time",
+    "processes_of_run",
+    "registry_dir",
+]
 
 log = logging.getLogger("snakepit.registry")
 
 REGISTRY_DIR_ENV = "SNAKEPIT_REGISTRY_DIR"
+DB_NAME = "workers.sqlite3"
+#: The files SQLite keeps beside the database in WAL mode (created with the database's mode).
+COMPANIONS = ("-wal", "-shm")
+#: SQLite's primary result codes for a file that is not, or no longer, a sound database.
+CORRUPT_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 
 def registry_dir() -> Path:
-    """Where the registry lives: a private (0700) per-user directory."""
+    """Where the registry lives (nothing is created or checked here)."""
     explicit = os.environ.get(REGISTRY_DIR_ENV)
     if explicit:
-        base = Path(explicit)
-    elif os.environ.get("XDG_RUNTIME_DIR"):
-        base = Path(os.environ["XDG_RUNTIME_DIR"]) / "snakepit"
-    else:
-        base = Path(tempfile.gettempdir()) / f"snakepit-{os.getuid()}"
-    base.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return base
+        return Path(explicit)
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(os.environ["XDG_RUNTIME_DIR"]) / "snakepit"
+    return Path(tempfile.gettempdir()) / f"snakepit-{os.getuid()}"
 
 
-def process_start_time(pid: int) -> int | None:
-    """The kernel's start time of ``pid`` (clock ticks since boot), None if it is gone."""
+# -- processes -----------------------------------------------------------------------------
+
+
+def _is_ours(pid: int) -> bool:
+    """True if ``pid``'s real and effective uid are ours (/proc/PID/status ``Uid:``)."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            # The command name may contain spaces and parentheses: split after the last ')'.
-            fields = stat.read().rsplit(b")", 1)[1].split()
-        return int(fields[19])
-    except (OSError, IndexError, ValueError):
-        return None
+        with open(f"/proc/{pid}/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"Uid:"):
+                    real, effective = (int(uid) for uid in line.split()[1:3])
+                    return real == effective == os.getuid()
+    except (OSError, ValueError):
+        return False
+    return False
 
 
 def process_run_id(pid: int) -> str | None:
@@ -58,18 +96,33 @@ def process_run_id(pid: int) -> str | None:
             for entry in environ.read().split(b"\0"):
                 if entry.startswith(b"SNAKEPIT_RUN_ID="):
                     return entry.split(b"=", 1)[1].decode()
-    except OSError:
+    except (OSError, UnicodeDecodeError):
         return None
     return None
 
 
+def _of_run(pid: int, run_id: str) -> bool:
+    return _is_ours(pid) and process_run_id(pid) == run_id
+
+
 def processes_of_run(run_id: str) -> list[int]:
-    """Every live pid whose environment carries ``run_id`` (scans /proc)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and process_run_id(int(entry)) == run_id:
-            found.append(int(entry))
-    return found
+    """Every live pid of this user whose environment carries ``run_id`` (scans /proc)."""
+    return [int(e) for e in os.listdir("/proc") if e.isdigit() and _of_run(int(e), run_id)]
+
+
+def kill_run(run_id: str) -> list[int]:
+    """SIGKILL every process of this user (and its group) that carries ``run_id``; the pids."""
+    killed = []
+    for pid in processes_of_run(run_id):
+        # Checked again just before the signal: the scan took a while, the pid may be reused.
+        if not _of_run(pid, run_id):
+            continue
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+    return killed
 
 
 @dataclass(frozen=True)
@@ -78,76 +131,287 @@ class ReapReport:
     killed: list[int]
 
 
-class Registry:
-    """The on-disk record of this user's workers (one per process, thread-safe)."""
+# -- opening the database safely -----------------------------------------------------------
 
-    def __init__(self, path: Path | None = None) -> None:
-        self.path = path or registry_dir() / "workers.sqlite3"
-        self._lock = threading.Lock()
-        self._own_start = process_start_time(os.getpid())
-        self._db = sqlite3.connect(
-            self.path, timeout=5, check_same_thread=False, isolation_level=None
+
+@dataclass(frozen=True)
+class RegistryDisabled:
+    """Why this process runs without the registry, and what the user can do about it."""
+
+    reason: str
+    remedy: str
+
+
+class _Unusable(Exception):
+    def __init__(self, reason: str, remedy: str) -> None:
+        super().__init__(reason)
+        self.problem = RegistryDisabled(reason, remedy)
+
+
+class _Corrupt(Exception):
+    pass
+
+
+def _elsewhere(fix: str) -> str:
+    return f"{fix}, or set {REGISTRY_DIR_ENV} to a directory of yours with mode 0700"
+
+
+def _describe(mode: int) -> str:
+    kinds = {stat.S_IFLNK: "a symbolic link", stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO"}
+    return kinds.get(stat.S_IFMT(mode), "not a regular file")
+
+
+def _open_private_dir(directory: Path) -> int:
+    """An fd of ``directory`` (created 0700 if missing) after checking that only we control it."""
+    try:
+        directory.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise _Unusable(
+            f"cannot create {directory}: {exc.strerror}",
+            _elsewhere(f"make sure {directory.parent} exists and is writable"),
+        ) from None
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # the kernel reports either for a link
+            kind = "a symbolic link" if directory.is_symlink() else "not a directory"
+            raise _Unusable(f"{directory} is {kind}", _elsewhere(f"remove {directory}")) from None
+        raise _Unusable(
+            f"{directory} cannot be opened ({exc.strerror})", _elsewhere(f"check {directory}")
+        ) from None
+    info = os.fstat(fd)
+    if info.st_uid != os.getuid():
+        os.close(fd)
+        raise _Unusable(
+            f"{directory} is owned by uid {info.st_uid}, not by you (uid {os.getuid()})",
+            _elsewhere(f"if you did not create it, someone else did: have {directory} removed"),
         )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=OFF")
-        self._db.execute(
+    if info.st_mode & 0o022:
+        os.close(fd)
+        raise _Unusable(
+            f"{directory} has mode {stat.S_IMODE(info.st_mode):04o}: others can replace the"
+            " database in it",
+            _elsewhere(f"check its content and run `chmod 700 {directory}`"),
+        )
+    return fd
+
+
+def _check_file(dir_fd: int, path: Path, create: bool) -> tuple[int, int] | None:
+    """(device, inode) of our regular file ``path``, made 0600; None if it is absent.
+
+    Inspected with lstat, never opened (closing any descriptor of a database this process has
+    open would drop SQLite's locks on it); created with O_EXCL | O_NOFOLLOW when asked.
+    """
+    if create:
+        with contextlib.suppress(FileExistsError):
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            os.close(os.open(path.name, flags, 0o600, dir_fd=dir_fd))
+    try:
+        info = os.stat(path.name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(info.st_mode):
+        raise _Unusable(f"{path} is {_describe(info.st_mode)}", _elsewhere(f"remove {path}"))
+    if info.st_uid != os.getuid():
+        raise _Unusable(
+            f"{path} is owned by uid {info.st_uid}, not by you", _elsewhere(f"remove {path}")
+        )
+    if info.st_mode & 0o077:
+        os.chmod(path.name, 0o600, dir_fd=dir_fd)  # ours, in a directory only we can write
+    return info.st_dev, info.st_ino
+
+
+def _check_files(dir_fd: int, path: Path) -> tuple[int, int]:
+    """Check the database (creating it) and its companions; the database's identity."""
+    identity = _check_file(dir_fd, path, create=True)
+    assert identity is not None
+    for suffix in COMPANIONS:
+        _check_file(dir_fd, path.with_name(path.name + suffix), create=False)
+    return identity
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    """An open, checked connection; ``_Corrupt`` if the file is not a sound database."""
+    db = sqlite3.connect(path, timeout=5, check_same_thread=False, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=OFF")
+        db.execute(
             "CREATE TABLE IF NOT EXISTS workers (pid INTEGER, start_time INTEGER, run_id TEXT,"
             " owner_pid INTEGER, owner_start INTEGER, worker_id TEXT,"
             " PRIMARY KEY (pid, start_time))"
         )
+        if db.execute("PRAGMA quick_check").fetchone() != ("ok",):
+            raise _Corrupt("quick_check failed")
+    except sqlite3.DatabaseError as exc:
+        db.close()
+        code = getattr(exc, "sqlite_errorcode", None)  # absent on the module's own errors
+        if isinstance(code, int) and code & 0xFF in CORRUPT_CODES:
+            raise _Corrupt(str(exc)) from None
+        raise _Unusable(f"database error: {exc}", _elsewhere(f"check {path}")) from None
+    except _Corrupt:
+        db.close()
+        raise
+    return db
+
+
+@contextlib.contextmanager
+def _locked(dir_fd: int) -> Iterator[None]:
+    fcntl.flock(dir_fd, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(dir_fd, fcntl.LOCK_UN)
+
+
+def _move_aside(dir_fd: int, path: Path, identity: tuple[int, int], why: str) -> None:
+    """Rename the corrupt database and its companions, unless another process already did."""
+    aside = f"{path.name}.corrupt-{int(time.time())}-{os.getpid()}"
+    with _locked(dir_fd):
+        info = os.stat(path.name, dir_fd=dir_fd, follow_symlinks=False)
+        if (info.st_dev, info.st_ino) != identity:
+            return
+        for suffix in ("", *COMPANIONS):
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(path.name + suffix, aside + suffix, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    log.warning("process registry was corrupt (%s): moved aside to %s, starting anew", why, aside)
+
+
+def _open_database(path: Path) -> sqlite3.Connection:
+    """Check the directory and files, connect, and check that SQLite opened what was checked."""
+    dir_fd = _open_private_dir(path.parent)
+    try:
+        identity = _check_files(dir_fd, path)
+        try:
+            db = _connect(path)
+        except _Corrupt as exc:
+            _move_aside(dir_fd, path, identity, str(exc))
+            identity = _check_files(dir_fd, path)
+            db = _connect(path)
+        opened = os.stat(path, follow_symlinks=False)
+        if (opened.st_dev, opened.st_ino) != identity:
+            db.close()
+            raise _Unusable(f"{path} was replaced while it was opened", _elsewhere("retry"))
+        return db
+    except OSError as exc:
+        raise _Unusable(f"{path}: {exc.strerror}", _elsewhere(f"check {path.parent}")) from None
+    except _Corrupt as exc:
+        raise _Unusable(f"{path} is corrupt: {exc}", _elsewhere(f"remove {path}")) from None
+    finally:
+        os.close(dir_fd)
+
+
+# -- the registry --------------------------------------------------------------------------
+
+
+class Registry:
+    """The on-disk record of this user's workers (one per process, thread-safe, never raises).
+
+    :attr:`disabled` says why it is off, if it is: then every method does nothing.
+    """
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path or registry_dir() / DB_NAME
+        self.disabled: RegistryDisabled | None = None
+        self._lock = threading.Lock()
+        self._own_start = process_start_time(os.getpid())
+        self._db: sqlite3.Connection | None = None
+        try:
+            self._db = _open_database(self.path)
+        except _Unusable as exc:
+            self._disable(exc.problem)
+
+    def _disable(self, problem: RegistryDisabled) -> None:
+        self.disabled = problem
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+            self._db = None
+        log.warning(
+            "process registry disabled: %s. Workers left behind by a parent that dies are then"
+            " not reaped. Remedy: %s",
+            problem.reason,
+            problem.remedy,
+        )
+
+    def _failed(self, exc: sqlite3.Error) -> None:
+        self._disable(
+            RegistryDisabled(
+                f"{self.path}: {exc}",
+                f"if it persists, see `snakepit doctor`; a corrupt {DB_NAME} is moved aside"
+                " by the next process that opens it",
+            )
+        )
 
     def add(self, pid: int, run_id: str, worker_id: str) -> None:
-        with self._lock, contextlib.suppress(sqlite3.Error):
-            self._db.execute(
-                "INSERT OR REPLACE INTO workers VALUES (?, ?, ?, ?, ?, ?)",
-                (pid, process_start_time(pid), run_id, os.getpid(), self._own_start, worker_id),
-            )
+        with self._lock:
+            if self._db is None:
+                return
+            try:
+                # The owner columns are no longer read here (the run id names its owner), but
+                # older snakepit versions sharing this file read them.
+                self._db.execute(
+                    "INSERT OR REPLACE INTO workers VALUES (?, ?, ?, ?, ?, ?)",
+                    (pid, process_start_time(pid), run_id, os.getpid(), self._own_start, worker_id),
+                )
+            except sqlite3.Error as exc:
+                self._failed(exc)
 
     def remove(self, pid: int) -> None:
-        with self._lock, contextlib.suppress(sqlite3.Error):
-            self._db.execute("DELETE FROM workers WHERE pid = ? AND run_id = ?", (pid, RUN_ID))
-
-    def _dead_runs(self) -> list[str]:
-        rows = self._db.execute(
-            "SELECT DISTINCT run_id, owner_pid, owner_start FROM workers"
-        ).fetchall()
-        return [
-            run_id
-            for run_id, owner_pid, owner_start in rows
-            if run_id != RUN_ID and process_start_time(owner_pid) != owner_start
-        ]
+        with self._lock:
+            if self._db is None:
+                return
+            try:
+                self._db.execute(
+                    "DELETE FROM workers WHERE pid = ? AND run_id = ?", (pid, current_run_id())
+                )
+            except sqlite3.Error as exc:
+                self._failed(exc)
 
     def reap_dead_runs(self) -> ReapReport:
         """Kill what is left of runs whose owner died; forget them."""
         with self._lock:
-            try:
-                dead = self._dead_runs()
-            except sqlite3.Error as exc:
-                log.warning("process registry %s unreadable: %s", self.path, exc)
+            if self._db is None:
                 return ReapReport(0, [])
-            killed: list[int] = []
-            for run_id in dead:
-                killed.extend(kill_run(run_id))
-                self._db.execute("DELETE FROM workers WHERE run_id = ?", (run_id,))
-            if killed:
-                log.warning(
-                    "reaped %d orphaned worker process(es) of %d dead run(s): %s",
-                    len(killed),
-                    len(dead),
-                    killed,
-                )
-            return ReapReport(len(dead), killed)
+            try:
+                return self._reap(self._db)
+            except sqlite3.Error as exc:
+                self._failed(exc)
+            except OSError as exc:  # no /proc to scan
+                log.warning("cannot reap dead runs: %s", exc)
+            return ReapReport(0, [])
 
+    def _reap(self, db: sqlite3.Connection) -> ReapReport:
+        run_ids = [row[0] for row in db.execute("SELECT DISTINCT run_id FROM workers")]
+        dead = [run_id for run_id in run_ids if run_is_dead(run_id)]
+        killed: list[int] = []
+        for run_id in dead:
+            killed.extend(kill_run(run_id))
+            db.execute("DELETE FROM workers WHERE run_id = ?", (run_id,))
+        if killed:
+            log.warning(
+                "reaped %d orphaned worker process(es) of %d dead run(s): %s",
+                len(killed),
+                len(dead),
+                killed,
+            )
+        return ReapReport(len(dead), killed)
 
-def kill_run(run_id: str) -> list[int]:
-    """SIGKILL every process (and its group) that carries ``run_id``; returns the pids."""
-    pids = processes_of_run(run_id)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            if os.getpgid(pid) == pid:
-                os.killpg(pid, signal.SIGKILL)
-            os.kill(pid, signal.SIGKILL)
-    return pids
+    def _close_in_fork_child(self) -> None:
+        """Close this (inherited) connection in a fork child; the parent's stays intact.
+
+        Closing, rather than abandoning, clears SQLite's per-process lock bookkeeping, which a
+        new connection to the same file would otherwise inherit. It cannot disturb the parent:
+        the child holds none of the parent's POSIX locks, and the parent's shared lock on the
+        database keeps the child from checkpointing or deleting the WAL. ``_before_fork`` made
+        sure no statement was running.
+        """
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+            self._db = None
 
 
 _registry: Registry | None = None
@@ -155,8 +419,34 @@ _registry_lock = threading.Lock()
 
 
 def get_registry() -> Registry:
+    """This process's registry, opened at the first call (a fork child opens its own)."""
     global _registry
     with _registry_lock:
         if _registry is None:
             _registry = Registry()
         return _registry
+
+
+def _before_fork() -> None:
+    _registry_lock.acquire()
+    if _registry is not None:
+        _registry._lock.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    if _registry is not None:
+        _registry._lock.release()
+    _registry_lock.release()
+
+
+def _after_fork_in_child() -> None:
+    global _registry, _registry_lock
+    inherited, _registry = _registry, None
+    _registry_lock = threading.Lock()
+    if inherited is not None:
+        inherited._close_in_fork_child()
+
+
+os.register_at_fork(
+    before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
+)
