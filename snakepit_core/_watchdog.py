@@ -1,11 +1,12 @@
 """The watchdog process: kills a parent's worker process groups when the parent dies.
 
 Run by :mod:`snakepit_core.watchdog` as ``python -I -S _watchdog.py`` in its own session, with
-its stdin a pipe from the parent. The parent writes ``+PGID`` when a worker starts and
-``-PGID`` when it is gone. When stdin reaches EOF the parent has exited (cleanly or by
-SIGKILL): every process group still listed is sent SIGKILL, which also takes the workers'
-own children. A group is only killed if one of its processes still carries the parent's
-``SNAKEPIT_RUN_ID`` (argv[1]), so a process group id reused by someone else is never touched.
+its stdin a pipe from the parent. The first line is the parent's ``SNAKEPIT_RUN_ID`` (sent on
+the pipe because a command line is readable by every user); then the parent writes ``+PGID``
+when a worker starts and ``-PGID`` when it is gone. When stdin reaches EOF the parent has exited
+(cleanly or by SIGKILL): every process group still listed is sent SIGKILL, which also takes the
+workers' own children. A group is only killed if one of its processes still belongs to this
+user and carries the run id, so a process group id reused by someone else is never touched.
 Standard library only, so it starts in milliseconds.
 """
 
@@ -18,6 +19,19 @@ import sys
 def main() -> None:
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
+    run_id = sys.stdin.buffer.readline().strip()
+    groups = listed_groups()
+    # Where /proc exists, kill only groups that still hold a process of this run; elsewhere
+    # the recorded groups are all there is to go on.
+    if os.path.isdir("/proc"):
+        groups &= groups_of_run(run_id)
+    for pgid in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+
+
+def listed_groups() -> set[int]:
+    """The groups still listed when stdin ends (``+PGID`` adds, ``-PGID`` removes)."""
     groups = set()
     for line in sys.stdin.buffer:
         text = line.strip()
@@ -28,28 +42,34 @@ def main() -> None:
             groups.add(pgid)
         else:
             groups.discard(pgid)
-    # Where /proc exists, kill only groups that still hold a process of this run; elsewhere
-    # the recorded groups are all there is to go on.
-    if os.path.isdir("/proc"):
-        groups &= groups_of_run(sys.argv[1].encode())
-    for pgid in groups:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL)
+    return groups
+
+
+def is_ours(pid: str) -> bool:
+    """True if the process's real and effective uid are this process's."""
+    with open(f"/proc/{pid}/status", "rb") as status:
+        for line in status:
+            if line.startswith(b"Uid:"):
+                real, effective = (int(uid) for uid in line.split()[1:3])
+                return real == effective == os.getuid()
+    return False
 
 
 def groups_of_run(run_id: bytes) -> set[int]:
-    """Process groups that have a member whose environment carries ``run_id``."""
+    """Process groups that have a member of this user whose environment carries ``run_id``."""
     marker = b"SNAKEPIT_RUN_ID=" + run_id
     found = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
+            if not is_ours(entry):
+                continue
             with open(f"/proc/{entry}/environ", "rb") as environ:
                 if marker not in environ.read().split(b"\0"):
                     continue
             found.add(os.getpgid(int(entry)))
-        except (OSError, ProcessLookupError):
+        except (OSError, ValueError):
             continue
     return found
 

@@ -1,14 +1,18 @@
 """One watchdog process per parent process, started with the first pool.
 
 The kernel's parent-death signal stops the workers themselves when the parent dies, but not
-what they started, and not on every platform. The watchdog (``_watchdog.py``) learns every
-worker's process group through a pipe and kills those groups when that pipe reaches EOF,
-which happens whenever the parent dies, however it dies.
+what they started, and not on every platform. The watchdog (``_watchdog.py``) learns the run id
+and every worker's process group through a pipe and kills those groups when that pipe reaches
+EOF, which happens whenever the parent dies, however it dies.
+
+The run id goes down the pipe, never on the watchdog's command line, which every user can read.
+The parent keeps the pipe's write end as a raw descriptor: a fork child closes its copy at once
+(``os.register_at_fork``), so a living fork child never holds the pipe open after the parent's
+death, and starts a watchdog of its own if it starts workers.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import subprocess
@@ -16,11 +20,17 @@ import sys
 import threading
 from pathlib import Path
 
-from .runinfo import RUN_ID
+from .runinfo import current_run_id
 
 log = logging.getLogger("snakepit.watchdog")
 
 SCRIPT = Path(__file__).resolve().parent / "_watchdog.py"
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 class Watchdog:
@@ -29,47 +39,57 @@ class Watchdog:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._process: subprocess.Popen[bytes] | None = None
-        self._owner_pid = -1
+        #: The write end of the watchdog's stdin, -1 when there is none.
+        self._pipe = -1
         #: The groups being watched, re-sent to a new watchdog if the old one was killed.
         self._groups: set[int] = set()
 
-    def _ensure_started(self) -> subprocess.Popen[bytes] | None:
-        alive = self._process is not None and self._process.poll() is None
-        if alive and self._owner_pid == os.getpid():
-            return self._process
-        if self._owner_pid != os.getpid():
-            self._groups.clear()  # a forked child inherits none of its parent's workers
+    def _start(self) -> None:
+        """Start a watchdog and tell it the run id and every watched group."""
+        self._close_pipe()
+        read, write = os.pipe()
         try:
             self._process = subprocess.Popen(
-                [sys.executable, "-I", "-S", str(SCRIPT), RUN_ID],
-                stdin=subprocess.PIPE,
+                [sys.executable, "-I", "-S", str(SCRIPT)],
+                stdin=read,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
                 start_new_session=True,
                 close_fds=True,
             )
         except OSError as exc:
+            os.close(write)
             log.warning(
                 "cannot start the snakepit watchdog (%s); relying on the parent-death "
                 "signal, stdin EOF and the registry",
                 exc,
             )
             self._process = None
-        self._owner_pid = os.getpid()
-        if self._process is not None and self._process.stdin is not None and self._groups:
-            with contextlib.suppress(OSError, ValueError):
-                self._process.stdin.write(b"".join(b"+%d\n" % g for g in self._groups))
-                self._process.stdin.flush()
-        return self._process
+            return
+        finally:
+            os.close(read)
+        self._pipe = write
+        lines = [current_run_id().encode(), *(b"+%d" % group for group in self._groups)]
+        self._write(b"\n".join(lines) + b"\n")
+
+    def _write(self, data: bytes) -> bool:
+        try:
+            _write_all(self._pipe, data)
+        except OSError:  # the watchdog died (EPIPE)
+            self._close_pipe()
+            return False
+        return True
+
+    def _close_pipe(self) -> None:
+        if self._pipe >= 0:
+            os.close(self._pipe)
+            self._pipe = -1
 
     def _send(self, line: bytes) -> None:
         with self._lock:
-            process = self._ensure_started()
-            if process is None or process.stdin is None:
-                return
-            with contextlib.suppress(OSError, ValueError):
-                process.stdin.write(line)
-                process.stdin.flush()
+            alive = self._process is not None and self._process.poll() is None
+            if not (alive and self._pipe >= 0 and self._write(line)):
+                self._start()  # it sends every group, this one included
 
     def watch(self, pgid: int) -> None:
         """Kill process group ``pgid`` if this process dies before :meth:`forget`."""
@@ -84,9 +104,27 @@ class Watchdog:
     def pid(self) -> int | None:
         return None if self._process is None else self._process.pid
 
+    def _reset_in_fork_child(self) -> None:
+        """Forget the parent's watchdog: close the inherited write end (raw, nothing to flush)."""
+        self._close_pipe()
+        if self._process is not None:
+            # The parent's child, not ours: mark it done so Popen neither waits nor warns.
+            self._process.returncode = 0
+        self._lock = threading.Lock()
+        self._process = None
+        self._groups = set()
+
 
 _watchdog = Watchdog()
 
 
 def get_watchdog() -> Watchdog:
     return _watchdog
+
+
+# Holding the lock across fork() means no message is half sent and no watchdog half started.
+os.register_at_fork(
+    before=lambda: _watchdog._lock.acquire(),
+    after_in_parent=lambda: _watchdog._lock.release(),
+    after_in_child=_watchdog._reset_in_fork_child,
+)
