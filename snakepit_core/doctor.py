@@ -33,7 +33,7 @@ def run_doctor(console: Console) -> bool:
             "parent-death signal: [yellow]unavailable[/yellow] (stdin EOF and the "
             "registry still clean up)"
         )
-    console.print(f"process registry: {get_registry().path}")
+    print_registry(console)
     console.print(f"JSON codec: {JSON_CODEC}")
     try:
         import uvloop  # noqa: F401
@@ -42,3 +42,16 @@ def run_doctor(console: Console) -> bool:
     except ImportError:
         console.print("event loop: asyncio (install snakepit-core[fast] for uvloop and orjson)")
     return healthy
+
+
+def print_registry(console: Console) -> None:
+    """Where the registry is, or why this process runs without it and what to do about it."""
+    registry = get_registry()
+    if registry.disabled is None:
+        console.print(f"process registry: [green]ok[/green] {registry.path}")
+        return
+    console.print(
+        f"process registry: [yellow]disabled[/yellow] ({registry.disabled.reason}); orphans of"
+        f" a parent that dies are not reaped. Remedy: {registry.disabled.remedy}",
+        highlight=False,
+    )
