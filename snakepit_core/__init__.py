@@ -38,10 +38,10 @@ from .sessions import (
     SessionBackend,
     SessionHelpers,
     SessionStore,
-    SyncSessionStore,
 )
 from .sync import (
     SyncPool,
+    SyncSessionStore,
     execute,
     execute_in_session,
     execute_program_command,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, TypedDict
 
 from .errors import ConfigError
 from .protocol import DEFAULT_MAX_FRAME_BYTES, get_codec
@@ -64,6 +64,39 @@ class PoolConfig:
         """A copy with ``changes`` applied (unknown keys raise ``ConfigError``)."""
         check_keys(changes, source="arguments")
         return dataclasses.replace(self, **changes)
+
+
+class PoolOptions(TypedDict, total=False):
+    """The keyword overrides ``Pool(adapter, **options)`` accepts: every ``PoolConfig`` field.
+
+    With ``Unpack[PoolOptions]`` a type checker rejects a misspelled key (``pool_sise=2``);
+    a test keeps this in step with ``PoolConfig``.
+    """
+
+    pool_size: int
+    pool_startup_timeout: float
+    pool_queue_timeout: float
+    pool_max_queue_size: int
+    worker_init_timeout: float
+    worker_health_check_interval: float
+    worker_health_check_misses: int
+    worker_shutdown_grace_period: float
+    cleanup_retry_interval: float
+    cleanup_max_retries: int
+    max_frame_bytes: int
+    json_codec: str
+    cancel_grace_period: float
+    max_requests_per_worker: int
+    max_worker_memory_mb: float | None
+    crash_loop_threshold: int
+    crash_loop_probe_interval: float
+    restart_backoff_initial: float
+    restart_backoff_max: float
+    session_affinity: str
+    session_ttl: float
+    session_cleanup_interval: float
+    global_program_ttl: float
+    latency_window: int
 
 
 FIELD_TYPES: dict[str, str] = {f.name: str(f.type) for f in fields(PoolConfig)}

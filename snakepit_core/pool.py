@@ -18,13 +18,13 @@ import time
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterable
+from typing import TYPE_CHECKING, Any, Unpack
 
 from opentelemetry import metrics, trace
 
 from .adapter import Adapter
-from .config import AFFINITY_MODES, PoolConfig
+from .config import AFFINITY_MODES, PoolConfig, PoolOptions
 from .deadlines import Deadlines
 from .errors import (
     AffinityBusy,
@@ -45,6 +45,9 @@ from .stats import PoolCounters
 from .supervisor import Supervisor
 from .telemetry import PoolTelemetry
 from .worker import Worker, _CommandFailure, terminate_process_groups
+
+if TYPE_CHECKING:
+    from .sessions import SessionStore
 
 log = logging.getLogger("snakepit.pool")
 
@@ -78,7 +81,7 @@ def _stop_pools_left_open() -> None:
             ResourceWarning,
             stacklevel=1,
         )
-        pool.terminate_now()
+        pool._terminate_now()
 
 
 def _seconds(value: Any, what: str, adapter: str, command: str) -> float:
@@ -120,13 +123,17 @@ class Pool:
         config: PoolConfig | None = None,
         tracer_provider: trace.TracerProvider | None = None,
         meter_provider: metrics.MeterProvider | None = None,
-        session_store: Any = None,
-        **overrides: Any,
+        session_store: SessionStore | None = None,
+        **overrides: Unpack[PoolOptions],
     ) -> None:
         from .config_sources import load_config
 
+        if not isinstance(adapter, str | Adapter):
+            raise TypeError(
+                f"adapter must be an adapter name or an Adapter, not {type(adapter).__name__}"
+            )
         self.adapter = resolve_adapter(adapter)
-        self.config = load_config(config, overrides)
+        self.config = load_config(config, dict(overrides))
         self._plugins = get_plugin_manager()
         self._hook_errors = 0
         self._hooks: AdapterHooks = self._plugins.hooks_for(self.adapter, self._count_hook_error)
@@ -152,7 +159,7 @@ class Pool:
         self._deadlines: Deadlines  # created by start(), on the pool's loop
         self.supervisor = Supervisor(self)
         self._session_store = session_store
-        self._sessions: Any = None
+        self._sessions: SessionStore | None = None
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -174,7 +181,7 @@ class Pool:
         stopped meanwhile, every worker it started is stopped before the error propagates.
         """
         if self._state != "new":
-            raise PoolStopped(f"pool of {self.adapter.name!r} was already started")
+            raise RuntimeError(f"pool of {self.adapter.name!r} was already started")
         self._loop = asyncio.get_running_loop()
         self._deadlines = Deadlines(self._loop, self._expire_due)
         self._state = "starting"
@@ -312,7 +319,7 @@ class Pool:
         self.supervisor.after_stop()
         self._stopped.set()
 
-    def terminate_now(self) -> None:
+    def _terminate_now(self) -> None:
         """Stop every worker without the event loop: SIGTERM each process group, wait up to
         the grace period, then SIGKILL. For interpreter exit, when the loop may be gone."""
         if self._state == "inherited":
@@ -492,17 +499,19 @@ class Pool:
         """
         return self._execute(command, args, timeout, None, None, False, False)
 
-    async def _execute(
+    def _checked_request(
         self,
+        hooks: AdapterHooks,
         command: str,
         args: dict[str, Any] | None,
         timeout: float | None,
         session_id: str | None,
-        preferred: Worker | None,
-        strict: bool,
-        fail_fast: bool,
-    ) -> Any:
-        self._check_running()
+    ) -> tuple[dict[str, Any], float, bool]:
+        """Validate and prepare a request before any worker is taken.
+
+        Returns the arguments to send, the timeout in seconds and whether the exact (stdlib)
+        encoder is needed. Raises ``ValidationError`` naming the argument or option at fault.
+        """
         adapter = self.adapter.name
         if args is None:
             args = {}
@@ -517,9 +526,6 @@ class Pool:
             timeout = _seconds(timeout, "timeout", adapter, command)
         # JSON first: the schema walk and the codecs must only ever see JSON values.
         exact = check_arguments(args, adapter=adapter, command=command) if args else False
-        hooks = self._hooks
-        if hooks.version != self._plugins.version:
-            hooks = self._hooks = self._plugins.hooks_for(self.adapter, self._count_hook_error)
         hooks.validate_command(command, args)
         if session_id is not None:
             args = {**args, "session_id": session_id}
@@ -532,6 +538,22 @@ class Pool:
             if timeout is None:
                 timeout = self.adapter.timeout_for(command)
             timeout = _seconds(timeout, "the command timeout", adapter, command)
+        return args, timeout, exact
+
+    async def _execute(
+        self,
+        command: str,
+        args: dict[str, Any] | None,
+        timeout: float | None,
+        session_id: str | None,
+        preferred: Worker | None,
+        strict: bool,
+        fail_fast: bool,
+    ) -> Any:
+        self._check_running()
+        hooks = self._hooks
+        if hooks.version != self._plugins.version:
+            hooks = self._hooks = self._plugins.hooks_for(self.adapter, self._count_hook_error)
         counters = self.counters
         counters.requests += 1
         telemetry = self.telemetry
@@ -542,6 +564,7 @@ class Pool:
         queue_wait = 0.0
         error: BaseException | None = None
         try:
+            args, timeout, exact = self._checked_request(hooks, command, args, timeout, session_id)
             worker = await self._acquire(preferred, strict, fail_fast)
             try:
                 dispatched = time.monotonic()
@@ -606,10 +629,39 @@ class Pool:
                     error=error,
                 )
 
+    async def map(
+        self,
+        command: str,
+        args_iterable: Iterable[dict[str, Any] | None],
+        *,
+        timeout: float | None = None,
+    ) -> AsyncGenerator[Any, None]:
+        """Run ``command`` once per item of ``args_iterable``; yield the results in input order.
+
+        At most the pool's capacity plus its free queue places are in flight, so mapping over
+        any number of items never makes the pool refuse them (``PoolSaturated``). The first
+        error is raised when its turn comes; the calls still in flight are then cancelled.
+        """
+        window = max(1, self.config.pool_size + self.config.pool_max_queue_size - self._queued)
+        in_flight: deque[asyncio.Future[Any]] = deque()
+        try:
+            for args in args_iterable:
+                in_flight.append(
+                    asyncio.ensure_future(self.execute(command, args, timeout=timeout))
+                )
+                if len(in_flight) >= window:
+                    yield await in_flight.popleft()
+            while in_flight:
+                yield await in_flight.popleft()
+        finally:
+            for future in in_flight:
+                future.cancel()
+            await asyncio.gather(*in_flight, return_exceptions=True)
+
     # -- sessions -----------------------------------------------------------------------------
 
     @property
-    def sessions(self) -> Any:
+    def sessions(self) -> SessionStore:
         """The pool's :class:`~snakepit_core.sessions.SessionStore` (created on first use)."""
         if self._sessions is None:
             from .sessions import SessionStore
@@ -668,6 +720,26 @@ class Pool:
             preferred,
             strict and preferred is not None,
             mode == "strict_fail_fast",
+        )
+
+    async def execute_program_command(
+        self,
+        session_id: str,
+        command: str,
+        args: dict[str, Any] | None = None,
+        *,
+        affinity: str | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """The seed's program helper: ``create_program`` / ``execute_program`` in a session.
+
+        Same as ``SessionHelpers(pool).execute_program_command(...)``; see
+        :class:`~snakepit_core.sessions.SessionHelpers`.
+        """
+        from .sessions import SessionHelpers
+
+        return await SessionHelpers(self).execute_program_command(
+            session_id, command, args, affinity=affinity, timeout=timeout
         )
 
     def _on_session_removed(self, session_id: str, worker_ids: set[str]) -> None:

@@ -1,8 +1,9 @@
 """Sessions: state that lives across requests, and the worker a session last used.
 
-:class:`SessionStore` is the API (async; :class:`SyncSessionStore` is its blocking twin). It
-keeps sessions in a :class:`SessionBackend`; :class:`InMemoryBackend` is the embedded default,
-and another backend (e.g. a shared one) plugs in without touching the pool. TTLs slide: reads
+:class:`SessionStore` is the API (async; ``snakepit_core.sync.SyncSessionStore`` is its
+blocking twin). It keeps sessions in a :class:`SessionBackend`; :class:`InMemoryBackend` is
+the embedded default, and another backend (e.g. a shared one) plugs in without touching the
+pool. TTLs slide: reads
 and updates push expiry forward. Expiry uses an injectable monotonic clock so tests drive it
 without sleeping; user-facing timestamps are wall-clock UTC.
 """
@@ -334,41 +335,6 @@ def _estimate_size(session: Session) -> int:
     return sys.getsizeof(session) + len(repr(session.programs)) + len(repr(session.metadata))
 
 
-class SyncSessionStore:
-    """Blocking twin of :class:`SessionStore`: each call runs on the store's event loop.
-
-    Built by ``SyncPool.sessions``, or stand-alone with ``SyncSessionStore()`` (own loop
-    thread). Calls from many threads are serialized on that loop, so e.g. concurrent
-    ``create_session`` of one id has exactly one winner.
-    """
-
-    def __init__(
-        self,
-        store: SessionStore | None = None,
-        call: Callable[[Any], Any] | None = None,
-        **store_options: Any,
-    ) -> None:
-        if call is None:
-            from .sync import LoopThread
-
-            self._runner: Any = LoopThread()
-            call = self._runner.call
-        self.store = store or SessionStore(**store_options)
-        self._call = call
-
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self.store, name)
-        if not asyncio.iscoroutinefunction(method):
-            return method
-
-        def blocking(*args: Any, **kwargs: Any) -> Any:
-            return self._call(method(*args, **kwargs))
-
-        blocking.__name__ = name
-        blocking.__doc__ = method.__doc__
-        return blocking
-
-
 class SessionHelpers:
     """Programs on top of sessions (the seed's ``SessionHelpers``).
 
@@ -381,8 +347,16 @@ class SessionHelpers:
         self.pool = pool
 
     async def execute_program_command(
-        self, session_id: str, command: str, args: dict[str, Any] | None = None, **options: Any
+        self,
+        session_id: str,
+        command: str,
+        args: dict[str, Any] | None = None,
+        *,
+        affinity: str | None = None,
+        timeout: float | None = None,
     ) -> Any:
+        """Run a program command in ``session_id``; any other command runs as is."""
+        options = {"affinity": affinity, "timeout": timeout}
         args = dict(args or {})
         store: SessionStore = self.pool.sessions
         if command == "create_program":

@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import os
 import threading
 import warnings
 import weakref
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
+from typing import Any, Protocol, TypeVar, Unpack
+
+from opentelemetry import metrics, trace
 
 from .adapter import Adapter
+from .config import PoolConfig, PoolOptions
 from .errors import PoolStopped
 from .pool import Pool
+from .sessions import RemovalListener, Session, SessionStore
 
 T = TypeVar("T")
 
@@ -62,15 +67,18 @@ class LoopThread:
         """True in a fork child of the process that started the loop."""
         return os.getpid() != self.owner_pid
 
+    def _inherited_error(self) -> PoolStopped:
+        return PoolStopped(
+            f"this pool belongs to process {self.owner_pid}: it was inherited through fork() "
+            f"and cannot be used in process {os.getpid()}; start a new pool in this process",
+            owner_pid=self.owner_pid,
+        )
+
     def call(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run ``coroutine`` on the loop and wait for its result (from any other thread)."""
         if self.inherited:
             coroutine.close()
-            raise PoolStopped(
-                f"this pool belongs to process {self.owner_pid}: it was inherited through fork() "
-                f"and cannot be used in process {os.getpid()}; start a new pool in this process",
-                owner_pid=self.owner_pid,
-            )
+            raise self._inherited_error()
         if threading.current_thread() is self.thread:
             coroutine.close()
             raise RuntimeError("a blocking snakepit call was made from its own loop thread")
@@ -82,6 +90,13 @@ class LoopThread:
                 future.cancel()
             raise
 
+    def submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Schedule ``coroutine`` on the loop; its ``concurrent.futures.Future``."""
+        if self.inherited:
+            coroutine.close()
+            raise self._inherited_error()
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+
     def close(self) -> None:
         if self.inherited:
             return
@@ -91,25 +106,137 @@ class LoopThread:
             self.loop.close()
 
 
-class SyncPool:
-    """A :class:`Pool` for code without an event loop. ``with SyncPool("my-adapter") as pool:``."""
+class BlockingCall(Protocol):
+    """Runs a coroutine on a loop of snakepit's and waits for its result."""
 
-    def __init__(self, adapter: str | Adapter, **kwargs: Any) -> None:
+    def __call__(self, coroutine: Coroutine[Any, Any, T], /) -> T: ...
+
+
+class SyncSessionStore:
+    """The blocking twin of :class:`~snakepit_core.sessions.SessionStore`, method for method.
+
+    Built by ``SyncPool.sessions`` (on the pool's loop), or stand-alone with
+    ``SyncSessionStore()`` (a loop thread of its own). Calls from many threads are serialized
+    on that loop, so e.g. concurrent ``create_session`` of one id has exactly one winner.
+    """
+
+    def __init__(
+        self,
+        store: SessionStore | None = None,
+        call: BlockingCall | None = None,
+        **store_options: Any,
+    ) -> None:
+        #: The loop thread this store owns (stand-alone use), stopped by :meth:`close`.
+        self._runner: LoopThread | None = None
+        if call is None:
+            self._runner = LoopThread()
+            call = self._runner.call
+        self._call: BlockingCall = call
+        self.store = store or SessionStore(**store_options)
+
+    def add_listener(self, listener: RemovalListener) -> None:
+        self.store.add_listener(listener)
+
+    def close(self) -> None:
+        """Stop the store's cleanup task, and its loop thread if it has its own."""
+        self._call(_close_store(self.store))
+        if self._runner is not None:
+            self._runner.close()
+
+    def create_session(
+        self, session_id: str, *, ttl: float | None = None, metadata: dict[str, Any] | None = None
+    ) -> Session:
+        return self._call(self.store.create_session(session_id, ttl=ttl, metadata=metadata))
+
+    def get_session(self, session_id: str) -> Session:
+        return self._call(self.store.get_session(session_id))
+
+    def get_or_create_session(self, session_id: str) -> Session:
+        return self._call(self.store.get_or_create_session(session_id))
+
+    def update_session(
+        self, session_id: str, update: Callable[[Session], Session | None]
+    ) -> Session:
+        return self._call(self.store.update_session(session_id, update))
+
+    def session_exists(self, session_id: str) -> bool:
+        return self._call(self.store.session_exists(session_id))
+
+    def list_sessions(self) -> list[str]:
+        return self._call(self.store.list_sessions())
+
+    def delete_session(self, session_id: str) -> bool:
+        return self._call(self.store.delete_session(session_id))
+
+    def note_worker(self, session_id: str, worker_id: str) -> None:
+        self._call(self.store.note_worker(session_id, worker_id))
+
+    def cleanup_expired_sessions(self) -> int:
+        return self._call(self.store.cleanup_expired_sessions())
+
+    def store_program(self, session_id: str, program_id: str, data: Any) -> None:
+        self._call(self.store.store_program(session_id, program_id, data))
+
+    def get_program(self, session_id: str, program_id: str) -> Any:
+        return self._call(self.store.get_program(session_id, program_id))
+
+    def store_global_program(self, program_id: str, data: Any) -> None:
+        self._call(self.store.store_global_program(program_id, data))
+
+    def get_global_program(self, program_id: str) -> Any:
+        return self._call(self.store.get_global_program(program_id))
+
+    def get_stats(self) -> dict[str, Any]:
+        return self._call(self.store.get_stats())
+
+
+class SyncPool:
+    """A :class:`Pool` for code without an event loop. ``with SyncPool("my-adapter") as pool:``.
+
+    The blocking twin of :class:`Pool`, method for method with the same parameters (as httpx's
+    ``Client`` is of ``AsyncClient``); ``submit`` and ``run`` are its own additions.
+    """
+
+    def __init__(
+        self,
+        adapter: str | Adapter,
+        *,
+        config: PoolConfig | None = None,
+        tracer_provider: trace.TracerProvider | None = None,
+        meter_provider: metrics.MeterProvider | None = None,
+        session_store: SessionStore | None = None,
+        **overrides: Unpack[PoolOptions],
+    ) -> None:
         self._runner = LoopThread()
         self._call = self._runner.call
         self._closed = False
         self._lock = threading.Lock()
+        options = {
+            "config": config,
+            "tracer_provider": tracer_provider,
+            "meter_provider": meter_provider,
+            "session_store": session_store,
+        }
         try:
-            self.pool: Pool = self._call(self._make(adapter, kwargs))
+            self.pool: Pool = self._call(_make_pool(adapter, options, overrides))
         except BaseException:
             self._runner.close()
             raise
 
-    @staticmethod
-    async def _make(adapter: str | Adapter, kwargs: dict[str, Any]) -> Pool:
-        return Pool(adapter, **kwargs)
+    @property
+    def adapter(self) -> Adapter:
+        return self.pool.adapter
+
+    @property
+    def config(self) -> PoolConfig:
+        return self.pool.config
+
+    @property
+    def running(self) -> bool:
+        return self.pool.running and not self._runner.inherited
 
     def start(self) -> SyncPool:
+        """Blocking :meth:`Pool.start`; returns the pool, so ``SyncPool(...).start()`` works."""
         self._call(self.pool.start())
         _open_pools.add(self)
         return self
@@ -118,9 +245,38 @@ class SyncPool:
         self, command: str, args: dict[str, Any] | None = None, *, timeout: float | None = None
     ) -> Any:
         """Blocking :meth:`Pool.execute`; safe from any thread."""
-        if self._closed:
-            raise PoolStopped(f"pool of {self.pool.adapter.name!r} is stopped")
+        self._check_open()
         return self._call(self.pool.execute(command, args, timeout=timeout))
+
+    def submit(
+        self, command: str, args: dict[str, Any] | None = None, *, timeout: float | None = None
+    ) -> concurrent.futures.Future[Any]:
+        """:meth:`execute` without waiting: a ``concurrent.futures.Future`` of the result."""
+        self._check_open()
+        return self._runner.submit(self.pool.execute(command, args, timeout=timeout))
+
+    def map(
+        self,
+        command: str,
+        args_iterable: Iterable[dict[str, Any] | None],
+        *,
+        timeout: float | None = None,
+    ) -> Iterator[Any]:
+        """Blocking :meth:`Pool.map`: the results in input order, the first error in its turn.
+
+        Closing the iterator early (``break``) cancels the calls still in flight.
+        """
+        self._check_open()
+        results = self.pool.map(command, args_iterable, timeout=timeout)
+        try:
+            while True:
+                try:
+                    yield self._call(_next(results))
+                except StopAsyncIteration:
+                    return
+        finally:
+            if not self._runner.inherited and not self._runner.loop.is_closed():
+                self._call(results.aclose())
 
     def execute_in_session(
         self,
@@ -132,21 +288,37 @@ class SyncPool:
         timeout: float | None = None,
     ) -> Any:
         """Blocking :meth:`Pool.execute_in_session`."""
+        self._check_open()
         return self._call(
             self.pool.execute_in_session(
                 session_id, command, args, affinity=affinity, timeout=timeout
             )
         )
 
+    def execute_program_command(
+        self,
+        session_id: str,
+        command: str,
+        args: dict[str, Any] | None = None,
+        *,
+        affinity: str | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Blocking :meth:`Pool.execute_program_command`."""
+        self._check_open()
+        return self._call(
+            self.pool.execute_program_command(
+                session_id, command, args, affinity=affinity, timeout=timeout
+            )
+        )
+
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        """Run any coroutine on the pool's loop (e.g. a session-store call) and wait for it."""
+        """Run any coroutine on the pool's loop and wait for it."""
         return self._call(coroutine)
 
     @property
-    def sessions(self) -> Any:
-        """A synchronous view of the pool's session store."""
-        from .sessions import SyncSessionStore
-
+    def sessions(self) -> SyncSessionStore:
+        """The blocking twin of :attr:`Pool.sessions`."""
         return SyncSessionStore(self.pool.sessions, self._call)
 
     def stats(self) -> dict[str, Any]:
@@ -154,16 +326,6 @@ class SyncPool:
         if self._closed or self._runner.inherited:
             return self.pool.stats()
         return self._call(_stats(self.pool))
-
-    def execute_program_command(
-        self, session_id: str, command: str, args: dict[str, Any] | None = None, **options: Any
-    ) -> Any:
-        """Blocking :meth:`SessionHelpers.execute_program_command` on this pool."""
-        from .sessions import SessionHelpers
-
-        return self._call(
-            SessionHelpers(self.pool).execute_program_command(session_id, command, args, **options)
-        )
 
     def stop(self, grace: float | None = None) -> None:
         """Stop the pool and its loop thread. Idempotent; safe from signal handlers."""
@@ -180,6 +342,12 @@ class SyncPool:
         finally:
             self._runner.close()
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise PoolStopped(
+                f"pool of {self.pool.adapter.name!r} is stopped", adapter=self.pool.adapter.name
+            )
+
     def __enter__(self) -> SyncPool:
         return self.start()
 
@@ -188,6 +356,21 @@ class SyncPool:
 
     def __repr__(self) -> str:
         return f"<SyncPool {self.pool!r}>"
+
+
+async def _close_store(store: SessionStore) -> None:
+    store.close()  # on the store's loop, which owns its cleanup task
+
+
+async def _next(results: AsyncIterator[Any]) -> Any:
+    return await anext(results)
+
+
+async def _make_pool(
+    adapter: str | Adapter, options: dict[str, Any], overrides: PoolOptions
+) -> Pool:
+    """Pools are made on their own loop (their events and futures belong to it)."""
+    return Pool(adapter, **options, **overrides)
 
 
 async def _stats(pool: Pool) -> dict[str, Any]:
@@ -223,13 +406,18 @@ def _new_lock_after_fork() -> None:
 os.register_at_fork(after_in_child=_new_lock_after_fork)
 
 
-def start(adapter: str | Adapter, **kwargs: Any) -> SyncPool:
+def start(
+    adapter: str | Adapter,
+    *,
+    config: PoolConfig | None = None,
+    **overrides: Unpack[PoolOptions],
+) -> SyncPool:
     """Start the process-wide default pool (stopping a previous one: reconfiguration)."""
     global _default
     with _default_lock:
         if _default is not None:
             _default.stop()
-        _default = SyncPool(adapter, **kwargs).start()
+        _default = SyncPool(adapter, config=config, **overrides).start()
         return _default
 
 
@@ -264,10 +452,17 @@ def stats() -> dict[str, Any]:
 
 
 def execute_program_command(
-    session_id: str, command: str, args: dict[str, Any] | None = None, **options: Any
+    session_id: str,
+    command: str,
+    args: dict[str, Any] | None = None,
+    *,
+    affinity: str | None = None,
+    timeout: float | None = None,
 ) -> Any:
     """The seed's module-level program helper, on the default pool."""
-    return get_pool().execute_program_command(session_id, command, args, **options)
+    return get_pool().execute_program_command(
+        session_id, command, args, affinity=affinity, timeout=timeout
+    )
 
 
 def stop() -> None:
@@ -282,6 +477,7 @@ def stop() -> None:
 __all__ = [
     "LoopThread",
     "SyncPool",
+    "SyncSessionStore",
     "execute",
     "execute_in_session",
     "execute_program_command",

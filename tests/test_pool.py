@@ -110,7 +110,10 @@ async def test_validation_refuses_bad_arguments_before_dispatch():
             await pool.execute("compute", {"operation": "add", "a": 1})
         with pytest.raises(ValidationError, match="must be an object"):
             await pool.execute("echo", ["not", "a", "dict"])  # type: ignore[arg-type]
-        assert pool.stats()["requests"] == 0
+        stats = pool.stats()
+        # Counted as failed requests, never sent: the worker served nothing.
+        assert stats["requests"] == 2 and stats["errors"] == 2
+        assert [w["requests"] for w in stats["per_worker"].values()] == [1]  # the handshake
 
 
 async def test_several_pools_of_different_adapters_in_one_process():
