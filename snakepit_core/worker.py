@@ -16,7 +16,7 @@ import signal
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from .adapter import Adapter
 from .config import PoolConfig
@@ -128,7 +128,10 @@ class Worker:
         #: Loop time by which the request in flight must be answered (None: nothing pending).
         self.deadline: float | None = None
         self._timeout = 0.0
-        self.state = "new"  # new -> starting -> ready -> stopping -> dead
+        #: new -> starting -> ready, then toward dead: ``stopping`` (a graceful stop),
+        #: ``killing`` (SIGKILL sent by the pool) or ``exiting`` (the process exited by itself;
+        #: its pipes are draining). ``dead`` once the process and its pipes are gone.
+        self.state = "new"
         self.pid: int | None = None
         self.exit_code: int | None = None
         self.exit_reason: str | None = None
@@ -233,7 +236,7 @@ class Worker:
         self.state = "ready"
         self.ready_at = time.monotonic()
 
-    async def _fail_startup(self, cause: SnakepitError) -> None:
+    async def _fail_startup(self, cause: SnakepitError) -> NoReturn:
         self.kill("startup_failed")
         await asyncio.shield(self.exited)
         if isinstance(cause, WorkerTimeout):
