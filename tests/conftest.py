@@ -15,6 +15,12 @@ sys.path.insert(0, str(TESTS))
 
 from snakepit_core import Adapter, ScriptAdapter  # noqa: E402
 
+# The one polling helper (and its blocking twin) of every test: ``from conftest import
+# eventually``. Defined with the conformance suite, which ships without this directory.
+from snakepit_core.conformance.polling import eventually, eventually_sync  # noqa: E402
+
+__all__ = ["BRIDGES", "eventually", "eventually_sync", "pids_of_run"]
+
 BRIDGES = TESTS / "bridges"
 
 

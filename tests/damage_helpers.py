@@ -16,9 +16,10 @@ import selectors
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from conftest import eventually, eventually_sync
 
 TESTS = Path(__file__).resolve().parent
 BRIDGES = TESTS / "bridges"
@@ -105,24 +106,9 @@ def status_field(name: str) -> int:
     raise KeyError(name)
 
 
-async def wait_until(predicate: Callable[[], bool], within: float, interval: float = 0.01) -> float:
-    """Seconds until ``predicate()`` held; raises ``TimeoutError`` after ``within``."""
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > within:
-            raise TimeoutError(f"condition not met within {within}s")
-        await asyncio.sleep(interval)
-    return time.monotonic() - started
-
-
-def poll_until(predicate: Callable[[], bool], within: float, interval: float = 0.01) -> float:
-    """Blocking :func:`wait_until`, for tests that drive processes without a loop."""
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > within:
-            raise TimeoutError(f"condition not met within {within}s")
-        time.sleep(interval)
-    return time.monotonic() - started
+#: Kept for tests/test_fork_handles.py, which imports it from here; new code uses
+#: ``from conftest import eventually_sync``.
+poll_until = eventually_sync
 
 
 def read_line(process: subprocess.Popen[bytes], within: float) -> bytes:
@@ -189,11 +175,11 @@ async def _parent(kind: str, spinners: int, daemon: bool) -> None:
             await pool.execute("echo", {"load": True}, timeout=3600)
 
     loaders = [asyncio.ensure_future(load()) for _ in range(4)]
-    await wait_until(lambda: sum(w.busy for w in pool.workers.values()) == spinners + 1, 30)
+    await eventually(lambda: sum(w.busy for w in pool.workers.values()) == spinners + 1, 30)
     spinning = [w.pid for w in pool.workers.values() if w._pending_command == "spin"]
     # Proof that they spin: each burns CPU time while the parent is still alive.
     before = {pid: cpu_ticks(pid) for pid in spinning}
-    await wait_until(lambda: all(cpu_ticks(pid) > before[pid] for pid in spinning), 30)
+    await eventually(lambda: all(cpu_ticks(pid) > before[pid] for pid in spinning), 30)
     description = {
         "run_id": RUN_ID,
         "parent_pid": os.getpid(),

@@ -24,12 +24,20 @@ from snakepit_core import (
     WorkerTimeout,
 )
 
+from conftest import eventually
 
-async def wait_for_size(pool: Pool, size: int, within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while len(pool.workers) < size or pool.stats()["available"] < size:
-        assert time.monotonic() < deadline, f"pool did not recover to {size}: {pool.stats()}"
-        await asyncio.sleep(0.02)
+
+def serving(pool: Pool, size: int, restarts: int = 0):
+    """A predicate for ``eventually``: ``size`` workers available, ``restarts`` counted."""
+    return lambda: (
+        len(pool.workers) >= size
+        and pool.stats()["available"] >= size
+        and pool.stats()["restarts"] >= restarts
+    )
+
+
+def stats_of(pool: Pool):
+    return lambda: f"pool did not recover: {pool.stats()}"
 
 
 async def test_junk_on_stdout_is_a_protocol_error_and_the_worker_is_replaced(misbehaving):
@@ -39,14 +47,14 @@ async def test_junk_on_stdout_is_a_protocol_error_and_the_worker_is_replaced(mis
         assert info.value.code == "protocol_error"
         assert "Loading model" in str(info.value) and "printing to stdout" in str(info.value)
         assert await pool.execute("echo", {"still": "serving"}) == {"still": "serving"}
-        await wait_for_size(pool, 2)
+        await eventually(serving(pool, 2, restarts=1), message=stats_of(pool))
 
 
 async def test_wrong_id_is_a_protocol_error(misbehaving):
     async with Pool(misbehaving(), pool_size=1) as pool:
         with pytest.raises(ProtocolError, match="does not match the request in flight"):
             await pool.execute("wrong_id", {})
-        await wait_for_size(pool, 1)
+        await eventually(serving(pool, 1, restarts=1), message=stats_of(pool))
         assert await pool.execute("echo", {"n": 1}) == {"n": 1}
 
 
@@ -54,7 +62,7 @@ async def test_oversized_frame_is_refused(misbehaving):
     async with Pool(misbehaving(), pool_size=1, max_frame_bytes=1024 * 1024) as pool:
         with pytest.raises(ProtocolError, match="over the maximum of 1048576 bytes"):
             await pool.execute("oversized", {})
-        await wait_for_size(pool, 1)
+        await eventually(serving(pool, 1, restarts=1), message=stats_of(pool))
         assert await pool.execute("echo", {}) == {}
 
 
@@ -105,7 +113,7 @@ async def test_hang_on_a_request_times_out_promptly_and_the_worker_is_replaced(m
         assert time.monotonic() - started < 2
         assert info.value.code == "worker_timeout" and "'sleep'" in str(info.value)
         assert await pool.execute("echo", {"a": 1}) == {"a": 1}
-        await wait_for_size(pool, 2)
+        await eventually(serving(pool, 2, restarts=1), message=stats_of(pool))
 
 
 async def test_adapter_timeout_applies_when_the_caller_gives_none(misbehaving):
@@ -125,8 +133,7 @@ async def test_death_mid_request_reports_exit_code_and_last_stderr_line(misbehav
         assert "fatal: the bridge is going down" in str(error)
         assert "fatal: the bridge is going down" in error.stderr_tail
         assert (await asyncio.gather(*others)) == [{"slept": 0.3}]
-        await wait_for_size(pool, 2)
-        assert pool.stats()["restarts"] >= 1
+        await eventually(serving(pool, 2, restarts=1), message=stats_of(pool))
 
 
 async def test_command_failure_is_a_command_error(misbehaving):
@@ -225,4 +232,4 @@ async def test_startup_serves_with_the_workers_that_start(misbehaving, tmp_path)
     async with Pool(adapter, pool_size=2, restart_backoff_initial=0.05) as pool:
         assert 1 <= len(pool.workers) <= 2
         assert await pool.execute("echo", {"x": 1}) == {"x": 1}
-        await wait_for_size(pool, 2, within=10)
+        await eventually(serving(pool, 2), within=10, message=stats_of(pool))

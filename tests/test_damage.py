@@ -34,12 +34,10 @@ from damage_helpers import (
     alive,
     live_pids_of_run,
     open_fds,
-    poll_until,
     read_line,
     report,
     size,
     status_field,
-    wait_until,
 )
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -56,7 +54,7 @@ from snakepit_core import (
 from snakepit_core.registry import Registry, process_start_time
 from snakepit_core.runinfo import RUN_ID
 
-from conftest import BRIDGES
+from conftest import BRIDGES, eventually, eventually_sync
 
 pytestmark = pytest.mark.damage
 
@@ -143,7 +141,7 @@ async def test_chaos_sigkill_a_busy_worker_every_50ms(adapter, capsys):
         chaos = False
         await killing
         chaos_seconds = time.monotonic() - started
-        recovery = await wait_until(lambda: full(pool, pool_size), within=2.0)
+        recovery = await eventually(lambda: full(pool, pool_size), within=2.0)
         stats = pool.stats()
         assert await pool.execute("echo", {"after": 1}) == {"echoed": {"after": 1}}
     leftover = live_pids_of_run(RUN_ID)
@@ -196,7 +194,7 @@ async def test_running_out_of_descriptors_backs_off_without_opening_the_breaker(
             in_service = len(pool.workers)
         finally:
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-        refill = await wait_until(lambda: full(pool, 3), within=15)
+        refill = await eventually(lambda: full(pool, 3), within=15)
         stats = pool.stats()
     report(capsys, "emfile", served=served, in_service=in_service, refill_s=round(refill, 3))
     assert in_service == 2, "a worker started although no descriptor was free"
@@ -251,7 +249,7 @@ async def test_sigkills_of_starting_workers_never_open_the_breaker(capsys):
         tasks = [caller(pool) for pool in pools for _ in range(8)]
         tasks += [killer(pool) for pool in pools]
         await asyncio.wait_for(asyncio.gather(*tasks), seconds + 60)
-        recovered = await wait_until(lambda: all(full(p, pool_size) for p in pools), within=30)
+        recovered = await eventually(lambda: all(full(p, pool_size) for p in pools), within=30)
         for pool in pools:
             assert await pool.execute("echo", {"after": 1}) == {"echoed": {"after": 1}}
     finally:
@@ -303,14 +301,14 @@ async def test_stop_in_the_middle_of_chaos_leaves_nothing(adapter, capsys):
     killing = asyncio.ensure_future(killer())
     await asyncio.sleep(0.5)
     # Stop while replacements are most likely mid-start: right after a round of kills.
-    await wait_until(lambda: len(pool.workers) < pool_size, within=5, interval=0.001)
+    await eventually(lambda: len(pool.workers) < pool_size, within=5, interval=0.001)
     in_service = {w.pid for w in pool.workers.values()}
     stopping = time.monotonic()
     await asyncio.wait_for(pool.stop(grace=grace), 30)
     stop_s = time.monotonic() - stopping
     at_return = set(live_pids_of_run(RUN_ID))
     await asyncio.wait_for(asyncio.gather(*callers, killing), 30)
-    gone_after = await wait_until(lambda: not live_pids_of_run(RUN_ID), within=2)
+    gone_after = await eventually(lambda: not live_pids_of_run(RUN_ID), within=2)
     report(
         capsys,
         f"stop_in_chaos[{adapter}]",
@@ -336,7 +334,7 @@ async def test_stop_waits_for_workers_that_are_still_starting():
     for worker in list(pool.workers.values()):
         os.kill(worker.pid, signal.SIGKILL)
     # Replacements spawned, not in service yet (a Python worker takes ~100 ms to be ready).
-    await wait_until(
+    await eventually(
         lambda: not pool.workers and bool(set(live_pids_of_run(RUN_ID)) - first),
         within=10,
         interval=0.001,
@@ -344,7 +342,7 @@ async def test_stop_waits_for_workers_that_are_still_starting():
     await pool.stop()
     left = live_pids_of_run(RUN_ID)
     with contextlib.suppress(TimeoutError):
-        await wait_until(lambda: not live_pids_of_run(RUN_ID), within=2)  # for the next test
+        await eventually(lambda: not live_pids_of_run(RUN_ID), within=2)  # for the next test
     assert left == [], "processes of the pool outlived stop()"
 
 
@@ -475,25 +473,25 @@ def test_parent_sigkill_leaves_no_process_of_its_run(adapter, variant, tmp_path,
         assert watchdog is not None and alive(watchdog)
         if mechanisms["kill_watchdog"]:
             os.kill(watchdog, signal.SIGKILL)
-            poll_until(lambda: not alive(watchdog), within=5)
+            eventually_sync(lambda: not alive(watchdog), within=5)
         killed_at = time.monotonic()
         parent.kill()
         parent.wait(timeout=10)
         workers = run["workers"]
         if not mechanisms["kill_watchdog"]:
             # The watchdog or pdeathsig: everything, grandchild included, within 5 s.
-            poll_until(lambda: not live_pids_of_run(run_id), within=5)
+            eventually_sync(lambda: not live_pids_of_run(run_id), within=5)
             cleanup = time.monotonic() - killed_at
-            poll_until(lambda: not alive(watchdog), within=5)  # and the watchdog exits
+            eventually_sync(lambda: not alive(watchdog), within=5)  # and the watchdog exits
             reaped, reaper_s = 0, 0.0
         else:
             if mechanisms["pdeathsig"]:
                 # The workers die by pdeathsig; the grandchild has no parent-death signal.
-                poll_until(lambda: not any(alive(pid) for pid in workers), within=5)
+                eventually_sync(lambda: not any(alive(pid) for pid in workers), within=5)
                 expected_survivors = {run["grandchild"]}
             else:
                 # Idle workers exit on stdin EOF; spinning ones never read it.
-                poll_until(
+                eventually_sync(
                     lambda: not any(alive(p) for p in workers if p not in run["spinning"]),
                     within=5,
                 )
@@ -504,7 +502,7 @@ def test_parent_sigkill_leaves_no_process_of_its_run(adapter, variant, tmp_path,
             reaping = time.monotonic()
             killed = reap_in_fresh_process(registry, mechanisms["reaper"])
             reaper_s = time.monotonic() - reaping
-            poll_until(lambda: not live_pids_of_run(run_id), within=5)
+            eventually_sync(lambda: not live_pids_of_run(run_id), within=5)
             cleanup = time.monotonic() - killed_at
             if killed is not None:
                 assert expected_survivors <= set(killed) <= before
@@ -544,12 +542,12 @@ def test_a_daemonized_grandchild_is_left_to_the_registry_reaper(kind, tmp_path, 
         killed_at = time.monotonic()
         parent.kill()
         parent.wait(timeout=10)
-        poll_until(lambda: set(live_pids_of_run(run_id)) <= {daemon}, within=5)
+        eventually_sync(lambda: set(live_pids_of_run(run_id)) <= {daemon}, within=5)
         in_group_cleanup = time.monotonic() - killed_at
         time.sleep(0.3)
         assert live_pids_of_run(run_id) == [daemon], "the daemon was expected to survive"
         assert daemon in (reap_in_fresh_process(registry) or [])
-        poll_until(lambda: not live_pids_of_run(run_id), within=5)
+        eventually_sync(lambda: not live_pids_of_run(run_id), within=5)
         report(
             capsys,
             f"daemonized_grandchild[{kind}]",
@@ -585,7 +583,7 @@ async def test_start_stop_cycles_leak_nothing(adapter, capsys):
     elapsed = time.monotonic() - started
     # The child-watcher threads of the last workers finish just after their process exits.
     with contextlib.suppress(TimeoutError):
-        await wait_until(lambda: status_field("Threads") <= threads_before, within=2)
+        await eventually(lambda: status_field("Threads") <= threads_before, within=2)
     gc.collect()
     fds_after, threads_after = open_fds(), status_field("Threads")
     leftover = live_pids_of_run(RUN_ID)

@@ -21,6 +21,8 @@ from snakepit_core import (
     ValidationError,
 )
 
+from conftest import eventually
+
 
 class FakeClock:
     """A monotonic clock the test moves by hand."""
@@ -95,10 +97,7 @@ async def test_the_background_cleanup_task_removes_expired_sessions():
     store.add_listener(lambda sid, workers: removed.append(sid))
     await store.create_session("short")
     clock.advance(10)
-    for _ in range(100):
-        if removed:
-            break
-        await asyncio.sleep(0.02)
+    await eventually(lambda: removed, within=2, message="the cleanup task removed nothing")
     assert removed == ["short"]
     assert (await store.get_stats())["cleanup_runs"] >= 1
     store.close()
@@ -265,17 +264,13 @@ async def test_clear_session_reaches_every_worker_that_served_it():
         session = await pool.sessions.get_session("c")
         worker_id = session.last_worker_id
         assert await pool.sessions.delete_session("c")
-        for _ in range(100):
-            probe = await pool.execute("retrieve", {"key": "k", "session_id": "c"})
-            if probe["found"] is False and worker_id in pool.workers:
-                break
-            await asyncio.sleep(0.02)
-        direct = [
-            await pool._execute(
-                "retrieve", {"key": "k"}, 5.0, "c", pool.workers[worker_id], True, False
-            )
-        ]
-        assert direct[0]["found"] is False
+
+        async def cleared_on_the_worker_that_served_it() -> bool:
+            worker = pool.workers[worker_id]
+            probe = await pool._execute("retrieve", {"key": "k"}, 5.0, "c", worker, True, False)
+            return probe["found"] is False
+
+        await eventually(cleared_on_the_worker_that_served_it, within=2)
 
 
 async def test_program_lifecycle():

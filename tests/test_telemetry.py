@@ -26,6 +26,8 @@ from snakepit_core import (
 )
 from snakepit_core.telemetry import Attr
 
+from conftest import eventually
+
 
 @pytest.fixture
 def spans():
@@ -92,10 +94,10 @@ async def test_worker_start_restart_and_exit_spans(spans, misbehaving):
         first_pid = next(iter(pool.workers.values())).pid
         with pytest.raises(WorkerCrashed):
             await pool.execute("die", {"code": 5})
-        for _ in range(200):
-            if pool.stats()["available"] == 1 and len(pool.workers) == 1:
-                break
-            await asyncio.sleep(0.02)
+        await eventually(
+            lambda: pool.stats()["restarts"] == 1 and pool.stats()["available"] == 1,
+            message=lambda: f"not replaced: {pool.stats()}",
+        )
     names = [s.name for s in exporter.get_finished_spans()]
     assert names.count("snakepit.worker.start") == 2
     assert "snakepit.worker.restart" in names
@@ -190,10 +192,10 @@ async def test_metrics(meter, misbehaving):
             await pool.execute("compute", {"operation": "divide", "a": 1, "b": 0})
         worker = next(iter(pool.workers.values()))
         worker.kill("crashed")
-        for _ in range(200):
-            if pool.stats()["restarts"] == 1 and pool.stats()["available"] == 2:
-                break
-            await asyncio.sleep(0.02)
+        await eventually(
+            lambda: pool.stats()["restarts"] == 1 and pool.stats()["available"] == 2,
+            message=lambda: f"not replaced: {pool.stats()}",
+        )
         points = metric_points(reader)
     duration = points["rpc.client.call.duration"]
     assert sum(p.count for p in duration) == 11

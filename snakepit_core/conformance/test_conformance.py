@@ -7,7 +7,7 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -25,6 +25,7 @@ from snakepit_core import (
     WorkerCrashed,
     WorkerTimeout,
 )
+from snakepit_core.conformance.polling import eventually
 
 # Explicit asyncio marks: the suite must also run where pytest-asyncio is in strict mode.
 pytestmark = [pytest.mark.conformance, pytest.mark.asyncio]
@@ -41,13 +42,6 @@ SHARED_COMMANDS = {
     "create_program",
     "execute_program",
 }
-
-
-async def eventually(predicate: Callable[[], bool], within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 @pytest_asyncio.fixture
