@@ -43,6 +43,10 @@ SHARED_COMMANDS = {
     "execute_program",
 }
 
+#: The runtime each bundled adapter's distribution reports in ``ping`` and ``info``
+#: (docs/PROTOCOL.md). Any other adapter may report any non-empty name.
+BUNDLED_RUNTIMES = {"snakepit-python": "python", "snakepit-node": "node", "snakepit-ruby": "ruby"}
+
 
 @pytest_asyncio.fixture
 async def pool(adapter_name: str) -> AsyncIterator[Pool]:
@@ -63,7 +67,11 @@ async def test_handshake_and_ping_shape(pool: Pool) -> None:
     assert ping["status"] == "ok" and ping["worker_id"] in pool.workers
     assert isinstance(ping["uptime"], int | float) and ping["uptime"] >= 0
     assert isinstance(ping["requests_handled"], int) and ping["requests_handled"] >= 1
-    assert ping["runtime"] == pool.adapter.name or isinstance(ping["runtime"], str)
+    assert isinstance(ping["runtime"], str) and ping["runtime"].strip(), "runtime must be named"
+    expected = BUNDLED_RUNTIMES.get(pool.adapter.distribution or "")
+    if expected is not None:
+        assert ping["runtime"] == expected, f"{pool.adapter.distribution} runs {expected}"
+    assert (await pool.execute("info", {}))["runtime"] == ping["runtime"], "info disagrees"
     assert ping["pid"] == pool.workers[ping["worker_id"]].pid
     assert "cancel" in ping["capabilities"]
 
