@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from damage_helpers import alive, live_pids_of_run, poll_until, read_line, report, spin_adapter
+from damage_helpers import alive, live_pids_of_run, read_line, report, spin_adapter
 
 from snakepit_core import registry as registry_module
 from snakepit_core.registry import DB_NAME, get_registry
 from snakepit_core.runinfo import current_run_id, run_owner
 from snakepit_core.watchdog import get_watchdog
+
+from conftest import eventually_sync
 
 
 def in_fork_child(probe: Any) -> dict[str, Any]:
@@ -128,13 +130,13 @@ def test_parent_sigkill_with_a_live_fork_child_leaves_no_worker_or_grandchild(
         assert run["child_run_id"] != run_id and run["child_watchdog"] is None
         # A grandchild can be caught mid-exec, its environment not yet readable: wait for it.
         everyone = {*run["workers"], run["grandchild"]}
-        poll_until(lambda: everyone <= set(live_pids_of_run(run_id)), within=5)
+        eventually_sync(lambda: everyone <= set(live_pids_of_run(run_id)), within=5)
         killed_at = time.monotonic()
         parent.kill()
         parent.wait(timeout=10)
-        poll_until(lambda: not live_pids_of_run(run_id), within=5)
+        eventually_sync(lambda: not live_pids_of_run(run_id), within=5)
         cleanup = time.monotonic() - killed_at
-        poll_until(lambda: not alive(run["watchdog_pid"]), within=5)
+        eventually_sync(lambda: not alive(run["watchdog_pid"]), within=5)
         assert alive(child), "the fork child was expected to live on"
         report(
             capsys,
