@@ -19,7 +19,6 @@ from snakepit_core import (
     Pool,
     PoolStopped,
     WorkerCrashed,
-    WorkerTimeout,
 )
 
 from conftest import eventually, pids_of_run
@@ -47,23 +46,6 @@ async def test_a_killed_serving_worker_is_replaced_at_once(adapter):
         await eventually(replaced(pool, 2, 1), message=lambda: f"not replaced: {pool.stats()}")
         assert pool.stats()["restarts"] == 1 and not pool.stats()["breaker_open"]
         assert (await pool.execute("ping", {}))["status"] == "ok"
-
-
-@pytest.mark.parametrize("adapter", ADAPTERS)
-async def test_death_mid_request_on_every_adapter(adapter):
-    async with Pool(adapter, pool_size=2) as pool:
-        info = await pool.execute("info", {})
-        call = asyncio.ensure_future(pool.execute("sleep", {"seconds": 10}))
-        await asyncio.sleep(0.2)
-        busy = [w for w in pool.workers.values() if w.busy]
-        assert len(busy) == 1
-        os.kill(busy[0].pid, signal.SIGKILL)
-        with pytest.raises(WorkerCrashed, match="signal SIGKILL") as crashed:
-            await call
-        assert crashed.value.exit_code == -signal.SIGKILL
-        await eventually(full(pool, 2))
-        assert (await pool.execute("echo", {"after": True}))["echoed"] == {"after": True}
-        assert info["pid"] > 0
 
 
 async def test_a_crash_loop_opens_the_breaker_within_seconds(misbehaving):
@@ -199,32 +181,6 @@ async def test_recycling_by_memory(misbehaving):
         await eventually(lambda: first not in pool.workers)
         await eventually(replaced(pool, 1, 1), message=lambda: str(pool.stats()))
         assert pool.stats()["restarts"] == 1
-
-
-@pytest.mark.parametrize("adapter", ADAPTERS)
-async def test_a_cancelled_call_cancels_on_the_worker_which_keeps_serving(adapter):
-    async with Pool(adapter, pool_size=1) as pool:
-        pid = next(iter(pool.workers.values())).pid
-        call = asyncio.ensure_future(pool.execute("sleep", {"seconds": 30}))
-        await asyncio.sleep(0.2)
-        call.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await call
-        assert (await pool.execute("ping", {}))["status"] == "ok"
-        assert next(iter(pool.workers.values())).pid == pid
-        assert pool.stats()["restarts"] == 0
-
-
-@pytest.mark.parametrize("adapter", ADAPTERS)
-async def test_a_timeout_cancels_on_the_worker_which_keeps_serving(adapter):
-    async with Pool(adapter, pool_size=1) as pool:
-        pid = next(iter(pool.workers.values())).pid
-        started = time.monotonic()
-        with pytest.raises(WorkerTimeout):
-            await pool.execute("sleep", {"seconds": 30}, timeout=0.3)
-        assert time.monotonic() - started < 1.5
-        assert (await pool.execute("ping", {}))["status"] == "ok"
-        assert next(iter(pool.workers.values())).pid == pid
 
 
 async def test_a_worker_that_cannot_cancel_is_killed_and_replaced(misbehaving):

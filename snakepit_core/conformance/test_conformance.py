@@ -157,12 +157,15 @@ async def test_timeout_cancels_and_the_worker_keeps_serving(pool: Pool) -> None:
 
 
 async def test_cancelling_the_caller_cancels_on_the_worker(pool: Pool) -> None:
+    pids = {w.pid for w in pool.workers.values()}
     call = asyncio.ensure_future(pool.execute("sleep", {"seconds": 30}))
     await asyncio.sleep(0.2)
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await call
     await eventually(lambda: pool.stats()["available"] == 2)
+    assert (await pool.execute("ping", {}))["status"] == "ok"
+    assert {w.pid for w in pool.workers.values()} == pids, "the worker was replaced"
     assert pool.stats()["restarts"] == 0
 
 
@@ -171,11 +174,12 @@ async def test_a_worker_killed_mid_request(pool: Pool) -> None:
     await asyncio.sleep(0.2)
     (busy,) = [w for w in pool.workers.values() if w.busy]
     os.kill(busy.pid or 0, signal.SIGKILL)
-    with pytest.raises(WorkerCrashed) as crashed:
+    with pytest.raises(WorkerCrashed, match="signal SIGKILL") as crashed:
         await call
     assert crashed.value.exit_code == -signal.SIGKILL
     await eventually(lambda: len(pool.workers) == 2 and pool.stats()["available"] == 2)
     assert (await pool.execute("ping", {}))["status"] == "ok"
+    assert await pool.execute("echo", {"after": True}) == {"echoed": {"after": True}}
 
 
 async def test_queue_saturation_and_queue_timeout(adapter_name: str) -> None:
