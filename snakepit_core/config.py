@@ -16,6 +16,7 @@ from .protocol import DEFAULT_MAX_FRAME_BYTES, get_codec
 
 AFFINITY_MODES: tuple[str, ...] = ("prefer", "strict", "strict_fail_fast")
 JSON_CODECS: tuple[str, ...] = ("auto", "orjson", "json")
+WORKER_OUTPUTS: tuple[str, ...] = ("stderr", "logging")
 
 
 def _default_pool_size() -> int:
@@ -39,6 +40,10 @@ class PoolConfig:
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     #: ``auto`` (orjson when installed), ``orjson`` or ``json``; both accept the same values.
     json_codec: str = "auto"
+    #: Where workers' stderr goes: ``stderr`` (the parent's, each line prefixed ``[worker-id]``)
+    #: or ``logging`` (logger ``snakepit.worker.stderr``, INFO). Crash errors carry the last
+    #: lines either way.
+    worker_output: str = "stderr"
     #: How long a worker may take to answer ``$cancel`` before it is killed and replaced.
     cancel_grace_period: float = 0.5
     #: Recycling: 0 / None means off.
@@ -85,6 +90,7 @@ class PoolOptions(TypedDict, total=False):
     cleanup_max_retries: int
     max_frame_bytes: int
     json_codec: str
+    worker_output: str
     cancel_grace_period: float
     max_requests_per_worker: int
     max_worker_memory_mb: float | None
@@ -175,6 +181,8 @@ def validate_config(config: PoolConfig, *, source: str) -> None:
         fail("max_worker_memory_mb", "must be a number of MiB > 0, or None for no limit")
     if config.session_affinity not in AFFINITY_MODES:
         fail("session_affinity", f"must be one of {', '.join(AFFINITY_MODES)}")
+    if config.worker_output not in WORKER_OUTPUTS:
+        fail("worker_output", f"must be one of {', '.join(WORKER_OUTPUTS)}")
     if config.json_codec not in JSON_CODECS:
         fail("json_codec", f"must be one of {', '.join(JSON_CODECS)}")
     try:

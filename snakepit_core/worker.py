@@ -1,9 +1,10 @@
 """One worker process: spawn, handshake, one request in flight, stderr, stop.
 
 The worker runs in its own process group so that stopping it also stops anything it started.
-stdout carries frames only; stderr is forwarded to ``logging`` line by line and its recent
-lines are kept (bounded) for error messages. All reads go through one asyncio subprocess
-protocol, so a worker costs no task of its own.
+stdout carries frames only; stderr is forwarded line by line, prefixed with the worker id, to
+the parent's stderr (so a ``print`` in a handler is visible by default) or to ``logging``
+(``worker_output``), and its recent lines are kept (bounded) for error messages. All reads go
+through one asyncio subprocess protocol, so a worker costs no task of its own.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -155,6 +157,7 @@ class Worker:
         self._codec = get_codec(config.json_codec)
         self._decoder = FrameDecoder(config.max_frame_bytes, self._codec)
         self._stderr_partial = b""
+        self._forward_stderr = config.worker_output == "stderr"
         self._next_id = 0
         self._pending_id: int | None = None
         self._pending: asyncio.Future[Any] | None = None
@@ -419,16 +422,23 @@ class Worker:
             lines.append(partial)
             partial = b""
         self._stderr_partial = partial
-        for line in lines:
-            self._stderr_line(line)
+        self._stderr_lines(lines)
 
-    def _stderr_line(self, line: bytes) -> None:
-        text = line.decode("utf-8", "replace").rstrip("\r")
-        if len(text) > 2000:
-            text = f"{text[:2000]}... [{len(text) - 2000} more characters]"
-        self.stderr_tail.append(text)
-        if stderr_log.isEnabledFor(logging.INFO):
-            stderr_log.info("[%s] %s", self.id, text)
+    def _stderr_lines(self, lines: list[bytes]) -> None:
+        texts = []
+        for line in lines:
+            text = line.decode("utf-8", "replace").rstrip("\r")
+            if len(text) > 2000:
+                text = f"{text[:2000]}... [{len(text) - 2000} more characters]"
+            texts.append(text)
+        self.stderr_tail.extend(texts)
+        if self._forward_stderr:
+            prefix = f"[{self.id}] "
+            sys.stderr.write("".join(f"{prefix}{text}\n" for text in texts))
+            sys.stderr.flush()
+        elif stderr_log.isEnabledFor(logging.INFO):
+            for text in texts:
+                stderr_log.info("[%s] %s", self.id, text)
 
     def stderr_excerpt(self, *, all_lines: bool = False, lines: int = 20) -> str:
         """The worker's last stderr lines, formatted to end an error message."""
@@ -454,7 +464,7 @@ class Worker:
         if self._drain_timer is not None:
             self._drain_timer.cancel()
         if self._stderr_partial:
-            self._stderr_line(self._stderr_partial)
+            self._stderr_lines([self._stderr_partial])
             self._stderr_partial = b""
         if self.exit_reason is None:
             self.exit_reason = "stopped" if self.state == "stopping" else "crashed"

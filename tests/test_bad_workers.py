@@ -196,12 +196,22 @@ def test_pool_config_defaults_are_the_seeds():
 
 async def test_a_one_mebibyte_stderr_line_breaks_nothing(misbehaving, caplog):
     caplog.set_level(logging.INFO, logger="snakepit.worker.stderr")
-    async with Pool(misbehaving("huge_stderr"), pool_size=1) as pool:
+    async with Pool(misbehaving("huge_stderr"), pool_size=1, worker_output="logging") as pool:
         assert await pool.execute("stderr_line", {"size": 1024 * 1024}) == {"written": 1048576}
         assert await pool.execute("echo", {"after": "line"}) == {"after": "line"}
         worker = next(iter(pool.workers.values()))
         assert any("more characters" in line for line in worker.stderr_tail)
     assert any(worker.id in record.getMessage() for record in caplog.records)
+
+
+async def test_worker_output_goes_to_the_parents_stderr_by_default(misbehaving, capfd):
+    async with Pool(misbehaving(), pool_size=1) as pool:
+        assert await pool.execute("flood", {"lines": 3}) == {"lines": 3}
+        worker = next(iter(pool.workers.values()))
+        assert await pool.execute("echo", {}) == {}
+    lines = [line for line in capfd.readouterr().err.splitlines() if "flood line" in line]
+    assert lines == [f"[{worker.id}] flood line {i}" for i in range(3)]
+    assert list(worker.stderr_tail)[-3:] == [f"flood line {i}" for i in range(3)]
 
 
 async def test_a_stderr_flood_does_not_stall_requests(misbehaving):
