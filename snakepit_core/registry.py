@@ -188,11 +188,11 @@ def _open_private_dir(directory: Path) -> int:
             f"{directory} is owned by uid {info.st_uid}, not by you (uid {os.getuid()})",
             _elsewhere(f"if you did not create it, someone else did: have {directory} removed"),
         )
-    if info.st_mode & 0o022:
+    if info.st_mode & 0o077:
         os.close(fd)
         raise _Unusable(
-            f"{directory} has mode {stat.S_IMODE(info.st_mode):04o}: others can replace the"
-            " database in it",
+            f"{directory} has mode {stat.S_IMODE(info.st_mode):04o}, not 0700: others can see"
+            " or replace the database in it",
             _elsewhere(f"check its content and run `chmod 700 {directory}`"),
         )
     return fd

@@ -163,7 +163,8 @@ async def test_chaos_sigkill_a_busy_worker_every_50ms(adapter, capsys):
     )
     assert outcomes["ok"] + outcomes["crashed"] == total
     assert kills_busy > 0 and outcomes["crashed"] > 0, "no kill hit a busy worker"
-    assert outcomes["crashed"] <= kills
+    # A worker killed just as its handshake answer arrives enters service, then fails a call.
+    assert outcomes["crashed"] <= kills + kills_starting
     assert not breaker_seen and not stats["breaker_open"]
     assert stats["restarts"] >= kills - pool_size
     assert kills_starting > 0, "no kill hit a starting worker"
@@ -462,7 +463,7 @@ def test_parent_sigkill_leaves_no_process_of_its_run(adapter, variant, tmp_path,
     grandchild): within 5 s nothing of the run is left, with whatever mechanisms remain."""
     mechanisms = VARIANTS[variant]
     registry = tmp_path / "registry"
-    registry.mkdir()
+    registry.mkdir(mode=0o700)
     parent, run = start_parent(adapter, registry, mechanisms["pdeathsig"])
     run_id, watchdog = run["run_id"], run["watchdog_pid"]
     bystanders: dict[str, int] = {}
@@ -534,7 +535,7 @@ def test_a_daemonized_grandchild_is_left_to_the_registry_reaper(kind, tmp_path, 
     watchdog's group kill and of pdeathsig: it outlives the parent until the registry reaper
     (``snakepit reap``, or the next pool start) finds it by its SNAKEPIT_RUN_ID."""
     registry = tmp_path / "registry"
-    registry.mkdir()
+    registry.mkdir(mode=0o700)
     parent, run = start_parent(kind, registry, daemon=True)
     run_id, daemon = run["run_id"], run["daemon"]
     try:

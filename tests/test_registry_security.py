@@ -104,6 +104,12 @@ def world_writable_dir(base: Path) -> Path:
     return base
 
 
+def group_readable_dir(base: Path) -> Path:
+    base.mkdir(mode=0o700)
+    base.chmod(0o750)
+    return base
+
+
 def group_writable_dir(base: Path) -> Path:
     base.mkdir()
     base.chmod(0o770)
@@ -122,6 +128,7 @@ HOSTILE = {
     "symlinked_dir": (symlinked_dir, "is a symbolic link"),
     "world_writable_dir": (world_writable_dir, "has mode 0777"),
     "group_writable_dir": (group_writable_dir, "has mode 0770"),
+    "group_readable_dir": (group_readable_dir, "has mode 0750"),
     "file_as_dir": (file_as_dir, "is not a directory"),
 }
 
