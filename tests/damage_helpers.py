@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conftest import eventually, eventually_sync
+from conftest import eventually
 
 TESTS = Path(__file__).resolve().parent
 BRIDGES = TESTS / "bridges"
@@ -104,11 +104,6 @@ def status_field(name: str) -> int:
             if line.startswith(name + ":"):
                 return int(line.split()[1])
     raise KeyError(name)
-
-
-#: Kept for tests/test_fork_handles.py, which imports it from here; new code uses
-#: ``from conftest import eventually_sync``.
-poll_until = eventually_sync
 
 
 def read_line(process: subprocess.Popen[bytes], within: float) -> bytes:
