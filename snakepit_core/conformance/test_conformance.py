@@ -43,10 +43,6 @@ SHARED_COMMANDS = {
     "execute_program",
 }
 
-#: The runtime each bundled adapter's distribution reports in ``ping`` and ``info``
-#: (docs/PROTOCOL.md). Any other adapter may report any non-empty name.
-BUNDLED_RUNTIMES = {"snakepit-python": "python", "snakepit-node": "node", "snakepit-ruby": "ruby"}
-
 
 @pytest_asyncio.fixture
 async def pool(adapter_name: str) -> AsyncIterator[Pool]:
@@ -67,10 +63,9 @@ async def test_handshake_and_ping_shape(pool: Pool) -> None:
     assert ping["status"] == "ok" and ping["worker_id"] in pool.workers
     assert isinstance(ping["uptime"], int | float) and ping["uptime"] >= 0
     assert isinstance(ping["requests_handled"], int) and ping["requests_handled"] >= 1
+    # Any non-empty name (the bundled bridges' exact names are checked in the repository's
+    # tests/test_bridge_contract.py: the core names no runtime), the same in ping and info.
     assert isinstance(ping["runtime"], str) and ping["runtime"].strip(), "runtime must be named"
-    expected = BUNDLED_RUNTIMES.get(pool.adapter.distribution or "")
-    if expected is not None:
-        assert ping["runtime"] == expected, f"{pool.adapter.distribution} runs {expected}"
     assert (await pool.execute("info", {}))["runtime"] == ping["runtime"], "info disagrees"
     assert ping["pid"] == pool.workers[ping["worker_id"]].pid
     assert "cancel" in ping["capabilities"]
