@@ -48,6 +48,22 @@ class UnknownCommand(ValidationError):
     code = "unknown_command"
 
 
+class PluginError(SnakepitError):
+    """A plugin broke: a hook raised while shaping a request (the original exception is the
+    ``__cause__``).
+
+    ``hook`` names the hook and ``plugin`` the plugin: ``None`` when no implementation is on
+    the traceback (pluggy itself refused a wrapper that yielded twice).
+    """
+
+    code = "plugin_error"
+    plugin: str | None
+    hook: str
+
+    def __init__(self, message: str, *, plugin: str | None, hook: str, **context: Any) -> None:
+        super().__init__(message, plugin=plugin, hook=hook, **context)
+
+
 class UnknownAdapter(SnakepitError):
     """No installed adapter has this name; the message lists the installed ones."""
 

@@ -1,13 +1,25 @@
 """Finding plugins (stevedore) and calling their hooks (pluggy), behind a typed facade.
 
 Discovery is lazy and happens once per process: the first adapter look-up imports every entry
-point of ``snakepit.adapters`` and ``snakepit.plugins``. A plugin that fails to import is
+point of ``snakepit.plugins``, then of ``snakepit.adapters``. A plugin that fails to import is
 recorded by name (``snakepit adapters`` shows it) and never breaks the host.
 
-Request-time hooks are called per implementation, in a fixed order (the plugin that provides
-the adapter first, then the others in pluggy's order), so that one plugin raising is logged and
-counted without stopping the others or the request. The ordered implementation lists are cached
-per adapter and rebuilt when a plugin is registered or unregistered.
+Every hook is called through pluggy, so ``firstresult``, wrappers and ``enable_tracing`` work:
+
+* Order: pluggy calls the last registered plugin first, and adapter plugins (those whose
+  ``snakepit_adapters`` returned an adapter) are kept registered after the general ones, so an
+  adapter's own plugin answers before them. For one adapter, hooks are called through subset
+  callers that leave out the *other* adapter plugins: an adapter plugin shapes and observes
+  its own adapters' requests only.
+* Shaping hooks (validation, arguments, response, timeout) are one pluggy call each. A
+  ``SnakepitError`` raised by a hook (``ValidationError``...) reaches the caller unchanged; any
+  other exception becomes :class:`~snakepit_core.errors.PluginError` naming the plugin and the
+  hook, so a request is never sent half-shaped or unvalidated.
+* Observer hooks (request and worker events) are one pluggy call per plugin, so a plugin that
+  raises is logged and counted without hiding the event from the others or failing a request.
+
+A pool keeps its adapter's callers (:class:`AdapterHooks`) and asks for new ones when a plugin
+has been registered or unregistered since.
 """
 
 from __future__ import annotations
@@ -15,8 +27,9 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass, replace
+from types import FrameType
 from typing import Any
 
 import pluggy
@@ -24,7 +37,7 @@ from stevedore import ExtensionManager
 
 from . import hookspecs
 from .adapter import Adapter
-from .errors import UnknownAdapter, ValidationError
+from .errors import PluginError, SnakepitError, UnknownAdapter
 
 log = logging.getLogger("snakepit.plugins")
 
@@ -32,124 +45,224 @@ ADAPTER_GROUP = "snakepit.adapters"
 PLUGIN_GROUP = "snakepit.plugins"
 CORE_PLUGIN_NAME = "snakepit.core"
 
-REQUEST_HOOKS = (
-    "snakepit_validate_command",
-    "snakepit_prepare_args",
-    "snakepit_process_response",
-    "snakepit_command_timeout",
-    "snakepit_request_started",
-    "snakepit_request_finished",
-    "snakepit_worker_started",
-    "snakepit_worker_exited",
-)
+#: ``on_error(hook, plugin)``: told of every hook that raised (a pool counts them).
+ErrorListener = Callable[[str, str], None]
+#: ``(plugin name, caller of that plugin's implementations only)``, in call order.
+_PluginCallers = tuple[tuple[str, pluggy.HookCaller], ...]
 
 
 @dataclass(frozen=True)
 class PluginFailure:
-    """A plugin that could not be loaded: its entry-point name, group and the error."""
+    """A plugin that could not be used: its name, where it failed (entry-point group or hook)
+    and the error."""
 
     name: str
     group: str
     error: str
 
 
-@dataclass(frozen=True)
-class _Impl:
-    plugin_name: str
-    function: Callable[..., Any]
-    argnames: tuple[str, ...]
+def _raising_plugin(error: BaseException, impls: Sequence[pluggy.HookImpl]) -> str | None:
+    """The plugin whose implementation raised ``error``: the innermost frame of its traceback
+    that runs one of ``impls``. Innermost, so that a wrapper re-raising what an inner
+    implementation raised is not blamed for it."""
+    culprit = None
+    traceback = error.__traceback__
+    while traceback is not None:
+        for impl in impls:
+            if _runs(traceback.tb_frame, impl):
+                culprit = impl.plugin_name
+        traceback = traceback.tb_next
+    return culprit
 
-    def call(self, kwargs: dict[str, Any]) -> Any:
-        return self.function(*[kwargs[name] for name in self.argnames])
+
+def _runs(frame: FrameType, impl: pluggy.HookImpl) -> bool:
+    """Whether ``frame`` executes ``impl``; for a method, on that plugin's instance (two
+    plugins may be instances of one class, sharing its code)."""
+    function = impl.function
+    if frame.f_code is not getattr(function, "__code__", None):
+        return False
+    instance = getattr(function, "__self__", None)
+    return instance is None or frame.f_locals.get(frame.f_code.co_varnames[0]) is instance
+
+
+def _plugin_callers(
+    pm: pluggy.PluginManager, hook: str, left_out: Collection[object] = ()
+) -> _PluginCallers:
+    """``(plugin name, caller)`` for each plugin implementing ``hook`` but not in ``left_out``,
+    in pluggy's call order: each caller calls that plugin's implementations only."""
+    impls = list(reversed(getattr(pm.hook, hook).get_hookimpls()))
+    everyone = {impl.plugin for impl in impls}
+    # Plugins in the order of their first implementation that is not a wrapper: a plugin that
+    # only wraps an observer hook comes last (it has nothing to wrap but its own calls).
+    impls.sort(key=lambda impl: impl.wrapper or impl.hookwrapper)
+    plugins = {impl.plugin: impl.plugin_name for impl in impls if impl.plugin not in left_out}
+    return tuple(
+        (name, pm.subset_hook_caller(hook, everyone - {plugin})) for plugin, name in plugins.items()
+    )
 
 
 class AdapterHooks:
-    """The hooks as they apply to one adapter: ordered implementations, isolated calls.
+    """The hooks as they apply to one adapter, from :meth:`PluginManager.hooks_for`.
 
-    Attributes ``has_<hook>`` let the hot path skip hooks that nobody implements.
+    ``has_<hook>`` let the hot path skip hooks that nobody implements; ``version`` is the
+    plugin manager's when these were built, so a pool knows when to ask again.
     """
 
     def __init__(
         self,
-        manager: PluginManager,
+        pm: pluggy.PluginManager,
         adapter: Adapter,
         version: int,
-        on_error: Callable[[str, str], None] | None = None,
+        left_out: Collection[object],
+        on_error: ErrorListener | None = None,
     ) -> None:
         self.adapter = adapter
-        self._on_error = on_error
         self.version = version
-        owner = manager.owner_of(adapter.name)
-        self._impls: dict[str, tuple[_Impl, ...]] = {
-            name: tuple(manager.ordered_impls(name, first=owner)) for name in REQUEST_HOOKS
-        }
-        self.has_prepare = bool(self._impls["snakepit_prepare_args"])
-        self.has_process = bool(self._impls["snakepit_process_response"])
-        self.has_timeout = bool(self._impls["snakepit_command_timeout"])
-        self.has_request_telemetry = bool(
-            self._impls["snakepit_request_started"] or self._impls["snakepit_request_finished"]
-        )
+        self._on_error = on_error
+        self._validate = pm.subset_hook_caller("snakepit_validate_command", left_out)
+        self._prepare = pm.subset_hook_caller("snakepit_prepare_args", left_out)
+        self._process = pm.subset_hook_caller("snakepit_process_response", left_out)
+        self._timeout = pm.subset_hook_caller("snakepit_command_timeout", left_out)
+        self._request_started = _plugin_callers(pm, "snakepit_request_started", left_out)
+        self._request_finished = _plugin_callers(pm, "snakepit_request_finished", left_out)
+        self._worker_started = _plugin_callers(pm, "snakepit_worker_started", left_out)
+        self._worker_exited = _plugin_callers(pm, "snakepit_worker_exited", left_out)
+        self.has_prepare = bool(self._prepare.get_hookimpls())
+        self.has_process = bool(self._process.get_hookimpls())
+        self.has_timeout = bool(self._timeout.get_hookimpls())
+        self.has_request_telemetry = bool(self._request_started or self._request_finished)
 
-    def _isolated(self, hook: str, impl: _Impl, kwargs: dict[str, Any]) -> Any:
-        try:
-            return impl.call(kwargs)
-        except Exception:
-            self._record_error(hook, impl.plugin_name)
-            return None
-
-    def _record_error(self, hook: str, plugin_name: str) -> None:
-        log.exception("snakepit plugin %r raised in %s; the request goes on", plugin_name, hook)
-        if self._on_error is not None:
-            self._on_error(hook, plugin_name)
-
-    def _first(self, hook: str, kwargs: dict[str, Any]) -> Any:
-        for impl in self._impls[hook]:
-            result = self._isolated(hook, impl, kwargs)
-            if result is not None:
-                return result
-        return None
-
-    def _all(self, hook: str, kwargs: dict[str, Any]) -> None:
-        for impl in self._impls[hook]:
-            self._isolated(hook, impl, kwargs)
+    # -- shaping: one pluggy call; a plugin that raises stops the request --------------------
+    # A SnakepitError is a hook's refusal and passes; anything else is a plugin's bug. Each
+    # method has its own ``try`` (free until something raises): no helper call on the hot path.
 
     def validate_command(self, command: str, args: dict[str, Any]) -> None:
-        """Run every validator; ``ValidationError`` (and subclasses) reach the caller."""
-        kwargs = {"adapter": self.adapter, "command": command, "args": args}
-        for impl in self._impls["snakepit_validate_command"]:
-            try:
-                impl.call(kwargs)
-            except ValidationError:
-                raise
-            except Exception:
-                self._record_error("snakepit_validate_command", impl.plugin_name)
+        """Run the validators; the first ``SnakepitError`` one raises reaches the caller."""
+        try:
+            self._validate(adapter=self.adapter, command=command, args=args)
+        except SnakepitError:
+            raise
+        except Exception as error:
+            raise self._plugin_error(self._validate, command, error) from error
 
     def prepare_args(self, command: str, args: dict[str, Any]) -> dict[str, Any]:
-        kwargs = {"adapter": self.adapter, "command": command, "args": args}
-        prepared = self._first("snakepit_prepare_args", kwargs)
+        try:
+            prepared = self._prepare(adapter=self.adapter, command=command, args=args)
+        except SnakepitError:
+            raise
+        except Exception as error:
+            raise self._plugin_error(self._prepare, command, error) from error
         return args if prepared is None else prepared
 
     def process_response(self, command: str, response: Any) -> Any:
-        kwargs = {"adapter": self.adapter, "command": command, "response": response}
-        processed = self._first("snakepit_process_response", kwargs)
+        try:
+            processed = self._process(adapter=self.adapter, command=command, response=response)
+        except SnakepitError:
+            raise
+        except Exception as error:
+            raise self._plugin_error(self._process, command, error) from error
         return response if processed is None else processed
 
     def command_timeout(self, command: str, args: dict[str, Any]) -> float | None:
-        kwargs = {"adapter": self.adapter, "command": command, "args": args}
-        result = self._first("snakepit_command_timeout", kwargs)
-        return None if result is None else float(result)
+        try:
+            timeout = self._timeout(adapter=self.adapter, command=command, args=args)
+        except SnakepitError:
+            raise
+        except Exception as error:
+            raise self._plugin_error(self._timeout, command, error) from error
+        return None if timeout is None else float(timeout)
 
-    def request_started(self, **data: Any) -> None:
-        self._all("snakepit_request_started", {"adapter": self.adapter, **data})
+    def _plugin_error(
+        self, caller: pluggy.HookCaller, command: str, error: Exception
+    ) -> PluginError:
+        plugin = _raising_plugin(error, caller.get_hookimpls())
+        if self._on_error is not None:
+            self._on_error(caller.name, plugin or "?")
+        return PluginError(
+            f"adapter {self.adapter.name!r}: {command}: plugin {plugin or '?'!r} raised in "
+            f"{caller.name}: {type(error).__name__}: {error}",
+            plugin=plugin,
+            hook=caller.name,
+            adapter=self.adapter.name,
+            command=command,
+        )
 
-    def request_finished(self, **data: Any) -> None:
-        self._all("snakepit_request_finished", {"adapter": self.adapter, **data})
+    # -- observing: one pluggy call per plugin; a plugin that raises is logged and counted ----
 
-    def worker_started(self, **data: Any) -> None:
-        self._all("snakepit_worker_started", {"adapter": self.adapter, **data})
+    def _notify(self, callers: _PluginCallers, kwargs: dict[str, Any]) -> None:
+        for plugin, caller in callers:
+            try:
+                caller(**kwargs)
+            except Exception:
+                log.exception(
+                    "snakepit plugin %r raised in %s; the request goes on", plugin, caller.name
+                )
+                if self._on_error is not None:
+                    self._on_error(caller.name, plugin)
 
-    def worker_exited(self, **data: Any) -> None:
-        self._all("snakepit_worker_exited", {"adapter": self.adapter, **data})
+    def request_started(
+        self, *, command: str, request_id: int, worker_id: str, session_id: str | None
+    ) -> None:
+        self._notify(
+            self._request_started,
+            {
+                "adapter": self.adapter,
+                "command": command,
+                "request_id": request_id,
+                "worker_id": worker_id,
+                "session_id": session_id,
+            },
+        )
+
+    def request_finished(
+        self,
+        *,
+        command: str,
+        request_id: int,
+        worker_id: str | None,
+        session_id: str | None,
+        duration: float,
+        queue_wait: float,
+        error: BaseException | None,
+    ) -> None:
+        self._notify(
+            self._request_finished,
+            {
+                "adapter": self.adapter,
+                "command": command,
+                "request_id": request_id,
+                "worker_id": worker_id,
+                "session_id": session_id,
+                "duration": duration,
+                "queue_wait": queue_wait,
+                "error": error,
+            },
+        )
+
+    def worker_started(self, *, worker_id: str, pid: int, startup_time: float) -> None:
+        self._notify(
+            self._worker_started,
+            {
+                "adapter": self.adapter,
+                "worker_id": worker_id,
+                "pid": pid,
+                "startup_time": startup_time,
+            },
+        )
+
+    def worker_exited(
+        self, *, worker_id: str, pid: int, exit_code: int | None, reason: str
+    ) -> None:
+        self._notify(
+            self._worker_exited,
+            {
+                "adapter": self.adapter,
+                "worker_id": worker_id,
+                "pid": pid,
+                "exit_code": exit_code,
+                "reason": reason,
+            },
+        )
 
 
 class PluginManager:
@@ -164,6 +277,7 @@ class PluginManager:
         self._version = 0
         self._adapters: dict[str, Adapter] | None = None
         self._owners: dict[str, str] = {}
+        self._adapter_plugins: dict[str, object] = {}
         self._distributions: dict[str, tuple[str | None, str | None]] = {}
         self.failures: list[PluginFailure] = []
         from .validation import SchemaValidation
@@ -172,19 +286,23 @@ class PluginManager:
 
     @property
     def version(self) -> int:
-        """Bumped whenever the set of plugins changes, so cached hook lists are rebuilt."""
+        """Bumped whenever the set of plugins changes, so cached hook callers are rebuilt."""
         return self._version
 
     # -- loading -----------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Import every entry-point plugin, once. Broken ones are recorded, not raised."""
+        """Import every entry-point plugin, once. Broken ones are recorded, not raised.
+
+        General plugins are registered first, so that pluggy, which calls the last registered
+        first, asks the adapter plugins before them.
+        """
         with self._lock:
             if self._loaded:
                 return
             self._loaded = True
             if self._discover:
-                for group in (ADAPTER_GROUP, PLUGIN_GROUP):
+                for group in (PLUGIN_GROUP, ADAPTER_GROUP):
                     self._load_group(group)
             self._drop_plugins_with_unknown_hooks()
             self._changed()
@@ -242,7 +360,14 @@ class PluginManager:
             )
 
     def register(self, plugin: object, name: str | None = None) -> str:
-        """Register an in-process plugin (a module or object with ``@hookimpl`` methods)."""
+        """Register an in-process plugin (a module or object with ``@hookimpl`` methods).
+
+        The plugin must be hashable, as pluggy requires (its subset callers keep plugins in
+        sets). Register plugins before starting pools that use them: an adapter plugin may be
+        registered again, after the new plugin, to keep the order described above.
+        """
+        if not isinstance(plugin, Hashable):
+            raise TypeError(f"plugin {name or plugin!r} must be hashable, as pluggy requires")
         self.load()
         with self._lock:
             registered = self._pm.register(plugin, name=name)
@@ -267,37 +392,56 @@ class PluginManager:
     # -- adapters -----------------------------------------------------------------------------
 
     def adapters(self) -> dict[str, Adapter]:
-        """Every installed adapter by name (discovering plugins on first use)."""
+        """Every usable adapter by name (discovering plugins on first use)."""
         self.load()
         with self._lock:
             if self._adapters is None:
                 self._adapters = self._collect_adapters()
+                self._keep_adapter_plugins_last()
             return dict(self._adapters)
 
     def _collect_adapters(self) -> dict[str, Adapter]:
         found: dict[str, Adapter] = {}
         self._owners = {}
-        for impl in reversed(self._pm.hook.snakepit_adapters.get_hookimpls()):
+        for adapter_name, provided_by in self._ask_for_adapters().items():
+            if len(provided_by) > 1:
+                log.warning("adapter %r provided twice; keeping the first", adapter_name)
+            plugin_name, adapter = provided_by[0]
+            dist_name, dist_version = self.distribution_of(plugin_name)
+            if adapter.distribution is None and dist_name is not None:
+                adapter = replace(adapter, distribution=dist_name, version=dist_version)
+            found[adapter_name] = adapter
+            self._owners[adapter_name] = plugin_name
+        return found
+
+    def _ask_for_adapters(self) -> dict[str, list[tuple[str, Adapter]]]:
+        """``snakepit_adapters`` of each plugin: ``{adapter name: [(plugin, adapter)]}``."""
+        self._adapter_plugins = {}
+        providers: dict[str, list[tuple[str, Adapter]]] = {}
+        for plugin_name, caller in _plugin_callers(self._pm, "snakepit_adapters"):
             try:
-                provided: list[Adapter] = list(impl.function() or [])  # type: ignore[call-overload]
+                provided = [adapter for result in caller() for adapter in result or ()]
             except Exception as exc:  # a broken plugin must not break discovery
-                log.warning("plugin %r: snakepit_adapters() raised %s", impl.plugin_name, exc)
+                log.warning("plugin %r: snakepit_adapters() raised %s", plugin_name, exc)
                 self.failures.append(
-                    PluginFailure(
-                        impl.plugin_name, "snakepit_adapters", f"{type(exc).__name__}: {exc}"
-                    )
+                    PluginFailure(plugin_name, "snakepit_adapters", f"{type(exc).__name__}: {exc}")
                 )
                 continue
-            dist_name, dist_version = self._distributions.get(impl.plugin_name, (None, None))
+            if provided:
+                self._adapter_plugins[plugin_name] = self._pm.get_plugin(plugin_name)
             for adapter in provided:
-                if adapter.name in found:
-                    log.warning("adapter %r provided twice; keeping the first", adapter.name)
-                    continue
-                if adapter.distribution is None and dist_name is not None:
-                    adapter = replace(adapter, distribution=dist_name, version=dist_version)
-                found[adapter.name] = adapter
-                self._owners[adapter.name] = impl.plugin_name
-        return found
+                providers.setdefault(adapter.name, []).append((plugin_name, adapter))
+        return providers
+
+    def _keep_adapter_plugins_last(self) -> None:
+        """Register the adapter plugins again if a general plugin came after them, so pluggy
+        (last registered, first called) asks an adapter's own plugin before general ones."""
+        names = [name for name, plugin in self._pm.list_name_plugin() if plugin is not None]
+        if set(names[len(names) - len(self._adapter_plugins) :]) == set(self._adapter_plugins):
+            return
+        for name in names:
+            if name in self._adapter_plugins:
+                self._pm.register(self._pm.unregister(name=name), name=name)
 
     def get_adapter(self, name: str) -> Adapter:
         """The adapter called ``name``, or ``UnknownAdapter`` listing the installed ones."""
@@ -313,32 +457,25 @@ class PluginManager:
                 f"unknown adapter {name!r} (installed: {installed}){broken}", adapter=name
             ) from None
 
-    def owner_of(self, adapter_name: str) -> str | None:
-        """The name of the plugin that provides ``adapter_name`` (None for code-built ones)."""
-        self.adapters()
-        return self._owners.get(adapter_name)
+    def distribution_of(self, plugin_name: str) -> tuple[str | None, str | None]:
+        """``(name, version)`` of the distribution a plugin came from (None for in-process)."""
+        return self._distributions.get(plugin_name, (None, None))
 
     # -- hooks --------------------------------------------------------------------------------
 
-    def ordered_impls(self, hook: str, *, first: str | None) -> Iterator[_Impl]:
-        """Implementations of ``hook`` in call order, the plugin named ``first`` leading."""
-        impls = [
-            _Impl(impl.plugin_name, impl.function, tuple(impl.argnames))
-            for impl in reversed(getattr(self._pm.hook, hook).get_hookimpls())
-            if not (impl.hookwrapper or impl.wrapper)
-        ]
-        impls.sort(key=lambda impl: impl.plugin_name != first)
-        return iter(impls)
+    def hooks_for(self, adapter: Adapter, on_error: ErrorListener | None = None) -> AdapterHooks:
+        """The hooks for ``adapter``: every plugin's but other adapters' plugins';
+        ``on_error(hook, plugin)`` hears of hooks that raised."""
+        self.adapters()
+        with self._lock:
+            owner = self._owners.get(adapter.name)
+            left_out = [plugin for name, plugin in self._adapter_plugins.items() if name != owner]
+            return AdapterHooks(self._pm, adapter, self._version, left_out, on_error)
 
-    def hooks_for(
-        self, adapter: Adapter, on_error: Callable[[str, str], None] | None = None
-    ) -> AdapterHooks:
-        """The hooks for ``adapter``; ``on_error(hook, plugin)`` hears of raising hooks."""
-        self.load()
-        return AdapterHooks(self, adapter, self._version, on_error)
-
-    def distribution_of(self, plugin_name: str) -> tuple[str | None, str | None]:
-        return self._distributions.get(plugin_name, (None, None))
+    @property
+    def pm(self) -> pluggy.PluginManager:
+        """The pluggy manager itself, for tracing (``pm.enable_tracing()``) and introspection."""
+        return self._pm
 
 
 _manager: PluginManager | None = None

@@ -1,8 +1,10 @@
-"""Hooks and plugin discovery: throwaway plugins registered in-process, a broken distribution."""
+"""Hooks and plugin discovery: throwaway plugins registered in-process, fake distributions."""
 
 from __future__ import annotations
 
 import inspect
+import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -15,16 +17,41 @@ from snakepit_core import (
     CommandError,
     Pool,
     ScriptAdapter,
+    UnknownAdapter,
+    UnknownCommand,
     ValidationError,
+    WorkerTimeout,
     get_plugin_manager,
     hookimpl,
     hookspecs,
 )
+from snakepit_core.errors import PluginError
 from snakepit_core.plugins import PluginManager
 
 from conftest import BRIDGES
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+class PluginWith:
+    """A plugin whose ``snakepit_<hook>`` is ``implementation``."""
+
+    def __init__(self, hook: str, implementation) -> None:
+        setattr(self, f"snakepit_{hook}", hookimpl(implementation))
+
+
+@pytest.fixture
+def register():
+    """``register(plugin, name)`` into the process-wide manager, unregistered after the test."""
+    manager = get_plugin_manager()
+    names: list[str] = []
+
+    def register(plugin: object, name: str) -> None:
+        names.append(manager.register(plugin, name=name))
+
+    yield register
+    for name in reversed(names):
+        manager.unregister(name)
 
 
 class Recorder:
@@ -180,52 +207,209 @@ async def test_validation_error_from_a_plugin_reaches_the_caller(plugins):
         assert plugins.names("prepare") == []
 
 
-async def test_a_raising_hook_is_logged_and_counted_and_the_request_goes_on(caplog):
-    class Broken:
+async def test_an_adapter_plugin_is_not_asked_about_other_adapters(plugins):
+    async with Pool("python", pool_size=1) as pool:
+        await pool.execute("echo", {"x": 1})
+    assert {plugin for plugin, _, _ in plugins.calls} == {"general"}
+
+
+# -- pluggy calls the shaping hooks: wrappers, firstresult, tracing ----------------------------
+
+
+async def test_a_wrapper_runs_around_prepare_args_and_changes_args_and_result(register):
+    class Inner:
         @hookimpl
         def snakepit_prepare_args(self, adapter, command, args):
-            raise RuntimeError("plugin bug")
+            return {**args, "inner_saw": sorted(args)}
 
-        @hookimpl
-        def snakepit_request_finished(
-            self, adapter, command, request_id, worker_id, session_id, duration, queue_wait, error
-        ):
-            raise KeyError("another plugin bug")
+    class Wrapper:
+        @hookimpl(wrapper=True)
+        def snakepit_prepare_args(self, adapter, command, args):
+            args["before"] = "wrapper"
+            prepared = yield
+            return {**prepared, "after": "wrapper"}
 
-        @hookimpl
-        def snakepit_validate_command(self, adapter, command, args):
-            raise ZeroDivisionError("validator bug")
+    register(Inner(), "inner")
+    register(Wrapper(), "wrapper")
+    async with Pool("python", pool_size=1) as pool:
+        result = await pool.execute("echo", {"x": 1})
+    assert result["echoed"] == {
+        "x": 1,
+        "before": "wrapper",
+        "inner_saw": ["before", "x"],
+        "after": "wrapper",
+    }
 
+
+@pytest.mark.parametrize("hook", ["command_timeout", "process_response"])
+def test_firstresult_stops_at_the_first_answer(register, hook):
+    """pluggy calls the last registered plugin first; the first answer ends the call."""
+    asked: list[str] = []
+
+    def answering(name: str, answer: float | None) -> PluginWith:
+        def implementation(adapter, command):
+            asked.append(name)
+            return answer
+
+        return PluginWith(hook, implementation)
+
+    for name, answer in [("silent", None), ("first", 1.5), ("second", 2.5), ("quiet", None)]:
+        register(answering(name, answer), name)
     manager = get_plugin_manager()
-    manager.register(Broken(), name="broken-at-runtime")
+    hooks = manager.hooks_for(manager.get_adapter("python"))
+    if hook == "command_timeout":
+        assert hooks.command_timeout("echo", {}) == 2.5
+    else:
+        assert hooks.process_response("echo", {}) == 2.5
+    assert asked == ["quiet", "second"]
+
+
+async def test_pluggy_tracing_shows_the_hook_calls(register):
+    class Observer:
+        @hookimpl
+        def snakepit_request_finished(self, adapter, command, error):
+            pass
+
+    register(Observer(), "observer")
+    pm = get_plugin_manager().pm
+    lines: list[str] = []
+    pm.trace.root.setwriter(lines.append)
+    undo = pm.enable_tracing()
     try:
         async with Pool("python", pool_size=1) as pool:
-            before = pool.stats()["hook_errors"]
-            result = await pool.execute("compute", {"operation": "add", "a": 2, "b": 2})
-            assert result["result"] == 4
-            assert pool.stats()["hook_errors"] - before == 3
+            await pool.execute("ping", {})
     finally:
-        manager.unregister("broken-at-runtime")
-    assert "plugin bug" in caplog.text and "broken-at-runtime" in caplog.text
+        undo()
+        pm.trace.root.setwriter(None)
+    trace = "".join(lines)
+    for hook in ("snakepit_validate_command", "snakepit_request_finished"):
+        assert f"{hook} [hook]" in trace
+    assert re.search(r"command: '?ping'?\n", trace)  # the arguments, quoted or not by version
 
 
-async def test_command_timeout_hook_applies_without_a_caller_timeout():
+# -- a plugin that raises ----------------------------------------------------------------------
+
+SHAPING_HOOKS = ["validate_command", "prepare_args", "process_response", "command_timeout"]
+
+
+def raising(hook: str, exception: Exception) -> PluginWith:
+    """A plugin whose ``hook`` raises ``exception`` for ``echo`` and answers nothing else."""
+
+    def implementation(adapter, command):
+        if command == "echo":
+            raise exception
+
+    return PluginWith(hook, implementation)
+
+
+@pytest.mark.parametrize("hook", SHAPING_HOOKS)
+async def test_a_raising_shaping_hook_fails_the_call_with_plugin_error(register, hook):
+    register(raising(hook, RuntimeError("plugin bug")), "buggy")
+    async with Pool("python", pool_size=1) as pool:
+        worker = next(iter(pool.workers.values()))
+        with pytest.raises(PluginError, match="plugin 'buggy' raised") as info:
+            await pool.execute("echo", {"x": 1})
+        error = info.value
+        assert error.code == "plugin_error"
+        assert (error.plugin, error.hook) == ("buggy", f"snakepit_{hook}")
+        assert isinstance(error.__cause__, RuntimeError)
+        assert pool.stats()["hook_errors"] == 1
+        # nothing half-shaped was sent: only a response can be processed
+        assert worker.completed == (1 if hook == "process_response" else 0)
+        assert (await pool.execute("ping", {}))["status"] == "ok"
+        assert pool.workers == {worker.id: worker}
+
+
+def test_the_plugin_is_named_when_a_wrapper_reraises_and_when_the_wrapper_raises(register):
+    class Buggy:
+        @hookimpl
+        def snakepit_prepare_args(self, adapter, command, args):
+            raise KeyError("inner bug")
+
+    class Wrapper:
+        @hookimpl(wrapper=True)
+        def snakepit_prepare_args(self, adapter, command, args):
+            try:
+                return (yield)
+            except KeyError:
+                if args.get("wrapper_fails"):
+                    raise ValueError("wrapper bug") from None
+                raise
+
+    register(Buggy(), "buggy")
+    register(Wrapper(), "wrapper")
+    manager = get_plugin_manager()
+    hooks = manager.hooks_for(manager.get_adapter("python"))
+    with pytest.raises(PluginError) as info:
+        hooks.prepare_args("echo", {})
+    assert info.value.plugin == "buggy" and isinstance(info.value.__cause__, KeyError)
+    with pytest.raises(PluginError) as info:
+        hooks.prepare_args("echo", {"wrapper_fails": True})
+    assert info.value.plugin == "wrapper" and isinstance(info.value.__cause__, ValueError)
+
+
+@pytest.mark.parametrize("hook", SHAPING_HOOKS)
+async def test_a_snakepit_error_from_a_shaping_hook_passes_unchanged(register, hook):
+    refusal = ValidationError(f"{hook} refuses")
+    register(raising(hook, refusal), "strict")
+    async with Pool("python", pool_size=1) as pool:
+        with pytest.raises(ValidationError) as info:
+            await pool.execute("echo", {})
+        assert info.value is refusal and info.value.__cause__ is None
+        with pytest.raises(UnknownCommand):
+            await pool.execute("no_such_command", {})
+        assert pool.stats()["hook_errors"] == 0
+
+
+async def test_a_raising_observer_is_logged_counted_and_hides_nothing(register, caplog):
+    heard: list[str] = []
+
+    class Listener:
+        @hookimpl
+        def snakepit_request_started(self, adapter, command):
+            heard.append("started")
+
+        @hookimpl
+        def snakepit_request_finished(self, adapter, command, error):
+            heard.append(f"finished error={error}")
+
+    class Broken:
+        @hookimpl
+        def snakepit_request_started(self, adapter, command):
+            raise KeyError("observer bug")
+
+        @hookimpl
+        def snakepit_request_finished(self, adapter, command, error):
+            raise KeyError("another observer bug")
+
+    register(Listener(), "listener")
+    register(Broken(), "broken-observer")  # registered last: called first
+    async with Pool("python", pool_size=1) as pool:
+        result = await pool.execute("compute", {"operation": "add", "a": 2, "b": 2})
+        assert result["result"] == 4
+        assert pool.stats()["hook_errors"] == 2
+    assert heard == ["started", "finished error=None"]
+    assert "observer bug" in caplog.text and "broken-observer" in caplog.text
+
+
+async def test_command_timeout_hook_applies_without_a_caller_timeout(register):
     class Quick:
         @hookimpl
         def snakepit_command_timeout(self, adapter, command, args):
             return 0.2 if command == "sleep" else None
 
-    manager = get_plugin_manager()
-    manager.register(Quick(), name="quick-timeouts")
-    try:
-        async with Pool("python", pool_size=1) as pool:
-            from snakepit_core import WorkerTimeout
+    register(Quick(), "quick-timeouts")
+    async with Pool("python", pool_size=1) as pool:
+        with pytest.raises(WorkerTimeout, match="within 0.2s"):
+            await pool.execute("sleep", {"seconds": 5})
+        assert (await pool.execute("sleep", {"seconds": 0.01}, timeout=3))["slept"] == 0.01
 
-            with pytest.raises(WorkerTimeout, match="within 0.2s"):
-                await pool.execute("sleep", {"seconds": 5})
-            assert (await pool.execute("sleep", {"seconds": 0.01}, timeout=3))["slept"] == 0.01
-    finally:
-        manager.unregister("quick-timeouts")
+
+async def test_command_error_is_not_a_hook_error():
+    async with Pool("python", pool_size=1) as pool:
+        with pytest.raises(CommandError):
+            await pool.execute("compute", {"operation": "divide", "a": 1, "b": 0})
+        assert pool.stats()["hook_errors"] == 0
 
 
 def test_a_misspelled_hook_fails_loudly():
@@ -236,7 +420,10 @@ def test_a_misspelled_hook_fails_loudly():
 
     with pytest.raises(pluggy.PluginValidationError, match="snakepit_adaptors"):
         get_plugin_manager().register(Typo(), name="typo")
-    assert not get_plugin_manager()._pm.has_plugin("typo")
+    assert not get_plugin_manager().pm.has_plugin("typo")
+
+
+# -- the hooks' documentation ------------------------------------------------------------------
 
 
 def test_every_hookspec_is_documented_in_the_readme():
@@ -251,6 +438,9 @@ def test_every_hookspec_is_documented_in_the_readme():
         assert f"`{name}(" in readme, f"hook {name} is not documented in README.md"
         doc = getattr(hookspecs, name).__doc__
         assert doc and "Example::" in doc, f"hook {name} has no example in its docstring"
+
+
+# -- discovery ---------------------------------------------------------------------------------
 
 
 def fake_distribution(root: Path) -> Path:
@@ -274,8 +464,6 @@ def test_a_plugin_that_fails_to_import_breaks_nothing_else(tmp_path, monkeypatch
     assert {"python", "node", "ruby"} <= set(adapters)
     assert [f.name for f in manager.failures] == ["broken"]
     assert "needs a module that is not installed" in manager.failures[0].error
-    from snakepit_core import UnknownAdapter
-
     with pytest.raises(UnknownAdapter, match="failed to load"):
         manager.get_adapter("broken")
 
@@ -288,7 +476,7 @@ def test_snakepit_adapters_shows_the_broken_plugin(tmp_path):
         text=True,
         timeout=60,
         check=False,
-        env={**__import__("os").environ, "PYTHONPATH": str(site), "COLUMNS": "200"},
+        env={**os.environ, "PYTHONPATH": str(site), "COLUMNS": "200"},
     )
     assert done.returncode == 0, done.stderr
     assert "broken plugin" in done.stdout and "broken" in done.stdout
@@ -314,12 +502,5 @@ async def test_cross_cutting_plugin_group_is_loaded(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(site))
     manager = PluginManager()
     manager.load()
-    assert manager._pm.has_plugin("upper")
+    assert manager.pm.has_plugin("upper")
     assert manager.distribution_of("upper") == ("snakepit-upper", "0.1")
-
-
-async def test_command_error_is_not_a_hook_error():
-    async with Pool("python", pool_size=1) as pool:
-        with pytest.raises(CommandError):
-            await pool.execute("compute", {"operation": "divide", "a": 1, "b": 0})
-        assert pool.stats()["hook_errors"] == 0
