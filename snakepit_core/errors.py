@@ -50,10 +50,11 @@ class UnknownCommand(ValidationError):
 
 class PluginError(SnakepitError):
     """A plugin broke: a hook raised while shaping a request (the original exception is the
-    ``__cause__``).
+    ``__cause__``), or two plugins provide the same adapter name.
 
     ``hook`` names the hook and ``plugin`` the plugin: ``None`` when no implementation is on
-    the traceback (pluggy itself refused a wrapper that yielded twice).
+    the traceback (pluggy itself refused a wrapper that yielded twice), and for an adapter name
+    provided twice, where ``plugins`` names both.
     """
 
     code = "plugin_error"

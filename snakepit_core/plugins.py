@@ -1,8 +1,9 @@
 """Finding plugins (stevedore) and calling their hooks (pluggy), behind a typed facade.
 
 Discovery is lazy and happens once per process: the first adapter look-up imports every entry
-point of ``snakepit.plugins``, then of ``snakepit.adapters``. A plugin that fails to import is
-recorded by name (``snakepit adapters`` shows it) and never breaks the host.
+point of ``snakepit.plugins``, then of ``snakepit.adapters``. A plugin that fails to import, and
+an adapter name that two plugins provide, are recorded (``snakepit adapters`` shows them) and
+break none of the other plugins.
 
 Every hook is called through pluggy, so ``firstresult``, wrappers and ``enable_tracing`` work:
 
@@ -265,6 +266,17 @@ class AdapterHooks:
         )
 
 
+class _InstalledExtensions(ExtensionManager[Any]):
+    """stevedore's loading, over the entry points installed now, with their distributions.
+
+    stevedore's own listing is memoized per process (a plugin pip-installed since, or a test's
+    fake distribution, would go unseen) and rebuilds entry points without ``dist``.
+    """
+
+    def list_entry_points(self) -> list[importlib.metadata.EntryPoint]:
+        return list(importlib.metadata.entry_points(group=self.namespace))
+
+
 class PluginManager:
     """The process-wide registry of plugins and adapters (see :func:`get_plugin_manager`)."""
 
@@ -278,8 +290,10 @@ class PluginManager:
         self._adapters: dict[str, Adapter] | None = None
         self._owners: dict[str, str] = {}
         self._adapter_plugins: dict[str, object] = {}
+        self._conflicts: dict[str, list[str]] = {}
         self._distributions: dict[str, tuple[str | None, str | None]] = {}
-        self.failures: list[PluginFailure] = []
+        self._load_failures: list[PluginFailure] = []
+        self._adapter_failures: list[PluginFailure] = []
         from .validation import SchemaValidation
 
         self._pm.register(SchemaValidation(), name=CORE_PLUGIN_NAME)
@@ -288,6 +302,12 @@ class PluginManager:
     def version(self) -> int:
         """Bumped whenever the set of plugins changes, so cached hook callers are rebuilt."""
         return self._version
+
+    @property
+    def failures(self) -> list[PluginFailure]:
+        """Plugins that failed to load, to provide adapters, or that provide a taken name."""
+        self.adapters()
+        return [*self._load_failures, *self._adapter_failures]
 
     # -- loading -----------------------------------------------------------------------------
 
@@ -322,7 +342,7 @@ class PluginManager:
                         impl.plugin_name,
                         name,
                     )
-                    self.failures.append(
+                    self._load_failures.append(
                         PluginFailure(
                             impl.plugin_name, "hooks", f"unknown hook {name!r} (misspelled?)"
                         )
@@ -334,30 +354,27 @@ class PluginManager:
         def on_failure(_manager: Any, entry_point: Any, exc: BaseException) -> None:
             name = getattr(entry_point, "name", str(entry_point))
             log.warning("snakepit plugin %r (%s) failed to load: %s", name, group, exc)
-            self.failures.append(PluginFailure(name, group, f"{type(exc).__name__}: {exc}"))
+            self._load_failures.append(PluginFailure(name, group, f"{type(exc).__name__}: {exc}"))
 
-        # stevedore memoizes entry points per namespace for the process; a new manager must see
-        # what is installed now (a plugin pip-installed since, or a test's fake distribution).
-        ExtensionManager.ENTRY_POINT_CACHE.pop(group, None)
-        extensions = ExtensionManager(
+        extensions = _InstalledExtensions(
             namespace=group, invoke_on_load=False, on_load_failure_callback=on_failure
         )
-        dists = {
-            entry_point.name: entry_point.dist
-            for entry_point in importlib.metadata.entry_points(group=group)
-        }
         for extension in extensions:
+            dist = extension.entry_point.dist
+            distribution = (getattr(dist, "name", None), getattr(dist, "version", None))
             if self._pm.has_plugin(extension.name):
-                self.failures.append(
-                    PluginFailure(extension.name, group, "a plugin of that name is already loaded")
+                taken_by = _describe(extension.name, self.distribution_of(extension.name))
+                self._load_failures.append(
+                    PluginFailure(
+                        extension.name,
+                        group,
+                        f"the plugin name is taken by {taken_by}; "
+                        f"{_describe(extension.name, distribution)} is not loaded",
+                    )
                 )
                 continue
             self._pm.register(extension.plugin, name=extension.name)
-            dist = dists.get(extension.name)
-            self._distributions[extension.name] = (
-                getattr(dist, "name", None),
-                getattr(dist, "version", None),
-            )
+            self._distributions[extension.name] = distribution
 
     def register(self, plugin: object, name: str | None = None) -> str:
         """Register an in-process plugin (a module or object with ``@hookimpl`` methods).
@@ -401,11 +418,20 @@ class PluginManager:
             return dict(self._adapters)
 
     def _collect_adapters(self) -> dict[str, Adapter]:
+        """Every plugin's adapters by name; a name two plugins provide is neither's (whichever
+        was kept would be a guess)."""
         found: dict[str, Adapter] = {}
         self._owners = {}
+        self._conflicts = {}
         for adapter_name, provided_by in self._ask_for_adapters().items():
             if len(provided_by) > 1:
-                log.warning("adapter %r provided twice; keeping the first", adapter_name)
+                self._conflicts[adapter_name] = sorted(name for name, _ in provided_by)
+                error = self._conflict_error(adapter_name)
+                log.warning("snakepit: %s", error)
+                self._adapter_failures.append(
+                    PluginFailure(", ".join(error.plugins), "snakepit_adapters", str(error))
+                )
+                continue
             plugin_name, adapter = provided_by[0]
             dist_name, dist_version = self.distribution_of(plugin_name)
             if adapter.distribution is None and dist_name is not None:
@@ -416,6 +442,7 @@ class PluginManager:
 
     def _ask_for_adapters(self) -> dict[str, list[tuple[str, Adapter]]]:
         """``snakepit_adapters`` of each plugin: ``{adapter name: [(plugin, adapter)]}``."""
+        self._adapter_failures = []
         self._adapter_plugins = {}
         providers: dict[str, list[tuple[str, Adapter]]] = {}
         for plugin_name, caller in _plugin_callers(self._pm, "snakepit_adapters"):
@@ -423,7 +450,7 @@ class PluginManager:
                 provided = [adapter for result in caller() for adapter in result or ()]
             except Exception as exc:  # a broken plugin must not break discovery
                 log.warning("plugin %r: snakepit_adapters() raised %s", plugin_name, exc)
-                self.failures.append(
+                self._adapter_failures.append(
                     PluginFailure(plugin_name, "snakepit_adapters", f"{type(exc).__name__}: {exc}")
                 )
                 continue
@@ -432,6 +459,17 @@ class PluginManager:
             for adapter in provided:
                 providers.setdefault(adapter.name, []).append((plugin_name, adapter))
         return providers
+
+    def _conflict_error(self, adapter_name: str) -> PluginError:
+        plugins = self._conflicts[adapter_name]
+        named = " and ".join(_describe(name, self.distribution_of(name)) for name in plugins)
+        return PluginError(
+            f"adapter {adapter_name!r} is provided by {named}; uninstall all but one",
+            plugin=None,
+            hook="snakepit_adapters",
+            adapter=adapter_name,
+            plugins=plugins,
+        )
 
     def _keep_adapter_plugins_last(self) -> None:
         """Register the adapter plugins again if a general plugin came after them, so pluggy
@@ -444,18 +482,20 @@ class PluginManager:
                 self._pm.register(self._pm.unregister(name=name), name=name)
 
     def get_adapter(self, name: str) -> Adapter:
-        """The adapter called ``name``, or ``UnknownAdapter`` listing the installed ones."""
+        """The adapter called ``name``; ``PluginError`` if two plugins provide it,
+        ``UnknownAdapter`` listing the installed ones if none does."""
         adapters = self.adapters()
         try:
             return adapters[name]
         except KeyError:
-            installed = ", ".join(sorted(adapters)) or "none"
-            broken = "".join(
-                f"; plugin {f.name!r} failed to load: {f.error}" for f in self.failures
-            )
-            raise UnknownAdapter(
-                f"unknown adapter {name!r} (installed: {installed}){broken}", adapter=name
-            ) from None
+            pass
+        if name in self._conflicts:
+            raise self._conflict_error(name)
+        installed = ", ".join(sorted(adapters)) or "none"
+        broken = "".join(f"; plugin {f.name!r} failed to load: {f.error}" for f in self.failures)
+        raise UnknownAdapter(
+            f"unknown adapter {name!r} (installed: {installed}){broken}", adapter=name
+        )
 
     def distribution_of(self, plugin_name: str) -> tuple[str | None, str | None]:
         """``(name, version)`` of the distribution a plugin came from (None for in-process)."""
@@ -476,6 +516,14 @@ class PluginManager:
     def pm(self) -> pluggy.PluginManager:
         """The pluggy manager itself, for tracing (``pm.enable_tracing()``) and introspection."""
         return self._pm
+
+
+def _describe(plugin_name: str, distribution: tuple[str | None, str | None]) -> str:
+    """A plugin and where it comes from, for messages: ``plugin 'x' (dist 1.0)``."""
+    dist_name, dist_version = distribution
+    if dist_name is None:
+        return f"plugin {plugin_name!r} (registered in-process)"
+    return f"plugin {plugin_name!r} ({dist_name} {dist_version})"
 
 
 _manager: PluginManager | None = None

@@ -443,22 +443,55 @@ def test_every_hookspec_is_documented_in_the_readme():
 # -- discovery ---------------------------------------------------------------------------------
 
 
-def fake_distribution(root: Path) -> Path:
-    """A distribution whose adapter entry point fails to import."""
-    site = root / "site"
-    info = site / "snakepit_broken-0.1.dist-info"
+def fake_distribution(site: Path, name: str, entry_points: str, modules: dict[str, str]) -> Path:
+    """An installed distribution ``name`` 0.1 in ``site``: its entry points and modules."""
+    info = site / f"{name.replace('-', '_')}-0.1.dist-info"
     info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: snakepit-broken\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[snakepit.adapters]\nbroken = snakepit_broken_plugin\n")
-    (site / "snakepit_broken_plugin.py").write_text(
-        "raise ImportError('snakepit_broken_plugin needs a module that is not installed')\n"
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(textwrap.dedent(entry_points))
+    for module, source in modules.items():
+        (site / f"{module}.py").write_text(textwrap.dedent(source))
+    return site
+
+
+def broken_distribution(root: Path) -> Path:
+    """A distribution whose adapter entry point fails to import."""
+    return fake_distribution(
+        root / "site",
+        "snakepit-broken",
+        "[snakepit.adapters]\nbroken = snakepit_broken_plugin\n",
+        {
+            "snakepit_broken_plugin": (
+                "raise ImportError('snakepit_broken_plugin needs a module that is not installed')"
+            )
+        },
     )
+
+
+def duplicate_distributions(root: Path) -> Path:
+    """Two distributions that both provide an adapter called ``dup``."""
+    site = root / "site"
+    for letter in "ab":
+        fake_distribution(
+            site,
+            f"snakepit-dup-{letter}",
+            f"[snakepit.adapters]\ndup-{letter} = snakepit_dup_{letter}\n",
+            {
+                f"snakepit_dup_{letter}": """
+                import sys
+                from snakepit_core import ScriptAdapter, hookimpl
+
+                @hookimpl
+                def snakepit_adapters():
+                    return [ScriptAdapter("dup", sys.executable, "bridge.py")]
+                """
+            },
+        )
     return site
 
 
 def test_a_plugin_that_fails_to_import_breaks_nothing_else(tmp_path, monkeypatch):
-    site = fake_distribution(tmp_path)
-    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.syspath_prepend(str(broken_distribution(tmp_path)))
     manager = PluginManager()
     adapters = manager.adapters()
     assert {"python", "node", "ruby"} <= set(adapters)
@@ -468,15 +501,29 @@ def test_a_plugin_that_fails_to_import_breaks_nothing_else(tmp_path, monkeypatch
         manager.get_adapter("broken")
 
 
+def test_two_plugins_providing_one_adapter_name_is_an_error_naming_both(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(duplicate_distributions(tmp_path)))
+    manager = PluginManager()
+    adapters = manager.adapters()
+    assert "dup" not in adapters and {"python", "node", "ruby"} <= set(adapters)
+    [failure] = manager.failures
+    assert failure.name == "dup-a, dup-b"
+    assert "snakepit-dup-a 0.1" in failure.error and "snakepit-dup-b 0.1" in failure.error
+    with pytest.raises(
+        PluginError, match="provided by plugin 'dup-a' .* and plugin 'dup-b'"
+    ) as info:
+        manager.get_adapter("dup")
+    assert info.value.hook == "snakepit_adapters" and info.value.plugins == ["dup-a", "dup-b"]
+
+
 def test_snakepit_adapters_shows_the_broken_plugin(tmp_path):
-    site = fake_distribution(tmp_path)
     done = subprocess.run(
         [sys.executable, "-m", "snakepit_core.cli", "adapters"],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
-        env={**os.environ, "PYTHONPATH": str(site), "COLUMNS": "200"},
+        env={**os.environ, "PYTHONPATH": str(broken_distribution(tmp_path)), "COLUMNS": "200"},
     )
     assert done.returncode == 0, done.stderr
     assert "broken plugin" in done.stdout and "broken" in done.stdout
@@ -484,20 +531,20 @@ def test_snakepit_adapters_shows_the_broken_plugin(tmp_path):
 
 
 async def test_cross_cutting_plugin_group_is_loaded(tmp_path, monkeypatch):
-    site = tmp_path / "site"
-    info = site / "snakepit_upper-0.1.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: snakepit-upper\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[snakepit.plugins]\nupper = snakepit_upper\n")
-    (site / "snakepit_upper.py").write_text(
-        textwrap.dedent("""
-        from snakepit_core import hookimpl
+    site = fake_distribution(
+        tmp_path / "site",
+        "snakepit-upper",
+        "[snakepit.plugins]\nupper = snakepit_upper\n",
+        {
+            "snakepit_upper": """
+            from snakepit_core import hookimpl
 
-        @hookimpl
-        def snakepit_process_response(adapter, command, response):
-            if command == "echo":
-                return {"shouted": True, **response}
-    """)
+            @hookimpl
+            def snakepit_process_response(adapter, command, response):
+                if command == "echo":
+                    return {"shouted": True, **response}
+            """
+        },
     )
     monkeypatch.syspath_prepend(str(site))
     manager = PluginManager()
