@@ -44,7 +44,11 @@ def main() -> None:
 
 @main.command()
 def adapters() -> None:
-    """List installed adapters, their distribution, version and runtime."""
+    """List installed adapters, their distribution, version and runtime.
+
+    Exits with 1 if a plugin is broken (fails to import, raises, or provides an adapter name
+    another plugin provides too), so that an install check in CI fails.
+    """
     manager = get_plugin_manager()
     found = manager.adapters()
     table = Table(title="snakepit adapters")
@@ -58,8 +62,11 @@ def adapters() -> None:
     console.print(table)
     if not found:
         console.print("no adapters installed: pip install snakepit-python (or -node, -ruby)")
-    for failure in manager.failures:
+    failures = manager.failures
+    for failure in failures:
         console.print(f"[red]broken plugin[/red] {failure.name} ({failure.group}): {failure.error}")
+    if failures:
+        sys.exit(1)
 
 
 @main.command(name="exec")

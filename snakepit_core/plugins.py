@@ -2,8 +2,8 @@
 
 Discovery is lazy and happens once per process: the first adapter look-up imports every entry
 point of ``snakepit.plugins``, then of ``snakepit.adapters``. A plugin that fails to import, and
-an adapter name that two plugins provide, are recorded (``snakepit adapters`` shows them) and
-break none of the other plugins.
+an adapter name that two plugins provide, are recorded (``snakepit adapters`` shows them and
+exits non-zero) and break none of the other plugins.
 
 Every hook is called through pluggy, so ``firstresult``, wrappers and ``enable_tracing`` work:
 

@@ -516,17 +516,22 @@ def test_two_plugins_providing_one_adapter_name_is_an_error_naming_both(tmp_path
     assert info.value.hook == "snakepit_adapters" and info.value.plugins == ["dup-a", "dup-b"]
 
 
-def test_snakepit_adapters_shows_the_broken_plugin(tmp_path):
+@pytest.mark.parametrize(
+    ("site", "reported"),
+    [(broken_distribution, "broken"), (duplicate_distributions, "dup-a, dup-b")],
+    ids=["broken", "duplicate"],
+)
+def test_snakepit_adapters_exits_1_and_shows_the_broken_plugin(tmp_path, site, reported):
     done = subprocess.run(
         [sys.executable, "-m", "snakepit_core.cli", "adapters"],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
-        env={**os.environ, "PYTHONPATH": str(broken_distribution(tmp_path)), "COLUMNS": "200"},
+        env={**os.environ, "PYTHONPATH": str(site(tmp_path)), "COLUMNS": "200"},
     )
-    assert done.returncode == 0, done.stderr
-    assert "broken plugin" in done.stdout and "broken" in done.stdout
+    assert done.returncode == 1, done.stderr
+    assert f"broken plugin {reported}" in done.stdout
     assert "python" in done.stdout and "node" in done.stdout
 
 
