@@ -1,12 +1,24 @@
 """Hook specifications of snakepit (pluggy project ``snakepit``).
 
 Adapter plugins (entry-point group ``snakepit.adapters``) contribute adapters through
-:func:`snakepit_adapters` and may shape requests to their own adapters; cross-cutting plugins
-(group ``snakepit.plugins``) implement the same hooks for every adapter. A plugin answers only
-for the adapters it cares about (compare ``adapter.name``) and returns ``None`` otherwise.
+:func:`snakepit_adapters`, and their other hooks are called for their own adapters' requests
+only. General plugins (group ``snakepit.plugins``, or registered in-process with
+``get_plugin_manager().register``) are called for every adapter: one answers for the adapters
+it cares about (compare ``adapter.name``) and returns ``None`` otherwise.
 
-All hooks are called with keyword arguments. The plugin that provides an adapter is consulted
-before general plugins for ``firstresult`` hooks.
+Every hook is called through pluggy with keyword arguments, so ``firstresult``,
+``@hookimpl(wrapper=True)``, ``tryfirst``/``trylast`` and ``enable_tracing()`` work. An
+adapter's own plugin is asked before the general plugins, which pluggy orders as usual: the
+last registered first.
+
+The shaping hooks (``validate_command``, ``prepare_args``, ``process_response``,
+``command_timeout``) are one pluggy call per request. A ``SnakepitError`` they raise (such as
+``ValidationError``) reaches the caller unchanged; any other exception reaches it as
+``PluginError`` naming the plugin and the hook, and the request goes no further.
+
+The observer hooks (``request_*``, ``worker_*``) are called one plugin at a time: a plugin that
+raises is logged and counted (``stats()["hook_errors"]``), the other plugins still hear of the
+event and the request is not affected. A wrapper there wraps its own plugin's implementation.
 """
 
 from __future__ import annotations
@@ -33,8 +45,11 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 def snakepit_adapters() -> list[Adapter]:  # type: ignore[empty-body]
     """Return the adapters this plugin provides.
 
-    Called once, when snakepit first looks an adapter up. Each plugin returns a list (possibly
-    empty); the results of all plugins are merged and an adapter name may appear only once.
+    Called for each plugin when snakepit first looks an adapter up, and again after a plugin is
+    registered or unregistered, so return the same adapters every time. An adapter name belongs
+    to one plugin: if two provide it, neither gets it, ``snakepit adapters`` reports both and
+    using the name raises ``PluginError``. A plugin whose implementation raises is reported the
+    same way and provides nothing.
 
     Example::
 
@@ -53,10 +68,12 @@ def snakepit_adapters() -> list[Adapter]:  # type: ignore[empty-body]
 def snakepit_validate_command(adapter: Adapter, command: str, args: dict[str, Any]) -> None:
     """Check ``args`` of ``command`` before it is sent to a worker of ``adapter``.
 
-    Every implementation runs; one that objects raises
+    Implementations run in turn until one raises. One that objects raises
     :class:`snakepit_core.ValidationError` (or :class:`~snakepit_core.UnknownCommand`), which
-    reaches the caller unchanged. The core's own implementation checks the command against
-    ``adapter.commands`` and ``args`` against the command's JSON Schema.
+    reaches the caller unchanged; any other exception reaches it as ``PluginError``. Either
+    way nothing is sent. The core's own implementation (plugin ``snakepit.core``, registered
+    first and so called last) checks the command against ``adapter.commands`` and ``args``
+    against the command's JSON Schema.
 
     Example::
 
@@ -73,8 +90,10 @@ def snakepit_prepare_args(
 ) -> dict[str, Any] | None:
     """Return the arguments to send instead of ``args``, or ``None`` to leave them alone.
 
-    ``firstresult``: the first non-``None`` answer wins; the adapter's own plugin is asked
-    first. Runs after validation.
+    Called after validation; for a call in a session, ``args`` includes ``session_id``.
+    ``firstresult``: the first non-``None`` answer wins and the rest are not asked (the
+    adapter's own plugin is asked first). A wrapper receives that answer, ``None`` if there
+    was none, and may return something else.
 
     Example::
 
@@ -89,6 +108,7 @@ def snakepit_prepare_args(
 def snakepit_process_response(adapter: Adapter, command: str, response: Any) -> Any | None:
     """Return a replacement for the worker's ``result``, or ``None`` to keep it.
 
+    Called after a success only (not for a ``CommandError``, a timeout or a crash).
     ``firstresult``: the first non-``None`` answer wins; the adapter's own plugin is asked
     first.
 
@@ -103,9 +123,10 @@ def snakepit_process_response(adapter: Adapter, command: str, response: Any) -> 
 
 @hookspec(firstresult=True)
 def snakepit_command_timeout(adapter: Adapter, command: str, args: dict[str, Any]) -> float | None:
-    """Return the execution timeout (seconds) for this call, or ``None`` for the default.
+    """Return the execution timeout (seconds) for this call, or ``None`` for the adapter's.
 
-    Consulted only when the caller passed no ``timeout=``. ``firstresult``.
+    Called only when the caller passed no ``timeout=``, after :func:`snakepit_prepare_args`,
+    with the arguments as prepared. ``firstresult``: the first non-``None`` answer wins.
 
     Example::
 
@@ -125,7 +146,10 @@ def snakepit_command_timeout(adapter: Adapter, command: str, args: dict[str, Any
 def snakepit_request_started(
     adapter: Adapter, command: str, request_id: int, worker_id: str, session_id: str | None
 ) -> None:
-    """A request was handed to worker ``worker_id`` (after any queueing).
+    """A request was sent to worker ``worker_id`` (after any queueing) as ``request_id``.
+
+    Not called for a request that was never sent (refused by validation or a ``PluginError``,
+    saturation, queue timeout); :func:`snakepit_request_finished` is.
 
     Example::
 
@@ -146,7 +170,12 @@ def snakepit_request_finished(
     queue_wait: float,
     error: BaseException | None,
 ) -> None:
-    """A request ended, successfully (``error is None``) or not. Durations in seconds.
+    """A request ended: successfully (``error is None``) or with ``error``, the exception its
+    caller gets. Called for every request, refused or not.
+
+    ``worker_id`` is ``None`` and ``request_id`` 0 if it never got a worker (refused by
+    validation or a ``PluginError``, saturation, queue timeout). ``duration`` runs from the call
+    to the end and ``queue_wait`` is the part spent waiting for a worker, both in seconds.
 
     Example::
 
@@ -160,7 +189,8 @@ def snakepit_request_finished(
 def snakepit_worker_started(
     adapter: Adapter, worker_id: str, pid: int, startup_time: float
 ) -> None:
-    """A worker finished its handshake and is ready (``startup_time`` in seconds).
+    """A worker finished its handshake and entered service, at start-up or as a replacement;
+    ``startup_time`` runs from spawn to ready, in seconds.
 
     Example::
 
@@ -174,8 +204,13 @@ def snakepit_worker_started(
 def snakepit_worker_exited(
     adapter: Adapter, worker_id: str, pid: int, exit_code: int | None, reason: str
 ) -> None:
-    """A worker's process ended. ``exit_code`` is negative for a signal (as in subprocess);
-    ``reason`` is one of ``stopped``, ``crashed``, ``killed``, ``recycled``, ``startup_failed``.
+    """A worker that was in service ended (one that failed to start was never started).
+
+    ``exit_code`` is negative for a signal (as in subprocess), ``None`` if unknown. ``reason``
+    is ``stopped`` (the pool stopped it), ``recycled`` (retired after its requests or memory
+    limit), ``crashed`` (it died on its own), ``killed`` (it held on to a timed-out or cancelled
+    request), ``unhealthy`` (it missed health checks) or ``protocol_error`` (it broke the wire
+    protocol).
 
     Example::
 

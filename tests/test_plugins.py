@@ -425,19 +425,28 @@ def test_a_misspelled_hook_fails_loudly():
 
 # -- the hooks' documentation ------------------------------------------------------------------
 
+HOOKSPECS = sorted(
+    name for name, value in vars(hookspecs).items() if hasattr(value, "snakepit_spec")
+)
 
-def test_every_hookspec_is_documented_in_the_readme():
+
+@pytest.fixture(scope="module")
+def documented_hooks() -> dict[str, str]:
+    """``{hook: parameters}`` from the README's headings such as ``#### `hook(a, b)` ``."""
     readme = (ROOT / "README.md").read_text()
-    specs = [
-        name
-        for name, value in inspect.getmembers(hookspecs)
-        if name.startswith("snakepit_") and callable(value)
-    ]
-    assert len(specs) == 9
-    for name in specs:
-        assert f"`{name}(" in readme, f"hook {name} is not documented in README.md"
-        doc = getattr(hookspecs, name).__doc__
-        assert doc and "Example::" in doc, f"hook {name} has no example in its docstring"
+    section = readme.split("\n### Hooks\n", 1)[1].split("\n## ", 1)[0]
+    return dict(re.findall(r"^#### `(\w+)\(([^)]*)\)`$", section, flags=re.MULTILINE))
+
+
+@pytest.mark.parametrize("hook", HOOKSPECS)
+def test_every_hook_is_documented_with_its_signature(documented_hooks, hook):
+    spec = getattr(hookspecs, hook)
+    assert documented_hooks.get(hook) == ", ".join(inspect.signature(spec).parameters)
+    assert spec.__doc__ and "Example::" in spec.__doc__, f"{hook} has no example"
+
+
+def test_the_readme_documents_no_other_hooks(documented_hooks):
+    assert sorted(documented_hooks) == HOOKSPECS
 
 
 # -- discovery ---------------------------------------------------------------------------------
