@@ -362,19 +362,23 @@ class PluginManager:
         for extension in extensions:
             dist = extension.entry_point.dist
             distribution = (getattr(dist, "name", None), getattr(dist, "version", None))
-            if self._pm.has_plugin(extension.name):
-                taken_by = _describe(extension.name, self.distribution_of(extension.name))
-                self._load_failures.append(
-                    PluginFailure(
-                        extension.name,
-                        group,
-                        f"the plugin name is taken by {taken_by}; "
-                        f"{_describe(extension.name, distribution)} is not loaded",
-                    )
-                )
+            refusal = self._refusal(extension.name, extension.plugin, distribution)
+            if refusal is not None:
+                self._load_failures.append(PluginFailure(extension.name, group, refusal))
                 continue
             self._pm.register(extension.plugin, name=extension.name)
             self._distributions[extension.name] = distribution
+
+    def _refusal(
+        self, name: str, plugin: object, distribution: tuple[str | None, str | None]
+    ) -> str | None:
+        """Why an entry point's plugin cannot be registered, if it cannot."""
+        if self._pm.has_plugin(name):
+            taken_by = _describe(name, self.distribution_of(name))
+            return f"the name is taken by {taken_by}; {_describe(name, distribution)} is not loaded"
+        if not isinstance(plugin, Hashable):
+            return "the plugin must be hashable, as pluggy requires"
+        return None
 
     def register(self, plugin: object, name: str | None = None) -> str:
         """Register an in-process plugin (a module or object with ``@hookimpl`` methods).

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pluggy
@@ -523,6 +524,23 @@ def test_two_plugins_providing_one_adapter_name_is_an_error_naming_both(tmp_path
     ) as info:
         manager.get_adapter("dup")
     assert info.value.hook == "snakepit_adapters" and info.value.plugins == ["dup-a", "dup-b"]
+
+
+def test_an_unhashable_plugin_is_refused_as_pluggy_requires(tmp_path, monkeypatch):
+    with pytest.raises(TypeError, match="must be hashable"):
+        get_plugin_manager().register(types.SimpleNamespace(), name="unhashable")
+    site = fake_distribution(
+        tmp_path / "site",
+        "snakepit-unhashable",
+        "[snakepit.plugins]\nunhashable = snakepit_unhashable:plugin\n",
+        {"snakepit_unhashable": "import types\nplugin = types.SimpleNamespace()\n"},
+    )
+    monkeypatch.syspath_prepend(str(site))
+    manager = PluginManager()
+    assert {"python", "node", "ruby"} <= set(manager.adapters())
+    assert [(f.name, f.error) for f in manager.failures] == [
+        ("unhashable", "the plugin must be hashable, as pluggy requires")
+    ]
 
 
 @pytest.mark.parametrize(
