@@ -335,6 +335,15 @@ def _estimate_size(session: Session) -> int:
     return sys.getsizeof(session) + len(repr(session.programs)) + len(repr(session.metadata))
 
 
+def _program_inputs(args: dict[str, Any]) -> Any:
+    """``inputs``, or ``input`` as the seed's README spells it (never both)."""
+    if "inputs" in args and "input" in args:
+        raise ValidationError(
+            "execute_program: give args.inputs or args.input, not both", field="args.input"
+        )
+    return args.get("inputs", args.get("input", {}))
+
+
 class SessionHelpers:
     """Programs on top of sessions (the seed's ``SessionHelpers``).
 
@@ -393,7 +402,7 @@ class SessionHelpers:
             result = await self.pool.execute_in_session(
                 session_id,
                 command,
-                {"program": sent, "inputs": args.get("inputs", {})},
+                {"program": sent, "inputs": _program_inputs(args)},
                 **options,
             )
 

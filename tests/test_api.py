@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import dataclasses
 import inspect
@@ -15,6 +14,8 @@ import pytest
 from snakepit_core import Pool, PoolConfig, SessionStore, SyncPool, SyncSessionStore
 from snakepit_core.config import PoolOptions
 from snakepit_core.errors import PoolSaturated, ValidationError
+
+from conftest import eventually
 
 #: What SyncPool has and Pool has not, on purpose: there is no async equivalent to want.
 SYNC_ONLY = {"submit", "run"}
@@ -71,11 +72,7 @@ async def test_map_raises_the_first_error_in_its_turn_and_cancels_the_rest():
             async for result in pool.map("echo", items):
                 seen.append(result)
         assert seen == [{"echoed": {"message": 1}}, {"echoed": {"message": 2}}]
-        for _ in range(100):
-            if pool.stats()["available"] == 2:
-                break
-            await asyncio.sleep(0.01)
-        assert pool.stats()["available"] == 2
+        await eventually(lambda: pool.stats()["available"] == 2, message=pool.stats)
 
 
 def test_sync_map_submit_and_an_early_break():

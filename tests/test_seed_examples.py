@@ -185,11 +185,6 @@ def test_ml_workflow_create_program(default_pool):
 # README "Usage Examples > ML/AI Workflow Example": "Execute the program multiple times":
 #   execute_program_command("ml_session_123", "execute_program",
 #   %{program_id: program_id, input: %{question: "What is the capital of France?"}})
-@pytest.mark.xfail(
-    strict=True,
-    raises=CommandError,
-    reason="the seed sends 'input'; SessionHelpers here reads only 'inputs' and drops 'input'",
-)
 def test_ml_workflow_execute_program(default_pool):
     program_id = snakepit.execute_program_command(
         "ml_session_france",
