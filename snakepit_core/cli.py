@@ -109,14 +109,16 @@ def demo(only: tuple[str, ...], pool_size: int) -> None:
 @click.argument("adapters", nargs=-1)
 @click.option("-x", "--exitfirst", is_flag=True, help="Stop at the first failure.")
 def conformance(adapters: tuple[str, ...], exitfirst: bool) -> None:
-    """Run the conformance suite against ADAPTERS (default: every installed adapter)."""
-    try:
-        from .conformance import run
-    except ImportError as exc:  # pragma: no cover - pytest missing
-        click.echo(
-            f"the conformance suite needs pytest: pip install 'snakepit-core[test]' ({exc})",
-            err=True,
-        )
+    """Run the conformance suite against ADAPTERS (default: every installed adapter).
+
+    An ADAPTER is an installed adapter's name, or module:NAME or path/to/file.py:NAME naming
+    an Adapter defined in Python (a ScriptAdapter needs no plugin).
+    """
+    from .conformance import missing_requirement, run
+
+    problem = missing_requirement()
+    if problem:
+        click.echo(problem, err=True)
         sys.exit(2)
     sys.exit(run(list(adapters), ["-x"] if exitfirst else []))
 

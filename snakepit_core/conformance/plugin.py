@@ -1,37 +1,163 @@
-"""pytest plugin of the conformance suite: chooses the adapters the tests run on."""
+"""The conformance suite's pytest plugin: which adapters the tests run on, at which levels.
+
+pytest loads it through the ``pytest11`` entry point of snakepit-core, so the suite's options
+exist however it is collected: by path (``snakepit conformance``, the repository's testpaths)
+or as installed (``pytest --pyargs snakepit_core.conformance``). The entry point is named after
+this module, so ``-p snakepit_core.conformance.plugin`` (a source checkout with no entry points)
+and the entry point are one plugin, never registered twice.
+
+Loaded in every pytest run of an environment that has snakepit-core, it stays out of the way
+of other test suites: it resolves no adapter and starts no process unless ``--adapter`` is
+given or a test carrying a conformance level is collected, and it parametrizes, deselects and
+reports only such tests. ``-p no:snakepit_core.conformance.plugin`` turns it off.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections import Counter, defaultdict
+from pathlib import Path
 
 import pytest
 
-from ..plugins import get_plugin_manager
+from .levels import (
+    AUTO,
+    BUNDLED,
+    CAPABILITY_MARK,
+    CHOICES,
+    LEVEL_MARK,
+    PROTOCOL,
+    bundled_level_excluded,
+)
+from .targets import Target, TargetError, installed, probe_capabilities, resolve
+
+_targets = pytest.StashKey[list[Target]]()
+#: A target's declared capabilities, or the error that kept them from being known.
+_capabilities = pytest.StashKey[dict[Target, frozenset[str] | Exception]]()
+_report = pytest.StashKey[list[str]]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption(
+    group = parser.getgroup("snakepit conformance")
+    group.addoption(
         "--adapter",
         action="append",
         default=[],
-        help="adapter to check (repeatable; default: every installed adapter)",
+        metavar="ADAPTER",
+        help="adapter to check: an installed adapter's name, or module:NAME or "
+        "path/to/file.py:NAME naming an Adapter (repeatable; default: every installed adapter)",
+    )
+    group.addoption(
+        "--conformance-level",
+        choices=CHOICES,
+        default=AUTO,
+        help="auto (default): the protocol level, and the bundled level for adapters that "
+        "declare every shared command; protocol: only that level; bundled: both, for every "
+        "adapter",
     )
 
 
-def selected_adapters(config: pytest.Config) -> list[str]:
-    chosen: list[str] = config.getoption("--adapter")
-    return chosen or sorted(get_plugin_manager().adapters())
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", f"{LEVEL_MARK}(level): a snakepit conformance test of that level"
+    )
+    config.addinivalue_line(
+        "markers",
+        f"{CAPABILITY_MARK}(name): applies only to workers declaring that capability",
+    )
+    if config.getoption("adapter"):
+        targets(config)  # a wrong --adapter is a usage error before anything is collected
+
+
+def targets(config: pytest.Config) -> list[Target]:
+    """The adapters under test, resolved once per run."""
+    if _targets not in config.stash:
+        specs: list[str] = config.getoption("adapter")
+        try:
+            base = Path(config.invocation_params.dir)
+            found = [resolve(spec, base) for spec in specs] if specs else installed()
+        except TargetError as exc:
+            raise pytest.UsageError(str(exc)) from None
+        if not found:
+            raise pytest.UsageError("no adapter is installed: name one with --adapter")
+        config.stash[_targets] = found
+    return config.stash[_targets]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "adapter_name" in metafunc.fixturenames:
-        names = selected_adapters(metafunc.config)
-        metafunc.parametrize("adapter_name", names, ids=names)
+    if metafunc.definition.get_closest_marker(LEVEL_MARK) is None:
+        return
+    if "adapter" in metafunc.fixturenames:
+        found = targets(metafunc.config)
+        metafunc.parametrize("adapter", found, ids=[t.id for t in found], indirect=True)
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "conformance: the adapter conformance suite")
+def _capabilities_of(config: pytest.Config, target: Target) -> frozenset[str] | Exception:
+    known = config.stash.setdefault(_capabilities, {})
+    if target not in known:
+        try:
+            known[target] = probe_capabilities(target.adapter)
+        except Exception as exc:  # the handshake test will fail and say why
+            known[target] = exc
+    return known[target]
 
 
-def pytest_report_header(config: pytest.Config) -> Any:
-    return f"snakepit conformance adapters: {', '.join(selected_adapters(config))}"
+def _excluded(item: pytest.Item, target: Target, chosen: str) -> str | None:
+    """Why ``item`` does not apply to ``target`` (None: it does)."""
+    mark = item.get_closest_marker(LEVEL_MARK)
+    if mark is not None and mark.args and mark.args[0] == BUNDLED:
+        reason = bundled_level_excluded(target.adapter, chosen)
+        if reason:
+            return f"bundled level not applicable: {reason}"
+    elif chosen == BUNDLED:
+        return None  # demanded: every test runs
+    for needed in item.iter_markers(CAPABILITY_MARK):
+        capabilities = _capabilities_of(item.config, target)
+        if isinstance(capabilities, frozenset) and needed.args[0] not in capabilities:
+            return f"the worker does not declare the {needed.args[0]!r} capability"
+    return None
+
+
+def _level_of(item: pytest.Item) -> str:
+    mark = item.get_closest_marker(LEVEL_MARK)
+    return str(mark.args[0]) if mark is not None and mark.args else PROTOCOL
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the tests that do not apply to their adapter, and say so."""
+    chosen: str = config.getoption("conformance_level")
+    kept: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    selected: dict[str, Counter[str]] = defaultdict(Counter)
+    reasons: dict[str, Counter[str]] = defaultdict(Counter)
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        target = callspec.params.get("adapter") if callspec is not None else None
+        if not isinstance(target, Target) or item.get_closest_marker(LEVEL_MARK) is None:
+            kept.append(item)
+            continue
+        reason = _excluded(item, target, chosen)
+        if reason is None:
+            kept.append(item)
+            selected[target.id][_level_of(item)] += 1
+        else:
+            dropped.append(item)
+            reasons[target.id][reason] += 1
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+    config.stash[_report] = [
+        _summary(name, selected[name], reasons[name]) for name in {**selected, **reasons}
+    ]
+
+
+def _summary(name: str, selected: Counter[str], reasons: Counter[str]) -> str:
+    levels = ", ".join(f"{selected[level]} {level}" for level in (PROTOCOL, BUNDLED))
+    line = f"snakepit conformance: {name}: {levels} level tests selected"
+    for reason, count in reasons.items():
+        line += f"; {count} deselected ({reason})"
+    return line
+
+
+def pytest_report_collectionfinish(config: pytest.Config) -> list[str]:
+    return config.stash.get(_report, [])
