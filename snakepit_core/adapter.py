@@ -76,31 +76,47 @@ class Adapter:
         return env
 
 
-def ScriptAdapter(  # noqa: N802 - a factory that reads like a class, as users expect
-    name: str,
-    executable: str,
-    script: str | os.PathLike[str] | None = None,
-    args: Iterable[str] = (),
-    env: Mapping[str, str] | None = None,
-    cwd: str | os.PathLike[str] | None = None,
-    commands: Iterable[str] | None = None,
-    schemas: Mapping[str, Mapping[str, Any]] | None = None,
-    timeouts: Mapping[str, float] | None = None,
-    default_timeout: float = DEFAULT_TIMEOUT,
-) -> Adapter:
-    """Build an :class:`Adapter` for any bridge script, with no plugin at all.
+class ScriptAdapter(Adapter):
+    """An :class:`Adapter` for any bridge script, built in code with no plugin at all.
 
-    >>> ScriptAdapter("mine", "python3", "bridge.py", commands=["ping", "shout"])  # doctest: +SKIP
+    >>> ScriptAdapter("mine", sys.executable, "bridge.py", commands=["ping", "shout"])
+    ... # doctest: +SKIP
+
+    A real subclass, so ``isinstance(adapter, ScriptAdapter)`` works; paths may be
+    ``os.PathLike`` and ``timeouts`` maps commands to seconds. The keyword-only parameters
+    are the remaining :class:`Adapter` fields, so ``dataclasses.replace`` works on it too.
     """
-    return Adapter(
-        name=name,
-        executable=str(executable),
-        script=None if script is None else os.fspath(script),
-        args=tuple(args),
-        env=dict(env) if env else None,
-        cwd=None if cwd is None else os.fspath(cwd),
-        commands=None if commands is None else frozenset(commands),
-        schemas=dict(schemas or {}),
-        command_timeouts=dict(timeouts or {}),
-        default_timeout=default_timeout,
-    )
+
+    def __init__(
+        self,
+        name: str,
+        executable: str,
+        script: str | os.PathLike[str] | None = None,
+        args: Iterable[str] = (),
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        commands: Iterable[str] | None = None,
+        schemas: Mapping[str, Mapping[str, Any]] | None = None,
+        timeouts: Mapping[str, float] | None = None,
+        default_timeout: float = DEFAULT_TIMEOUT,
+        *,
+        command_timeouts: Mapping[str, float] | None = None,
+        description: str = "",
+        distribution: str | None = None,
+        version: str | None = None,
+    ) -> None:
+        super().__init__(
+            name=name,
+            executable=str(executable),
+            script=None if script is None else os.fspath(script),
+            args=tuple(args),
+            env=dict(env) if env else None,
+            cwd=None if cwd is None else os.fspath(cwd),
+            commands=None if commands is None else frozenset(commands),
+            schemas=dict(schemas or {}),
+            command_timeouts=dict(timeouts or command_timeouts or {}),
+            default_timeout=default_timeout,
+            description=description,
+            distribution=distribution,
+            version=version,
+        )

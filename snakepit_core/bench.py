@@ -37,10 +37,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .config import PoolConfig
+from .config_sources import load_config
 from .launcher import pdeathsig_available
 from .plugins import get_plugin_manager
 from .pool import Pool
-from .protocol import JSON_CODEC
+from .protocol import get_codec
 from .sessions import Session, SessionStore
 
 #: Workers of the reference peers, and the snakepit pool size they are compared with.
@@ -675,7 +676,7 @@ def environment(event_loop: str) -> dict[str, Any]:
         "cpu_model": cpu_model(),
         "host_interpreter": platform.python_version(),
         "platform": platform.platform(),
-        "json_codec": JSON_CODEC,
+        "json_codec": get_codec(load_config(None, {}).json_codec).name,
         "event_loop": event_loop,
         "mp_start_method": multiprocessing.get_start_method(),
         "pdeathsig_launcher": pdeathsig_available(),

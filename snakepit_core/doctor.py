@@ -7,9 +7,10 @@ import sys
 from rich.console import Console
 
 from .cli import runtime_version
+from .config_sources import load_config
 from .launcher import pdeathsig_available
 from .plugins import get_plugin_manager
-from .protocol import JSON_CODEC
+from .protocol import get_codec
 from .registry import get_registry
 
 
@@ -34,7 +35,7 @@ def run_doctor(console: Console) -> bool:
             "registry still clean up)"
         )
     print_registry(console)
-    console.print(f"JSON codec: {JSON_CODEC}")
+    console.print(f"JSON codec: {get_codec(load_config(None, {}).json_codec).name}")
     try:
         import uvloop  # noqa: F401
 

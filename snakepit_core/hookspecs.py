@@ -69,11 +69,11 @@ def snakepit_validate_command(adapter: Adapter, command: str, args: dict[str, An
     """Check ``args`` of ``command`` before it is sent to a worker of ``adapter``.
 
     Implementations run in turn until one raises. One that objects raises
-    :class:`snakepit_core.ValidationError` (or :class:`~snakepit_core.UnknownCommand`), which
-    reaches the caller unchanged; any other exception reaches it as ``PluginError``. Either
-    way nothing is sent. The core's own implementation (plugin ``snakepit.core``, registered
-    first and so called last) checks the command against ``adapter.commands`` and ``args``
-    against the command's JSON Schema.
+    :class:`~snakepit_core.errors.ValidationError` (or
+    :class:`~snakepit_core.errors.UnknownCommand`), which reaches the caller unchanged; any
+    other exception reaches it as ``PluginError``. Either way nothing is sent. The core's own
+    implementation (plugin ``snakepit.core``, registered first and so called last) checks the
+    command against ``adapter.commands`` and ``args`` against the command's JSON Schema.
 
     Example::
 

@@ -433,7 +433,7 @@ class PluginManager:
                 error = self._conflict_error(adapter_name)
                 log.warning("snakepit: %s", error)
                 self._adapter_failures.append(
-                    PluginFailure(", ".join(error.plugins), "snakepit_adapters", str(error))
+                    PluginFailure(", ".join(error.plugins or ()), "snakepit_adapters", str(error))
                 )
                 continue
             plugin_name, adapter = provided_by[0]

@@ -185,14 +185,14 @@ class Supervisor:
     def record_startup_failure(self, failure: BaseException) -> None:
         """A worker failed to start: count it toward the breaker unless it is not the bridge's
         fault (killed from outside: retried at once; short of resources: backed off)."""
-        context = getattr(failure, "context", {})
         description = getattr(failure, "message", repr(failure))
-        if context.get("cause") == "exited" and context.get("exit_code") in EXTERNAL_KILL_CODES:
+        cause = getattr(failure, "cause", None)
+        if cause == "exited" and getattr(failure, "exit_code", None) in EXTERNAL_KILL_CODES:
             log.info(
                 "pool %s: a starting worker was killed: %s", self.pool.adapter.name, description
             )
             return
-        if context.get("cause") == "spawn" and context.get("errno") in RESOURCE_ERRNOS:
+        if cause == "spawn" and getattr(failure, "errno", None) in RESOURCE_ERRNOS:
             log.warning(
                 "pool %s: cannot start a worker, backing off: %s",
                 self.pool.adapter.name,

@@ -8,6 +8,7 @@ to the worker in the request's ``meta`` as W3C ``traceparent``/``tracestate``.
 
 from __future__ import annotations
 
+from importlib.metadata import version
 from typing import Any
 
 from opentelemetry import metrics, propagate, trace
@@ -16,7 +17,8 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from .adapter import Adapter
 
 INSTRUMENTATION_NAME = "snakepit"
-INSTRUMENTATION_VERSION = "0.1.0"
+#: The version of the distribution that holds this module, as OpenTelemetry expects.
+INSTRUMENTATION_VERSION = version("snakepit-core")
 OTHER_COMMAND = "_OTHER"
 
 

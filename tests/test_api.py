@@ -112,3 +112,41 @@ def test_python_dash_m_runs_the_cli():
     )
     assert done.returncode == 0, done.stderr
     assert "adapters" in done.stdout and "doctor" in done.stdout
+
+
+def test_the_top_level_is_small_and_moved_names_warn_for_one_release():
+    import snakepit_core
+
+    assert len(snakepit_core.__all__) <= 25
+    assert all(hasattr(snakepit_core, name) for name in snakepit_core.__all__)
+    with pytest.warns(DeprecationWarning, match=r"import it from snakepit_core\.errors"):
+        moved = snakepit_core.WorkerCrashed  # type: ignore[attr-defined]
+    from snakepit_core.errors import WorkerCrashed
+
+    assert moved is WorkerCrashed
+    with pytest.raises(AttributeError):
+        snakepit_core.NoSuchThing  # type: ignore[attr-defined]  # noqa: B018
+
+
+def test_error_facts_are_typed_attributes_and_survive_pickling():
+    import pickle
+
+    from snakepit_core.errors import QueueTimeout, SnakepitTimeout, WorkerCrashed, WorkerTimeout
+
+    crashed = WorkerCrashed("died", adapter="mine", worker_id="mine-1", exit_code=-9)
+    assert (crashed.exit_code, crashed.worker_id, crashed.stderr_tail) == (-9, "mine-1", None)
+    again = pickle.loads(pickle.dumps(crashed))
+    assert type(again) is WorkerCrashed and again.context == crashed.context
+    assert again.code == "worker_crashed" and str(again) == "died"
+    with pytest.raises(TypeError, match="carries no fact 'exit_cod'"):
+        WorkerCrashed("typo", exit_cod=1)
+    for timeout in (WorkerTimeout("slow", timeout=1.0), QueueTimeout("queued")):
+        assert isinstance(timeout, SnakepitTimeout) and isinstance(timeout, TimeoutError)
+
+
+def test_script_adapter_is_a_real_adapter_class():
+    from snakepit_core import Adapter, ScriptAdapter
+
+    adapter = ScriptAdapter("mine", sys.executable, "bridge.py", timeouts={"slow": 60})
+    assert isinstance(adapter, ScriptAdapter) and isinstance(adapter, Adapter)
+    assert dataclasses.replace(adapter, distribution="mine-dist").timeout_for("slow") == 60

@@ -10,13 +10,11 @@ import time
 
 import pytest
 
-from snakepit_core import (
+from snakepit_core import Pool, PoolConfig, ScriptAdapter
+from snakepit_core.errors import (
     CommandError,
     ConfigError,
-    Pool,
-    PoolConfig,
     ProtocolError,
-    ScriptAdapter,
     StartupError,
     UnknownAdapter,
     UnknownCommand,
@@ -67,7 +65,7 @@ async def test_oversized_frame_is_refused(misbehaving):
 
 
 async def test_oversized_request_is_refused_before_sending(misbehaving):
-    from snakepit_core import ValidationError
+    from snakepit_core.errors import ValidationError
 
     async with Pool(misbehaving(), pool_size=1, max_frame_bytes=1024) as pool:
         with pytest.raises(ValidationError, match="over the maximum frame size"):

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from snakepit_core import get_plugin_manager
+from snakepit_core.plugins import get_plugin_manager
 
 from raw_worker import RawWorker
 

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import snakepit_python
 from snakepit_python import plugin
 
-from snakepit_core import shared_command_schemas
+from snakepit_core.schemas import shared_command_schemas
 
 from raw_worker import RawWorker
 
@@ -200,7 +201,7 @@ def test_python_adapter_runs_a_library_worker_with_this_interpreter(tmp_path: Pa
 def test_info_python_specifics(bridge: RawWorker) -> None:
     info = bridge.result("info")
     assert info["runtime_version"] == ".".join(map(str, sys.version_info[:3]))
-    assert info["bridge_version"] == "0.1.0"
+    assert info["bridge_version"] == snakepit_python.__version__
     assert info["platform"] == sys.platform
     assert info["arch"] == os.uname().machine
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import snakepit_ruby
 from snakepit_ruby.plugin import LIBRARY_DIR, ruby_adapter, snakepit_adapters
 
 from raw_worker import RawWorker
@@ -169,7 +170,7 @@ def test_compute_refusals(bridge: RawWorker, args: dict[str, Any], message: str)
 def test_info_ruby_specifics(bridge: RawWorker) -> None:
     info = bridge.result("info")
     assert info["runtime_version"].count(".") == 2
-    assert info["bridge_version"] == "0.1.0"
+    assert info["bridge_version"] == snakepit_ruby.__version__
     assert info["platform"] == "linux"
     assert info["arch"] == os.uname().machine
     assert info["memory"]["rss_bytes"] == pytest.approx(rss_bytes(bridge.proc.pid), rel=0.5)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from snakepit_core import ConfigError, Pool, PoolConfig, load_config
+from snakepit_core import Pool, PoolConfig
+from snakepit_core.config_sources import load_config
+from snakepit_core.errors import ConfigError
 
 
 @pytest.fixture

@@ -43,14 +43,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import snakepit_core.protocol as installed_protocol
-from snakepit_core import (
-    CommandError,
-    Pool,
-    ProtocolError,
-    ScriptAdapter,
-    WorkerCrashed,
-    WorkerTimeout,
-)
+from snakepit_core import Pool, ScriptAdapter
+from snakepit_core.errors import CommandError, ProtocolError, WorkerCrashed, WorkerTimeout
 from snakepit_core.registry import Registry, process_start_time
 from snakepit_core.runinfo import RUN_ID
 
@@ -206,7 +200,7 @@ async def test_sigkills_of_starting_workers_never_open_the_breaker(capsys):
     """10 s of SIGKILLs to every starting worker (and now and then a serving one) on all three
     runtimes at once, the breaker sampled every 10 ms: it never opens, no call is refused with
     AdapterUnavailable, every call resolves with its result or WorkerCrashed."""
-    from snakepit_core import AdapterUnavailable
+    from snakepit_core.errors import AdapterUnavailable
 
     seconds = float(os.environ.get("SNAKEPIT_TEST_KILL_SECONDS", "10"))
     pool_size = 3
@@ -276,7 +270,7 @@ async def test_stop_in_the_middle_of_chaos_leaves_nothing(adapter, capsys):
     kills = 0
 
     async def caller(index: int) -> None:
-        from snakepit_core import PoolStopped
+        from snakepit_core.errors import PoolStopped
 
         for n in range(1_000_000):
             try:
@@ -944,7 +938,7 @@ def test_a_deeply_nested_frame_is_a_protocol_error_on_the_stdlib_codec_too():
 async def test_a_bridge_that_breaks_the_protocol_on_every_first_request_opens_the_breaker(
     misbehaving,
 ):
-    from snakepit_core import AdapterUnavailable
+    from snakepit_core.errors import AdapterUnavailable
 
     async with Pool(
         misbehaving(), pool_size=1, crash_loop_threshold=3, restart_backoff_initial=0.01
@@ -956,7 +950,7 @@ async def test_a_bridge_that_breaks_the_protocol_on_every_first_request_opens_th
 
 
 async def test_a_worker_that_exits_at_once_is_reported_with_its_exit_code(caplog):
-    from snakepit_core import StartupError
+    from snakepit_core.errors import StartupError
 
     messages = []
     for _ in range(5):

@@ -13,7 +13,8 @@ from enum import IntEnum
 
 import pytest
 
-from snakepit_core import CommandError, Pool, ProtocolError, ValidationError
+from snakepit_core import Pool
+from snakepit_core.errors import CommandError, ProtocolError, ValidationError
 from snakepit_core.json_values import MAX_NESTING
 
 CODECS = ["json", "orjson"]

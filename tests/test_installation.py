@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import sys
 
-from snakepit_core import get_plugin_manager
+from snakepit_core.plugins import get_plugin_manager
 
 REQUIRED = {"python", "node", "ruby"}
 

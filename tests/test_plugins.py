@@ -14,20 +14,16 @@ from pathlib import Path
 import pluggy
 import pytest
 
-from snakepit_core import (
+from snakepit_core import Pool, ScriptAdapter, hookimpl, hookspecs
+from snakepit_core.errors import (
     CommandError,
-    Pool,
-    ScriptAdapter,
+    PluginError,
     UnknownAdapter,
     UnknownCommand,
     ValidationError,
     WorkerTimeout,
-    get_plugin_manager,
-    hookimpl,
-    hookspecs,
 )
-from snakepit_core.errors import PluginError
-from snakepit_core.plugins import PluginManager
+from snakepit_core.plugins import PluginManager, get_plugin_manager
 
 from conftest import BRIDGES
 

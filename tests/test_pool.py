@@ -7,10 +7,9 @@ import time
 
 import pytest
 
-from snakepit_core import (
+from snakepit_core import Pool, PoolConfig
+from snakepit_core.errors import (
     CommandError,
-    Pool,
-    PoolConfig,
     PoolSaturated,
     PoolStopped,
     QueueTimeout,

@@ -28,20 +28,17 @@ from typing import Any
 import pytest
 
 import snakepit_core as snakepit
-from snakepit_core import (
+from snakepit_core import PoolConfig, ScriptAdapter, SnakepitError, SyncPool, hookimpl
+from snakepit_core.errors import (
     CommandError,
-    PoolConfig,
     PoolSaturated,
-    ScriptAdapter,
-    SnakepitError,
-    SyncPool,
     UnknownCommand,
     ValidationError,
     WorkerTimeout,
-    get_plugin_manager,
-    hookimpl,
-    shared_command_schemas,
 )
+from snakepit_core.plugins import get_plugin_manager
+from snakepit_core.schemas import shared_command_schemas
+from snakepit_core.sync import get_pool
 
 #: The keys the README's "Pool Statistics" shows ``Snakepit.get_stats()`` returning.
 SEED_STATS = {
@@ -86,8 +83,8 @@ def test_compute_add_gives_8(default_pool):
 def test_quick_start_echo_in_session(default_pool):
     result = snakepit.execute_in_session("user_123", "echo", {"message": "hello"})
     assert result == {"echoed": {"message": "hello", "session_id": "user_123"}}
-    session = snakepit.get_pool().sessions.get_session("user_123")
-    assert session.last_worker_id in snakepit.get_pool().pool.workers  # affinity for the next call
+    session = get_pool().sessions.get_session("user_123")
+    assert session.last_worker_id in get_pool().pool.workers  # affinity for the next call
 
 
 # -- Configuration ----------------------------------------------------------------------------
@@ -178,7 +175,7 @@ def test_ml_workflow_create_program(default_pool):
     program_id = response["program_id"]
     assert isinstance(program_id, str) and program_id
     assert response["config"] == {"model": "gpt-3.5-turbo", "temperature": 0.7}
-    stored = snakepit.get_pool().sessions.get_program("ml_session_123", program_id)
+    stored = get_pool().sessions.get_program("ml_session_123", program_id)
     assert stored["signature"] == "question -> answer"
 
 
@@ -199,7 +196,7 @@ def test_ml_workflow_execute_program(default_pool):
         )
         assert result["program_id"] == program_id
         assert result["outputs"] == {"answer": "answer(question=What is the capital of France?)"}
-        stored = snakepit.get_pool().sessions.get_program("ml_session_france", program_id)
+        stored = get_pool().sessions.get_program("ml_session_france", program_id)
         assert stored["execution_count"] == count
 
 
@@ -297,7 +294,7 @@ def test_custom_ruby_adapter():
 
 # README "Session Management > Session Store API", call by call on the pool's SessionStore.
 def test_session_store_api(default_pool):
-    store = snakepit.get_pool().sessions
+    store = get_pool().sessions
     session = store.create_session("session_123", ttl=7200)
     assert session.id == "session_123" and session.ttl == 7200
     store.store_program("session_123", "prog_1", {"model": "gpt-4", "temperature": 0.8})
@@ -319,7 +316,7 @@ def test_session_store_api(default_pool):
 
 # README "Session Management > Global Program Storage".
 def test_global_program_storage(default_pool):
-    store = snakepit.get_pool().sessions
+    store = get_pool().sessions
     template = {"type": "qa_template", "prompt": "Answer the following question: {question}"}
     store.store_global_program("template_1", template)
     assert store.get_global_program("template_1") == template
@@ -385,7 +382,7 @@ def test_pool_statistics(default_pool):
 # README "Troubleshooting > Workers Not Starting": adapter.executable_path() "should return
 # valid path"; File.exists?(adapter.script_path()) "should return true".
 def test_workers_not_starting_checks(default_pool):
-    adapter = snakepit.get_pool().adapter
+    adapter = get_pool().adapter
     assert os.access(adapter.resolve_executable(), os.X_OK)
     assert adapter.script is not None and Path(adapter.script).exists()
 
@@ -393,7 +390,7 @@ def test_workers_not_starting_checks(default_pool):
 # README "Troubleshooting > Memory Leaks": "Force cleanup":
 # Snakepit.Bridge.SessionStore.cleanup_expired_sessions()
 def test_force_cleanup_of_expired_sessions(default_pool):
-    store = snakepit.get_pool().sessions
+    store = get_pool().sessions
     store.create_session("left_behind", ttl=0.01)
     time.sleep(0.05)  # expired: its TTL has passed five times over on the monotonic clock
     assert store.cleanup_expired_sessions() >= 1

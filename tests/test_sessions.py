@@ -8,16 +8,12 @@ from datetime import UTC, datetime
 
 import pytest
 
-from snakepit_core import (
+from snakepit_core import Pool, SessionHelpers, SessionStore, SyncPool, SyncSessionStore
+from snakepit_core.errors import (
     AffinityBusy,
-    Pool,
     SessionExists,
-    SessionHelpers,
     SessionLost,
     SessionNotFound,
-    SessionStore,
-    SyncPool,
-    SyncSessionStore,
     ValidationError,
 )
 

@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from snakepit_core import Pool, PoolStopped, SyncPool
+from snakepit_core import Pool, SyncPool
+from snakepit_core.errors import PoolStopped
 from snakepit_core.runinfo import current_run_id
 
 from conftest import pids_of_run

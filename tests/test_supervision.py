@@ -14,12 +14,8 @@ import time
 
 import pytest
 
-from snakepit_core import (
-    AdapterUnavailable,
-    Pool,
-    PoolStopped,
-    WorkerCrashed,
-)
+from snakepit_core import Pool
+from snakepit_core.errors import AdapterUnavailable, PoolStopped, WorkerCrashed
 
 from conftest import eventually, pids_of_run
 

@@ -8,7 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import snakepit_core as snakepit
-from snakepit_core import PoolStopped, SyncPool
+from snakepit_core import SyncPool
+from snakepit_core.errors import PoolStopped
 
 
 def test_sync_pool_from_many_threads():

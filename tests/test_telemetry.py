@@ -16,14 +16,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from snakepit_core import (
-    CommandError,
-    Pool,
-    ScriptAdapter,
-    WorkerCrashed,
-    get_plugin_manager,
-    hookimpl,
-)
+from snakepit_core import Pool, ScriptAdapter, hookimpl
+from snakepit_core.errors import CommandError, WorkerCrashed
+from snakepit_core.plugins import get_plugin_manager
 from snakepit_core.telemetry import Attr
 
 from conftest import eventually

@@ -8,7 +8,8 @@ import textwrap
 
 import pytest
 
-from snakepit_core import CommandError, Pool, ScriptAdapter, UnknownCommand
+from snakepit_core import Pool, ScriptAdapter
+from snakepit_core.errors import CommandError, UnknownCommand
 
 from conftest import BRIDGES
 

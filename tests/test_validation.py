@@ -7,7 +7,9 @@ import math
 
 import pytest
 
-from snakepit_core import Pool, UnknownCommand, ValidationError, get_plugin_manager
+from snakepit_core import Pool
+from snakepit_core.errors import UnknownCommand, ValidationError
+from snakepit_core.plugins import get_plugin_manager
 from snakepit_core.schemas import envelope_schema, shared_command_schemas
 from snakepit_core.validation import StrictValidator, compile_schema
 

@@ -13,7 +13,8 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from snakepit_core import Adapter, ScriptAdapter, hookimpl, load_schema_dir, shared_command_schemas
+from snakepit_core import Adapter, ScriptAdapter, hookimpl
+from snakepit_core.schemas import load_schema_dir, shared_command_schemas
 
 HERE = Path(__file__).resolve().parent
 #: Put on NODE_PATH so that a worker's ``require("snakepit")`` finds the bridge library.

@@ -9,8 +9,23 @@ Workers import this package at start-up, so it uses the standard library only an
 imports ``snakepit_core`` (the pool side lives in :mod:`snakepit_python.plugin`).
 """
 
+from typing import Any
+
 from ._library import CommandError, Context, command, run
 
-__version__ = "0.1.0"
+__all__ = ["CommandError", "Context", "__version__", "command", "python_adapter", "run"]
 
-__all__ = ["CommandError", "Context", "__version__", "command", "run"]
+
+def __getattr__(name: str) -> Any:
+    # Looked up on first use: a worker's start-up pays for neither the package metadata nor
+    # the pool side (``python_adapter`` lives in the plugin, which imports snakepit_core).
+    if name == "__version__":
+        from importlib.metadata import version
+
+        globals()["__version__"] = found = version("snakepit-python")
+        return found
+    if name == "python_adapter":
+        from .plugin import python_adapter
+
+        return python_adapter
+    raise AttributeError(f"module 'snakepit_python' has no attribute {name!r}")

@@ -16,7 +16,9 @@ import os
 import sys
 import time
 
-from . import CommandError, __version__, command
+import snakepit_python
+
+from . import CommandError, command
 from ._library import status
 
 TYPE_CHECKING = False
@@ -110,7 +112,7 @@ def info(args: dict[str, Any]) -> dict[str, Any]:
     return {
         "runtime": "python",
         "runtime_version": ".".join(map(str, sys.version_info[:3])),
-        "bridge_version": __version__,
+        "bridge_version": snakepit_python.__version__,
         "platform": sys.platform,
         "arch": os.uname().machine,
         "pid": state["pid"],

@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from snakepit_core import Adapter, ScriptAdapter, hookimpl, shared_command_schemas
+from snakepit_core import Adapter, ScriptAdapter, hookimpl
+from snakepit_core.schemas import shared_command_schemas
 
 BRIDGE_PATH = Path(__file__).resolve().with_name("bridge.py")
 #: An empty value re-enables bytecode caching for the bridge even where the host sets

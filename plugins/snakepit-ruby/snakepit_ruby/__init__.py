@@ -1,3 +1,7 @@
 """snakepit adapter plugin for Ruby workers: the bundled bridge and the `snakepit` library."""
 
-__version__ = "0.1.0"
+from .plugin import BRIDGE, LIBRARY_DIR, VERSION, ruby_adapter
+
+__version__ = VERSION
+
+__all__ = ["BRIDGE", "LIBRARY_DIR", "__version__", "ruby_adapter"]

@@ -14,18 +14,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from snakepit_core import Adapter, ScriptAdapter, hookimpl, load_schema_dir, shared_command_schemas
-
-from . import __version__
+from snakepit_core import Adapter, ScriptAdapter, hookimpl
+from snakepit_core.schemas import load_schema_dir, shared_command_schemas
 
 HERE = Path(__file__).resolve().parent
 #: The directory of the Ruby bridge library: ``require "snakepit"`` finds it on ``RUBYLIB``.
 LIBRARY_DIR = HERE / "ruby"
 BRIDGE = LIBRARY_DIR / "bridge.rb"
 EXECUTABLE_ENV = "SNAKEPIT_RUBY_EXECUTABLE"
+VERSION = version("snakepit-ruby")
 
 
 def ruby_executable() -> str:
@@ -52,7 +53,7 @@ def snakepit_adapters() -> list[Adapter]:
             command_timeouts={"generate_report": 120.0},
             default_timeout=30.0,
             description="Ruby workers: built-in commands, process_data and generate_report",
-            version=__version__,
+            version=VERSION,
         )
     ]
 

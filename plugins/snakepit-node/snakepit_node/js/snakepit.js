@@ -17,7 +17,7 @@
 
 const fs = require("fs");
 
-const VERSION = "0.1.0";
+const VERSION = "0.2.0";
 const RUNTIME = "node";
 const CAPABILITIES = Object.freeze(["cancel"]);
 const DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024;

@@ -16,7 +16,7 @@ require "json"
 require "io/wait"
 
 module Snakepit
-  VERSION = "0.1.0"
+  VERSION = "0.2.0"
   RUNTIME = "ruby"
   CAPABILITIES = ["cancel"].freeze
   CANCEL = "$cancel"
