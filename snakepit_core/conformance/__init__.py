@@ -27,8 +27,9 @@ Two levels (see :mod:`snakepit_core.conformance.levels` and docs/PROTOCOL.md):
 Which level applies follows from what the adapter declares: the bundled level if its
 ``commands`` include every shared command, the ``cancel`` tests if its workers' handshake lists
 the capability. What does not apply is deselected, not skipped, and the collection report says
-why (``snakepit conformance: mine: 8 protocol, 0 bundled level tests selected; 26 deselected
-(bundled level not applicable: ...)``). ``--conformance-level protocol`` runs the protocol level
+why (``snakepit conformance: mine: 7 protocol, 0 bundled level tests selected; 27 deselected
+(bundled level not applicable: ...); 1 deselected (the worker does not declare the 'cancel'
+capability)``). ``--conformance-level protocol`` runs the protocol level
 only; ``--conformance-level bundled`` demands both levels of every adapter, so an adapter meant
 to follow the bundled contract fails on a missing command instead of being let off. (The
 ``snakepit conformance`` command uses the automatic choice; pass the option to pytest.)
