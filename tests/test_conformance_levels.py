@@ -172,3 +172,20 @@ def test_snakepit_conformance_without_pytest_says_what_to_install():
         "the conformance suite needs pytest, which is not installed: "
         "pip install 'snakepit-core[conformance]'\n"
     )
+
+
+def test_snakepit_conformance_runs_the_suite_without_a_warning(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "snakepit_core.cli", "conformance", PERL_ADAPTER],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    everything, needing_cancel = protocol_tests()
+    assert f"{len(everything - needing_cancel)} passed" in done.stdout, output[-3000:]
+    assert "warning" not in output.lower(), output[-3000:]
+    assert not list(tmp_path.iterdir()), "the run left files in the current directory"

@@ -41,6 +41,8 @@ source checkout without installed metadata, add ``-p snakepit_core.conformance.p
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 #: The suite: this package's directory (its ``test_*.py`` modules are the two levels).
@@ -73,7 +75,11 @@ def pytest_args(adapters: list[str], extra_args: list[str] | None = None) -> lis
 
 
 def run(adapters: list[str], extra_args: list[str] | None = None) -> int:
-    """Run the suite against ``adapters`` (names or references); pytest's exit code."""
-    import pytest
+    """Run the suite against ``adapters`` (names or references); pytest's exit code.
 
-    return int(pytest.main(pytest_args(adapters, extra_args)))
+    pytest runs in a fresh interpreter, not in the caller's: it rewrites the asserts of the
+    packages that provide pytest plugins (snakepit_core is one) and warns about each that is
+    already imported, as snakepit_core is in the ``snakepit`` command.
+    """
+    argv = [sys.executable, "-m", "pytest", *pytest_args(adapters, extra_args)]
+    return subprocess.run(argv, check=False).returncode
