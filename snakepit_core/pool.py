@@ -19,9 +19,11 @@ import warnings
 import weakref
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Coroutine, Iterable
+from contextvars import Token
 from typing import TYPE_CHECKING, Any, Unpack
 
 from opentelemetry import metrics, trace
+from opentelemetry.context import Context
 
 from .adapter import Adapter
 from .config import AFFINITY_MODES, PoolConfig, PoolOptions
@@ -557,7 +559,11 @@ class Pool:
         counters = self.counters
         counters.requests += 1
         telemetry = self.telemetry
-        span = telemetry.start_request(command, session_id) if telemetry.tracing else None
+        span: trace.Span | None = None
+        token: Token[Context] | None = None
+        if telemetry.tracing:
+            span = telemetry.start_request(command, session_id)
+            token = telemetry.activate(span)  # hooks' own spans nest under the request's
         started = time.monotonic()
         worker: Worker | None = None
         request_id = 0
@@ -614,10 +620,6 @@ class Pool:
             finished = time.monotonic()
             duration = finished - started
             counters.record_latency(duration)
-            if span is not None:
-                telemetry.end_request(span, finished - started - queue_wait, error)
-            if telemetry.metering:
-                telemetry.record_metrics(command, duration, error)
             if hooks.has_request_telemetry:
                 hooks.request_finished(
                     command=command,
@@ -628,6 +630,12 @@ class Pool:
                     queue_wait=queue_wait,
                     error=error,
                 )
+            if telemetry.metering:
+                telemetry.record_metrics(command, duration, error)
+            if span is not None:
+                telemetry.end_request(span, finished - started - queue_wait, error)
+            if token is not None:
+                telemetry.deactivate(token)
 
     async def map(
         self,

@@ -51,9 +51,9 @@ async def test_a_client_span_per_execute_with_rpc_attributes(spans):
     compute, ping = client_spans(exporter)
     assert compute.name == "python/compute" and ping.name == "python/ping"
     attributes = compute.attributes
-    assert attributes[Attr.RPC_SYSTEM] == "snakepit"
-    assert attributes[Attr.RPC_SERVICE] == "python"
-    assert attributes[Attr.RPC_METHOD] == "compute"
+    assert attributes[Attr.RPC_SYSTEM_NAME] == "snakepit"
+    assert attributes[Attr.RPC_METHOD] == "python/compute"
+    assert Attr.ERROR_TYPE not in attributes and Attr.RPC_RESPONSE_STATUS_CODE not in attributes
     assert attributes[Attr.ADAPTER] == "python"
     assert attributes[Attr.WORKER_PID] == pids[attributes[Attr.WORKER_ID]]
     assert attributes[Attr.QUEUE_WAIT] >= 0 and attributes[Attr.EXECUTION_TIME] > 0
@@ -67,7 +67,10 @@ async def test_undeclared_commands_are_named_other(spans, misbehaving):
         await pool.execute("user_specific_command_1234", {})
     (span,) = client_spans(exporter)
     assert span.name == "misbehave-normal/_OTHER"
-    assert span.attributes[Attr.RPC_METHOD] == "_OTHER"
+    assert span.attributes[Attr.RPC_METHOD] == "misbehave-normal/_OTHER"
+    assert (
+        span.attributes[Attr.RPC_METHOD_ORIGINAL] == "misbehave-normal/user_specific_command_1234"
+    )
     assert span.attributes[Attr.COMMAND] == "user_specific_command_1234"
 
 
@@ -79,8 +82,10 @@ async def test_failures_set_error_status_type_and_record_the_exception(spans, mi
     (span,) = client_spans(exporter)
     assert span.status.status_code == StatusCode.ERROR
     assert span.attributes[Attr.ERROR_TYPE] == "command_error"
+    assert span.attributes[Attr.RPC_RESPONSE_STATUS_CODE] == "command_error"
     assert [event.name for event in span.events] == ["exception"]
     assert "division by zero" in span.events[0].attributes["exception.message"]
+    assert str(span.events[0].attributes[Attr.EXCEPTION_ESCAPED]) == "True"  # the SDK stores a str
 
 
 async def test_worker_start_restart_and_exit_spans(spans, misbehaving):
@@ -194,10 +199,17 @@ async def test_metrics(meter, misbehaving):
         points = metric_points(reader)
     duration = points["rpc.client.call.duration"]
     assert sum(p.count for p in duration) == 11
-    by_method = {p.attributes[Attr.RPC_METHOD]: p.value for p in points["snakepit.requests"]}
-    assert by_method == {"ping": 10, "compute": 1}
-    (error,) = points["snakepit.errors"]
-    assert error.attributes[Attr.ERROR_TYPE] == "command_error" and error.value == 1
+    by_outcome = {
+        (p.attributes[Attr.RPC_METHOD], p.attributes.get(Attr.ERROR_TYPE)): p.count
+        for p in duration
+    }
+    assert by_outcome == {("python/ping", None): 10, ("python/compute", "command_error"): 1}
+    assert all(p.attributes[Attr.RPC_SYSTEM_NAME] == "snakepit" for p in duration)
+    # Buckets in seconds: a ping lands in a sub-millisecond bucket, not the first of all.
+    (pings,) = [p for p in duration if p.attributes[Attr.RPC_METHOD] == "python/ping"]
+    assert pings.explicit_bounds[0] <= 0.0001 and 300 in pings.explicit_bounds
+    assert pings.bucket_counts[-1] == 0 and max(pings.bucket_counts[:8]) > 0
+    assert "snakepit.requests" not in points and "snakepit.errors" not in points
     assert sum(p.value for p in points["snakepit.worker.restarts"]) == 1
     for gauge in (
         "snakepit.pool.queue_depth",
@@ -205,6 +217,68 @@ async def test_metrics(meter, misbehaving):
         "snakepit.pool.available_workers",
     ):
         assert gauge in points
+
+
+def metric_descriptions(reader):
+    return {
+        metric.name: metric.description
+        for resource in reader.get_metrics_data().resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+    }
+
+
+async def test_every_instrument_has_a_description_and_the_scope_names_its_version(meter, spans):
+    from importlib.metadata import version
+
+    provider, reader = meter
+    tracer_provider, exporter = spans
+    async with Pool(
+        "python", pool_size=1, meter_provider=provider, tracer_provider=tracer_provider
+    ) as pool:
+        await pool.execute("ping", {})
+        next(iter(pool.workers.values())).kill("crashed")
+        await eventually(lambda: pool.stats()["restarts"] == 1)
+        descriptions = metric_descriptions(reader)
+    assert set(descriptions) >= {"rpc.client.call.duration", "snakepit.worker.restarts"}
+    assert all(descriptions.values()), descriptions
+    (span,) = client_spans(exporter)
+    assert span.instrumentation_scope.version == version("snakepit-core")
+    assert span.instrumentation_scope.schema_url.endswith("/1.40.0")
+
+
+async def test_spans_made_in_hooks_nest_under_the_request_span(spans):
+    from opentelemetry import trace
+
+    provider, exporter = spans
+    tracer = provider.get_tracer("a-plugin")
+
+    class Instrumented:
+        @hookimpl
+        def snakepit_prepare_args(self, adapter, command, args):
+            with tracer.start_as_current_span("prepare-in-hook"):
+                return None
+
+        @hookimpl
+        def snakepit_process_response(self, adapter, command, response):
+            with tracer.start_as_current_span("process-in-hook"):
+                current = trace.get_current_span().get_span_context()
+                assert current.is_valid
+                return None
+
+    manager = get_plugin_manager()
+    name = manager.register(Instrumented(), "instrumented")
+    try:
+        async with Pool("python", pool_size=1, tracer_provider=provider) as pool:
+            await pool.execute("echo", {"n": 1})
+    finally:
+        manager.unregister(name)
+    finished = {span.name: span for span in exporter.get_finished_spans()}
+    request = finished["python/echo"]
+    for child in ("prepare-in-hook", "process-in-hook"):
+        assert finished[child].parent is not None, child
+        assert finished[child].parent.span_id == request.context.span_id, child
+    assert trace.get_current_span() is trace.INVALID_SPAN  # detached again
 
 
 async def test_no_sdk_means_no_spans_created():
