@@ -39,6 +39,14 @@ class Adapter:
     command_timeouts: Mapping[str, float] = field(default_factory=dict)
     default_timeout: float = DEFAULT_TIMEOUT
     description: str = ""
+    #: The oldest runtime the bridge works with, as in ``"18"`` or ``"3.11"``: ``snakepit
+    #: doctor`` compares it with the first version number ``<executable> --version`` prints.
+    min_runtime_version: str | None = None
+    #: How to install the runtime (``"apt-get install -y <package>"``), for ``snakepit doctor``
+    #: to show when the executable is missing or too old.
+    install_hint: str | None = None
+    #: The environment variable that names another executable, if the plugin reads one.
+    executable_env: str | None = None
     #: Filled in by discovery: the distribution that provides the adapter and its version.
     distribution: str | None = None
     version: str | None = None
@@ -102,6 +110,9 @@ class ScriptAdapter(Adapter):
         *,
         command_timeouts: Mapping[str, float] | None = None,
         description: str = "",
+        min_runtime_version: str | None = None,
+        install_hint: str | None = None,
+        executable_env: str | None = None,
         distribution: str | None = None,
         version: str | None = None,
     ) -> None:
@@ -117,6 +128,9 @@ class ScriptAdapter(Adapter):
             command_timeouts=dict(timeouts or command_timeouts or {}),
             default_timeout=default_timeout,
             description=description,
+            min_runtime_version=min_runtime_version,
+            install_hint=install_hint,
+            executable_env=executable_env,
             distribution=distribution,
             version=version,
         )

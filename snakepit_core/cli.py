@@ -4,36 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import subprocess
 import sys
 from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from .adapter import Adapter
 from .errors import SnakepitError
 from .plugins import get_plugin_manager
 from .pool import Pool
+from .runtimes import runtime_version
 
 console = Console()
-
-
-def runtime_version(adapter: Adapter) -> tuple[str | None, str]:
-    """``(path, version or what is wrong)`` of the adapter's executable."""
-    path = shutil.which(adapter.executable)
-    if path is None:
-        return None, f"missing: {adapter.executable!r} not found on PATH"
-    try:
-        completed = subprocess.run(
-            [path, "--version"], capture_output=True, text=True, timeout=10, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return path, f"cannot run: {exc}"
-    text = (completed.stdout or completed.stderr).strip().splitlines()
-    return path, text[0] if text else f"exit code {completed.returncode}"
 
 
 @click.group()
@@ -56,15 +40,19 @@ def adapters() -> None:
         table.add_column(column)
     for name, adapter in sorted(found.items()):
         path, version = runtime_version(adapter)
-        runtime = f"{version} ({path})" if path else f"[red]{version}[/red]"
+        runtime = escape(f"{version} ({path})") if path else f"[red]{escape(version)}[/red]"
         commands = str(len(adapter.commands)) if adapter.commands is not None else "any"
-        table.add_row(name, adapter.distribution or "-", adapter.version or "-", runtime, commands)
+        cells = (name, adapter.distribution or "-", adapter.version or "-")
+        table.add_row(*map(escape, cells), runtime, commands)
     console.print(table)
     if not found:
         console.print("no adapters installed: pip install snakepit-python (or -node, -ruby)")
     failures = manager.failures
     for failure in failures:
-        console.print(f"[red]broken plugin[/red] {failure.name} ({failure.group}): {failure.error}")
+        console.print(
+            f"[red]broken plugin[/red] {escape(failure.name)} ({escape(failure.group)}): "
+            f"{escape(failure.error)}"
+        )
     if failures:
         sys.exit(1)
 

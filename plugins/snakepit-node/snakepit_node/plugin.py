@@ -22,11 +22,16 @@ LIBRARY_DIR = HERE / "js"
 #: The bundled bridge: the built-in commands, written with the library.
 BRIDGE = LIBRARY_DIR / "bridge.js"
 VERSION = version("snakepit-node")
+#: The variable that names another Node.js executable.
+EXECUTABLE_ENV = "SNAKEPIT_NODE_EXECUTABLE"
+#: The oldest Node.js the bridge library supports, and how to get one (``snakepit doctor``).
+MIN_NODE_VERSION = "18"
+INSTALL_HINT = "apt-get install -y nodejs on Debian 12, Ubuntu 24.04 and later; else nodejs.org"
 
 
 def node_executable() -> str:
     """The Node.js executable: ``$SNAKEPIT_NODE_EXECUTABLE``, else ``node`` on PATH."""
-    return os.environ.get("SNAKEPIT_NODE_EXECUTABLE", "node")
+    return os.environ.get(EXECUTABLE_ENV, "node")
 
 
 def node_schemas() -> dict[str, dict[str, Any]]:
@@ -46,6 +51,9 @@ def snakepit_adapters() -> list[Adapter]:
             schemas=schemas,
             description="Node.js bridge: the shared built-ins, compute with power and sqrt, "
             "and random",
+            min_runtime_version=MIN_NODE_VERSION,
+            install_hint=INSTALL_HINT,
+            executable_env=EXECUTABLE_ENV,
             version=VERSION,
         )
     ]
@@ -70,4 +78,8 @@ def node_adapter(
     merged = dict(env or {})
     inherited = merged.get("NODE_PATH", os.environ.get("NODE_PATH", ""))
     merged["NODE_PATH"] = os.pathsep.join(p for p in (str(LIBRARY_DIR), inherited) if p)
+    kwargs.setdefault("min_runtime_version", MIN_NODE_VERSION)
+    kwargs.setdefault("install_hint", INSTALL_HINT)
+    if executable is None:
+        kwargs.setdefault("executable_env", EXECUTABLE_ENV)
     return ScriptAdapter(name, executable or node_executable(), script, env=merged, **kwargs)

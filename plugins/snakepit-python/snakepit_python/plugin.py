@@ -20,6 +20,9 @@ BRIDGE_PATH = Path(__file__).resolve().with_name("bridge.py")
 #: PYTHONDONTWRITEBYTECODE (editable installs): compiling the bridge's modules on every start
 #: would cost a worker about 20% more start-up time. Wheel installs ship the bytecode anyway.
 BRIDGE_ENV = {"PYTHONDONTWRITEBYTECODE": ""}
+#: The adapter runs the interpreter snakepit runs on, so its minimum is snakepit's own.
+MIN_PYTHON_VERSION = "3.11"
+INSTALL_HINT = "then reinstall snakepit with it: the adapter runs snakepit's own interpreter"
 
 
 @hookimpl
@@ -37,6 +40,8 @@ def snakepit_adapters() -> list[Adapter]:
             schemas=schemas,
             description="Python workers running the bundled bridge (snakepit-python)",
             default_timeout=30.0,
+            min_runtime_version=MIN_PYTHON_VERSION,
+            install_hint=INSTALL_HINT,
         )
     ]
 
@@ -47,4 +52,6 @@ def python_adapter(name: str, script: str | os.PathLike[str], **kwargs: Any) -> 
     ``kwargs`` are those of :func:`snakepit_core.ScriptAdapter` (``commands``, ``schemas``,
     ``timeouts``, ``env``, ...).
     """
+    kwargs.setdefault("min_runtime_version", MIN_PYTHON_VERSION)
+    kwargs.setdefault("install_hint", INSTALL_HINT)
     return ScriptAdapter(name, sys.executable, script, **kwargs)

@@ -26,6 +26,9 @@ HERE = Path(__file__).resolve().parent
 LIBRARY_DIR = HERE / "ruby"
 BRIDGE = LIBRARY_DIR / "bridge.rb"
 EXECUTABLE_ENV = "SNAKEPIT_RUBY_EXECUTABLE"
+#: The oldest Ruby the bridge library supports, and how to get one (``snakepit doctor``).
+MIN_RUBY_VERSION = "3"
+INSTALL_HINT = "apt-get install -y ruby on Debian 12, Ubuntu 22.04 and later"
 VERSION = version("snakepit-ruby")
 
 
@@ -53,6 +56,9 @@ def snakepit_adapters() -> list[Adapter]:
             command_timeouts={"generate_report": 120.0},
             default_timeout=30.0,
             description="Ruby workers: built-in commands, process_data and generate_report",
+            min_runtime_version=MIN_RUBY_VERSION,
+            install_hint=INSTALL_HINT,
+            executable_env=EXECUTABLE_ENV,
             version=VERSION,
         )
     ]
@@ -75,4 +81,8 @@ def ruby_adapter(
     env = dict(env or {})
     inherited = env.get("RUBYLIB", os.environ.get("RUBYLIB"))
     env["RUBYLIB"] = os.pathsep.join(filter(None, [str(LIBRARY_DIR), inherited]))
+    kwargs.setdefault("min_runtime_version", MIN_RUBY_VERSION)
+    kwargs.setdefault("install_hint", INSTALL_HINT)
+    if executable is None:
+        kwargs.setdefault("executable_env", EXECUTABLE_ENV)
     return ScriptAdapter(name, executable or ruby_executable(), script, env=env, **kwargs)
