@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from . import __version__
 from .errors import SnakepitError
 from .plugins import get_plugin_manager
 from .pool import Pool
@@ -20,8 +21,40 @@ from .runtimes import runtime_version
 console = Console()
 
 
+def plugin_versions() -> list[str]:
+    """One line per adapter distribution: its name, version and the adapters it provides."""
+    manager = get_plugin_manager()
+    provided: dict[tuple[str, str], list[str]] = {}
+    for name, adapter in sorted(manager.adapters().items()):
+        if adapter.distribution:
+            key = (adapter.distribution, adapter.version or "unknown version")
+            provided.setdefault(key, []).append(name)
+    lines = [
+        f"{dist} {version} (adapter{'s' if len(names) > 1 else ''} {', '.join(names)})"
+        for (dist, version), names in sorted(provided.items())
+    ]
+    lines.extend(f"broken plugin {failure.name}: {failure.error}" for failure in manager.failures)
+    return lines
+
+
+def print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    click.echo(f"snakepit-core {__version__}")
+    for line in plugin_versions():
+        click.echo(line)
+    ctx.exit()
+
+
 @click.group()
-@click.version_option(package_name="snakepit-core")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=print_version,
+    help="Show the versions of snakepit-core and of the installed adapter plugins, and exit.",
+)
 def main() -> None:
     """snakepit: pools of long-lived worker processes in any runtime."""
 

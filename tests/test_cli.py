@@ -142,3 +142,16 @@ def test_doctor_does_not_import_the_cli():
     code = "import sys, snakepit_core.doctor; print('snakepit_core.cli' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_version_lists_every_adapter_distribution():
+    done = snakepit("--version")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"snakepit-core {version('snakepit-core')}"
+    for dist, adapter in (
+        ("snakepit-node", "node"),
+        ("snakepit-python", "python"),
+        ("snakepit-ruby", "ruby"),
+    ):
+        assert f"{dist} {version(dist)} (adapter {adapter})" in lines
