@@ -119,7 +119,7 @@ def exec_command(adapter: str, command: str, args: str, timeout: float | None) -
 @click.option("--adapter", "only", multiple=True, help="Only these adapters (default: all).")
 @click.option("--pool-size", default=2, show_default=True)
 def demo(only: tuple[str, ...], pool_size: int) -> None:
-    """Run the seed's examples on every installed adapter and show results and stats."""
+    """Run the examples of the Elixir Snakepit v0.1.2 README on every installed adapter."""
     from .demo import run_demo
 
     ok = asyncio.run(run_demo(list(only) or None, pool_size, console))

@@ -5,13 +5,19 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from importlib.metadata import version
 from pathlib import Path
 
+import pytest
+
 from snakepit_core import ScriptAdapter
 from snakepit_core.runtimes import check_runtime, parse_version
+
+#: A word said twice in a row ("the the"), across a line break too.
+DOUBLED_WORD = re.compile(r"\b([A-Za-z]+)\s+\1\b", re.IGNORECASE)
 
 
 def snakepit(
@@ -97,6 +103,7 @@ def test_doctor_names_the_remedy_for_a_runtime_that_is_too_old(tmp_path):
     assert "apt-get install -y ruby" in lines[ruby + 1]
     assert lines[ruby + 1].endswith("or set SNAKEPIT_RUBY_EXECUTABLE to its path")
     assert any(line.startswith("adapter python: ok ") for line in lines)
+    assert not DOUBLED_WORD.search(done.stdout)
 
 
 def test_doctor_names_the_remedy_for_a_missing_runtime(tmp_path):
@@ -155,3 +162,23 @@ def test_version_lists_every_adapter_distribution():
         ("snakepit-ruby", "ruby"),
     ):
         assert f"{dist} {version(dist)} (adapter {adapter})" in lines
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("doctor",),
+        ("adapters",),
+        ("--help",),
+        *(
+            (command, "--help")
+            for command in ("adapters", "bench", "conformance", "demo", "doctor", "exec", "reap")
+        ),
+    ],
+    ids=" ".join,
+)
+def test_no_word_is_doubled_in_the_output(args):
+    done = snakepit(*args)
+    output = done.stdout + done.stderr
+    assert output.strip()
+    assert not [match.group(0) for match in DOUBLED_WORD.finditer(output)], output
