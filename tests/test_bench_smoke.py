@@ -5,14 +5,16 @@ A smoke test only: speed is measured by the benchmark and never asserted here.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from rich.console import Console
 
-from snakepit_core.bench import run_bench
+from snakepit_core.bench import PEER_RATIOS, render, run_bench
 
 
 def numbers(node: Any) -> Iterator[float]:
@@ -25,11 +27,20 @@ def numbers(node: Any) -> Iterator[float]:
 
 
 @pytest.mark.timeout(60)
-def test_quick_bench_prints_every_figure_as_json(capsys: pytest.CaptureFixture[str]) -> None:
+def test_quick_bench_prints_every_figure_and_its_ratio_to_the_peers(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     returned = run_bench(requests=200, rounds=1, quick=True, as_json=True)
     doc = json.loads(capsys.readouterr().out)
     assert doc == json.loads(json.dumps(returned))
-    assert {"settings", "environment", "results", "ratios", "targets", "samples"} <= doc.keys()
+    assert doc.keys() == {
+        "settings",
+        "environment",
+        "results",
+        "ratios",
+        "peer_ratios",
+        "samples",
+    }
     assert doc["environment"]["json_codec"] in ("orjson", "json")
     assert doc["environment"]["event_loop"]
     results = doc["results"]
@@ -47,6 +58,18 @@ def test_quick_bench_prints_every_figure_as_json(capsys: pytest.CaptureFixture[s
     assert {"throughput_vs_ppe", "throughput_vs_pipe", "p99_vs_ppe", "startup_vs_raw"} <= set(
         doc["ratios"]
     )
-    assert len(doc["targets"]) == 5
-    figures = [*numbers(results), *numbers(doc["ratios"])]
+    assert set(doc["peer_ratios"]) == set(adapters)
+    for adapter in adapters:
+        assert set(doc["peer_ratios"][adapter]) == set(PEER_RATIOS)
+    figures = [*numbers(results), *numbers(doc["ratios"]), *numbers(doc["peer_ratios"])]
     assert figures and all(math.isfinite(x) and x > 0 for x in figures)
+
+    # The report a user reads: figures and ratios against the peers, no goals of our own.
+    out = io.StringIO()
+    render(doc, Console(file=out, width=100))
+    report = out.getvalue()
+    assert "median of 1 round," in report
+    assert "ProcessPoolExecutor" in report and "pipe" in report
+    assert "/ PPE" in report and "/ pipe" in report
+    assert f"{doc['peer_ratios']['python']['throughput_vs_ppe']:.2f}x" in report
+    assert "target" not in report.lower() and "goal" not in report.lower()
