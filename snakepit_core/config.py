@@ -38,6 +38,8 @@ class PoolConfig:
     cleanup_retry_interval: float = 0.1
     cleanup_max_retries: int = 10
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    #: Requests in flight per worker (protocol 2 bridges; protocol-1 bridges take one).
+    worker_concurrency: int = 1
     #: ``auto`` (orjson when installed), ``orjson`` or ``json``; both accept the same values.
     json_codec: str = "auto"
     #: Where workers' stderr goes: ``stderr`` (the parent's, each line prefixed ``[worker-id]``)
@@ -89,6 +91,7 @@ class PoolOptions(TypedDict, total=False):
     cleanup_retry_interval: float
     cleanup_max_retries: int
     max_frame_bytes: int
+    worker_concurrency: int
     json_codec: str
     worker_output: str
     cancel_grace_period: float
@@ -109,6 +112,7 @@ FIELD_TYPES: dict[str, str] = {f.name: str(f.type) for f in fields(PoolConfig)}
 
 _POSITIVE_INTS = (
     "pool_size",
+    "worker_concurrency",
     "cleanup_max_retries",
     "worker_health_check_misses",
     "crash_loop_threshold",

@@ -18,7 +18,7 @@ import time
 import warnings
 import weakref
 from collections import deque
-from collections.abc import AsyncGenerator, Callable, Coroutine, Iterable
+from collections.abc import AsyncGenerator, Coroutine, Iterable
 from contextvars import Token
 from typing import TYPE_CHECKING, Any, Unpack
 
@@ -28,12 +28,10 @@ from opentelemetry.context import Context
 from .adapter import Adapter
 from .config import AFFINITY_MODES, PoolConfig, PoolOptions
 from .deadlines import Deadlines
+from .dispatch import Dispatcher
 from .errors import (
-    AffinityBusy,
     CommandError,
-    PoolSaturated,
     PoolStopped,
-    QueueTimeout,
     SessionLost,
     SnakepitError,
     StartupError,
@@ -101,20 +99,6 @@ def _seconds(value: Any, what: str, adapter: str, command: str) -> float:
     )
 
 
-class _Waiter:
-    """A caller waiting for a worker; ``future`` receives the worker."""
-
-    __slots__ = ("deadline", "future", "queue")
-
-    def __init__(
-        self, future: asyncio.Future[Worker], queue: deque[_Waiter], deadline: float
-    ) -> None:
-        self.future = future
-        self.queue = queue
-        #: Loop time at which it leaves the queue with ``QueueTimeout``.
-        self.deadline = deadline
-
-
 class Pool:
     """A pool of worker processes of one adapter. Use ``async with Pool("my-adapter") as pool``."""
 
@@ -145,12 +129,15 @@ class Pool:
         self.telemetry.bind_stats(self._gauges)
         self.counters = PoolCounters(self.config.latency_window)
         self.workers: dict[str, Worker] = {}
-        self._idle: dict[Worker, None] = {}
-        self._waiters: deque[_Waiter] = deque()
+        self.dispatch = Dispatcher(
+            self.adapter.name,
+            self.counters,
+            max_queue=self.config.pool_max_queue_size,
+            queue_timeout=self.config.pool_queue_timeout,
+            watch_deadline=lambda when: self._deadlines.watch(when),
+        )
         #: Workers between spawn and service (stop() waits for them too).
         self._starting: set[Worker] = set()
-        self._bound_waiters: dict[str, deque[_Waiter]] = {}
-        self._queued = 0
         self._state = "new"  # new -> starting -> running -> stopping -> stopped; or inherited
         #: The process that started the pool (a fork child sees another pid and may not use it).
         self._owner_pid = os.getpid()
@@ -253,7 +240,8 @@ class Pool:
             self.config,
             run_id=current_run_id(),
             slot=slot,
-            on_idle=self._release,
+            on_answer=self._on_answer,
+            on_stuck=self._on_stuck,
             on_exit=self._on_worker_exit,
             watch_deadline=self._deadlines.watch,
         )
@@ -270,7 +258,7 @@ class Pool:
             raise PoolStopped(f"pool of {self.adapter.name!r} stopped while a worker started")
         self.workers[worker.id] = worker
         self.supervisor.worker_ready(worker, restart)
-        self._release(worker)
+        self.dispatch.add(worker)
         return worker
 
     async def stop(self, grace: float | None = None) -> None:
@@ -293,7 +281,7 @@ class Pool:
         cancelled = [*self.supervisor.before_stop(), *self._startup_tasks]
         for task in self._startup_tasks:
             task.cancel()
-        self._fail_waiters(lambda: PoolStopped(f"pool of {self.adapter.name!r} is stopping"))
+        self.dispatch.fail_all(lambda: PoolStopped(f"pool of {self.adapter.name!r} is stopping"))
         # A cancelled start aborts (SIGKILLs) its worker: wait for that, then for those
         # processes to be gone, so that nothing of the pool outlives stop().
         await asyncio.gather(*cancelled, return_exceptions=True)
@@ -339,137 +327,57 @@ class Pool:
 
     # -- dispatch -----------------------------------------------------------------------------
 
-    def _release(self, worker: Worker) -> None:
-        """``worker`` is free: its own waiters first, then the general queue, then idle."""
-        if not worker.alive or self.supervisor.retire_if_due(worker):
+    def _on_answer(self, worker: Worker) -> None:
+        """``worker`` answered a request: its slot goes to the next caller, unless it is due to
+        leave service (recycling), in which case it leaves once nothing is in flight."""
+        if not worker.alive:
             return
-        bound = self._bound_waiters.get(worker.id)
-        while bound:
-            if self._hand_over(bound.popleft(), worker):
-                return
-        waiters = self._waiters
-        while waiters:
-            if self._hand_over(waiters.popleft(), worker):
-                return
-        self._idle[worker] = None
+        self.supervisor.after_answer(worker)
+        self.dispatch.release(worker)
+        if worker.retiring and worker.reserved <= worker.stuck:
+            self._leave_service(worker)
 
-    def _hand_over(self, waiter: _Waiter, worker: Worker) -> bool:
-        self._queued -= 1
-        if waiter.future.done():
-            return False
-        waiter.future.set_result(worker)
-        return True
+    def _on_stuck(self, worker: Worker) -> None:
+        """A request the caller gave up on is still running on ``worker`` and cannot be
+        stopped: no new requests for it; it leaves once only such requests remain."""
+        if worker.exit_reason is None:
+            worker.exit_reason = "killed"
+        self._retire(worker)
 
-    async def _acquire(self, preferred: Worker | None, strict: bool, fail_fast: bool) -> Worker:
-        idle = self._idle
-        if preferred is not None and preferred in idle and preferred.alive:
-            del idle[preferred]
-            return preferred
-        if strict:
-            assert preferred is not None
-            if fail_fast:
-                raise AffinityBusy(
-                    f"adapter {self.adapter.name!r}: worker {preferred.id} of the session is busy "
-                    "(affinity='strict_fail_fast')",
-                    adapter=self.adapter.name,
-                    worker_id=preferred.id,
-                )
-            queue = self._bound_waiters.setdefault(preferred.id, deque())
+    def _retire(self, worker: Worker) -> None:
+        """Take ``worker`` out of dispatch; it leaves service when its requests are done."""
+        self.dispatch.retire(worker)
+        if worker.reserved <= worker.stuck:
+            self._leave_service(worker)
+
+    def _leave_service(self, worker: Worker) -> None:
+        if not worker.alive or self._loop is None:
+            return
+        if worker.stuck:
+            worker.kill(worker.exit_reason or "killed")  # what is left cannot be stopped
         else:
-            while idle:
-                worker = idle.popitem()[0]
-                if worker.alive:  # a worker whose process just exited may still be listed
-                    return worker
-            queue = self._waiters
-        if self.supervisor.breaker_open and not self.workers:
-            raise self.supervisor.unavailable_error()
-        if self._queued >= self.config.pool_max_queue_size:
-            self.counters.pool_saturated += 1
-            raise PoolSaturated(
-                f"adapter {self.adapter.name!r}: all {len(self.workers)} workers are busy and "
-                f"the queue is full ({self.config.pool_max_queue_size} waiting)",
-                adapter=self.adapter.name,
-                queued=self._queued,
-            )
-        assert self._loop is not None
-        deadline = self._loop.time() + self.config.pool_queue_timeout
-        waiter = _Waiter(self._loop.create_future(), queue, deadline)
-        self._deadlines.watch(deadline)
-        queue.append(waiter)
-        self._queued += 1
-        try:
-            return await waiter.future
-        except asyncio.CancelledError:
-            self._leave_queue(waiter)
-            if waiter.future.done() and not waiter.future.cancelled():
-                self._release(waiter.future.result())
-            raise
-
-    def _leave_queue(self, waiter: _Waiter) -> None:
-        with contextlib.suppress(ValueError):
-            waiter.queue.remove(waiter)
-            self._queued -= 1
+            self._loop.create_task(worker.stop(self.config.worker_shutdown_grace_period))
 
     def _expire_due(self, now: float) -> float | None:
-        """Expire every request and queued caller whose deadline passed; the next deadline.
-
-        Queues are first-in first-out with one timeout, so only their heads need a look.
-        """
-        following: float | None = None
+        """Expire every request and queued caller whose deadline passed; the next deadline."""
+        following = self.dispatch.expire_due(now)
         for worker in [*self.workers.values(), *self._starting]:
-            deadline = worker.deadline
-            if deadline is None:
-                continue
-            if deadline <= now:
-                worker.expire()
-            elif following is None or deadline < following:
+            deadline = worker.expire_due(now)
+            if deadline is not None and (following is None or deadline < following):
                 following = deadline
-        for queue in [self._waiters, *self._bound_waiters.values()]:
-            while queue and queue[0].deadline <= now:
-                self._expire(queue[0])
-            if queue and (following is None or queue[0].deadline < following):
-                following = queue[0].deadline
         return following
 
-    def _expire(self, waiter: _Waiter) -> None:
-        self._leave_queue(waiter)
-        if not waiter.future.done():
-            self.counters.queue_timeouts += 1
-            waiter.future.set_exception(
-                QueueTimeout(
-                    f"adapter {self.adapter.name!r}: no worker became free within "
-                    f"pool_queue_timeout={self.config.pool_queue_timeout}s",
-                    adapter=self.adapter.name,
-                )
-            )
-
-    def _fail_waiters(
-        self, error: Callable[[], SnakepitError], worker_id: str | None = None
-    ) -> None:
-        """Fail queued callers: all of them, or only those bound to ``worker_id``."""
-        if worker_id is None:
-            queues = [self._waiters, *self._bound_waiters.values()]
-        else:
-            queues = [self._bound_waiters.pop(worker_id, deque())]
-        for queue in queues:
-            while queue:
-                waiter = queue.popleft()
-                self._queued -= 1
-                if not waiter.future.done():
-                    waiter.future.set_exception(error())
-
     def _on_worker_exit(self, worker: Worker) -> None:
-        self._idle.pop(worker, None)
         if self.workers.pop(worker.id, None) is None:
             return  # never entered service (a failed start): the starter reports it
-        self._fail_waiters(
+        self.dispatch.remove(
+            worker,
             lambda: SessionLost(
                 f"adapter {self.adapter.name!r}: worker {worker.id} of the session died "
                 f"({worker.exit_reason}); the next call binds the session to another worker",
                 adapter=self.adapter.name,
                 worker_id=worker.id,
             ),
-            worker_id=worker.id,
         )
         self.supervisor.worker_exited(worker)
 
@@ -571,7 +479,12 @@ class Pool:
         error: BaseException | None = None
         try:
             args, timeout, exact = self._checked_request(hooks, command, args, timeout, session_id)
-            worker = await self._acquire(preferred, strict, fail_fast)
+            unavailable = (
+                self.supervisor.unavailable_error
+                if self.supervisor.breaker_open and not self.workers
+                else None
+            )
+            worker = await self.dispatch.acquire(preferred, strict, fail_fast, unavailable)
             try:
                 dispatched = time.monotonic()
                 queue_wait = dispatched - started
@@ -583,10 +496,10 @@ class Pool:
                     await self.sessions.note_worker(session_id, worker.id)
                 future = worker.send(command, args, timeout=timeout, meta=meta, exact=exact)
             except BaseException:
-                # Nothing was sent: the worker goes back into service whatever went wrong.
-                self._release(worker)
+                # Nothing was sent: the slot goes back whatever went wrong.
+                self.dispatch.release(worker)
                 raise
-            request_id = worker.pending_request_id or 0
+            request_id = worker.last_request_id
             if hooks.has_request_telemetry:
                 hooks.request_started(
                     command=command,
@@ -597,7 +510,7 @@ class Pool:
             try:
                 result = await future
             except asyncio.CancelledError:
-                worker.abandon()
+                worker.abandon(request_id)
                 raise
             except _CommandFailure as failure:
                 raise CommandError(
@@ -650,7 +563,7 @@ class Pool:
         any number of items never makes the pool refuse them (``PoolSaturated``). The first
         error is raised when its turn comes; the calls still in flight are then cancelled.
         """
-        window = max(1, self.config.pool_size + self.config.pool_max_queue_size - self._queued)
+        window = max(1, self.dispatch.capacity_left())
         in_flight: deque[asyncio.Future[Any]] = deque()
         try:
             for args in args_iterable:
@@ -774,10 +687,11 @@ class Pool:
 
     def _gauges(self) -> dict[str, int]:
         busy = sum(1 for w in self.workers.values() if w.busy)
-        return {"queued": self._queued, "busy": busy, "available": len(self._idle)}
+        return {"queued": self.dispatch.queued, "busy": busy, "available": self.dispatch.available}
 
     def stats(self) -> dict[str, Any]:
-        """A snapshot: workers, available, busy, requests, queued, errors, timeouts, ..."""
+        """A snapshot: workers, available (with a free slot), busy (with a request in flight),
+        in_flight, requests, queued, errors, timeouts, per-worker figures, ..."""
         gauges = self._gauges()
         now = time.monotonic()
         return {
@@ -786,6 +700,7 @@ class Pool:
             "workers": len(self.workers),
             "available": gauges["available"],
             "busy": gauges["busy"],
+            "in_flight": sum(w.in_flight for w in self.workers.values()),
             "queued": gauges["queued"],
             **self.counters.snapshot(),
             "restarts": self.supervisor.restarts,
@@ -795,6 +710,9 @@ class Pool:
                 w.id: {
                     "pid": w.pid,
                     "state": "busy" if w.busy else w.state,
+                    "in_flight": w.in_flight,
+                    "capacity": w.capacity,
+                    "protocol": w.protocol,
                     "requests": w.requests,
                     "errors": w.errors,
                     "uptime": round(now - w.started_at, 3),

@@ -14,7 +14,6 @@ it; calls fail fast with ``AdapterUnavailable`` only while no worker at all is i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import signal
@@ -180,7 +179,7 @@ class Supervisor:
             error = self.unavailable_error()
             log.error("%s", error.message)
             if not self.pool.workers:  # waiters of a pool still serving keep their place
-                self.pool._fail_waiters(lambda: error)
+                self.pool.dispatch.fail_all(lambda: error)
 
     def record_startup_failure(self, failure: BaseException) -> None:
         """A worker failed to start: count it toward the breaker unless it is not the bridge's
@@ -264,12 +263,12 @@ class Supervisor:
         config = self.pool.config
         if worker.health_ping is not None:
             worker.health_misses += 1
-        elif worker in self.pool._idle:
-            del self.pool._idle[worker]
+        elif not worker.busy and self.pool.dispatch.try_take(worker):
             budget = config.worker_health_check_interval * (config.worker_health_check_misses + 1)
             try:
                 ping = worker.send("ping", {}, timeout=budget)
             except SnakepitError:
+                self.pool.dispatch.release(worker)
                 worker.health_misses += 1
             else:
                 worker.health_ping = ping
@@ -293,19 +292,17 @@ class Supervisor:
 
     # -- recycling ----------------------------------------------------------------------------
 
-    def retire_if_due(self, worker: Worker) -> bool:
-        """Called on every release: ``True`` when ``worker`` must leave service now."""
+    def after_answer(self, worker: Worker) -> None:
+        """Called on every answer, before the slot is handed on: close a half-open breaker
+        (a worker started since it opened has served), and start recycling when due."""
         if self.breaker == "half_open" and worker.completed and worker.ready_at > self._opened_at:
             self.breaker = "closed"
             self.consecutive_early_deaths = 0
             self._backoff = 0.0
             log.info("pool %s: crash-loop breaker closed", self.pool.adapter.name)
             self._wake.set()
-        if worker.retire_now:
-            self.pool._loop.create_task(worker.stop(self.pool.config.worker_shutdown_grace_period))  # type: ignore[union-attr]
-            return True
-        if worker.retiring or not self.pool.running:
-            return False
+        if worker.recycling or worker.retiring or not self.pool.running:
+            return
         config = self.pool.config
         due = bool(config.max_requests_per_worker) and (
             worker.completed >= config.max_requests_per_worker
@@ -317,26 +314,21 @@ class Supervisor:
                 rss = worker.rss_bytes()
                 due = rss is not None and rss > config.max_worker_memory_mb * 1024 * 1024
         if due:
-            worker.retiring = True
+            worker.recycling = True
             task = asyncio.ensure_future(self._recycle(worker))
             self._recycling.add(task)
             task.add_done_callback(self._recycling.discard)
-        return False
 
     async def _recycle(self, old: Worker) -> None:
-        """Start the replacement first; only then take ``old`` out of service."""
+        """Start the replacement first; only then take ``old`` out of service, once the
+        requests in flight on it are answered (no capacity dip, no request lost)."""
         try:
             await self.pool._start_worker(old.slot, "recycled")
         except SnakepitError as exc:
             log.warning(
                 "pool %s: recycling %s: replacement failed: %s", self.pool.adapter.name, old.id, exc
             )
-            old.retiring = False
+            old.recycling = False
             return
         old.exit_reason = "recycled"
-        if old in self.pool._idle:
-            del self.pool._idle[old]
-            with contextlib.suppress(SnakepitError):
-                await old.stop(self.pool.config.worker_shutdown_grace_period)
-        else:
-            old.retire_now = True
+        self.pool._retire(old)

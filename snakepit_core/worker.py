@@ -1,10 +1,14 @@
-"""One worker process: spawn, handshake, one request in flight, stderr, stop.
+"""One worker process: spawn, handshake, the requests in flight on it, stderr, stop.
 
 The worker runs in its own process group so that stopping it also stops anything it started.
 stdout carries frames only; stderr is forwarded line by line, prefixed with the worker id, to
 the parent's stderr (so a ``print`` in a handler is visible by default) or to ``logging``
 (``worker_output``), and its recent lines are kept (bounded) for error messages. All reads go
 through one asyncio subprocess protocol, so a worker costs no task of its own.
+
+A protocol-2 bridge (it answers the handshake with ``"protocol": 2``) takes up to
+``capacity`` requests at once, answered in any order and matched by id; frames produced in one
+loop iteration are written with one system call.
 """
 
 from __future__ import annotations
@@ -114,7 +118,8 @@ class Worker:
         *,
         run_id: str,
         slot: str = "0",
-        on_idle: Callable[[Worker], None],
+        on_answer: Callable[[Worker], None],
+        on_stuck: Callable[[Worker], None],
         on_exit: Callable[[Worker], None],
         watch_deadline: Callable[[float], None],
     ) -> None:
@@ -124,12 +129,16 @@ class Worker:
         self.run_id = run_id
         #: Position in the pool; a replacement takes the slot of the worker it replaces.
         self.slot = slot
-        self._on_idle_callback = on_idle
+        self._on_answer = on_answer
+        self._on_stuck = on_stuck
         self._on_exit_callback = on_exit
         self._watch_deadline = watch_deadline
-        #: Loop time by which the request in flight must be answered (None: nothing pending).
-        self.deadline: float | None = None
-        self._timeout = 0.0
+        #: Requests it takes at once (set by the handshake) and slots the dispatcher has taken.
+        self.capacity = 1
+        self.reserved = 0
+        self.protocol = 1
+        #: Abandoned requests that the bridge did not let go of within ``cancel_grace_period``.
+        self.stuck = 0
         #: new -> starting -> ready, then toward dead: ``stopping`` (a graceful stop),
         #: ``killing`` (SIGKILL sent by the pool) or ``exiting`` (the process exited by itself;
         #: its pipes are draining). ``dead`` once the process and its pipes are gone.
@@ -146,9 +155,13 @@ class Worker:
         self.errors = 0
         self.health_ping: asyncio.Future[Any] | None = None
         self.health_misses = 0
+        #: Takes no new requests; leaves service once the ones in flight are answered.
         self.retiring = False
+        #: A replacement is starting for it (recycling); it serves meanwhile.
+        self.recycling = False
         self.next_memory_check = 0.0
-        self.retire_now = False
+        #: The id of the request :meth:`send` sent last (for telemetry hooks).
+        self.last_request_id = 0
         self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
         self.exited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._loop = asyncio.get_running_loop()
@@ -159,10 +172,9 @@ class Worker:
         self._stderr_partial = b""
         self._forward_stderr = config.worker_output == "stderr"
         self._next_id = 0
-        self._pending_id: int | None = None
-        self._pending: asyncio.Future[Any] | None = None
-        self._pending_command = ""
-        self._cancel_timer: asyncio.TimerHandle | None = None
+        self._requests: dict[int, _Request] = {}
+        self._out: list[bytes] = []
+        self._flush_handle: asyncio.Handle | None = None
         self._drain_timer: asyncio.TimerHandle | None = None
         self._protocol_error: ProtocolError | None = None
 
@@ -170,7 +182,17 @@ class Worker:
 
     @property
     def busy(self) -> bool:
-        return self._pending_id is not None
+        """At least one request in flight."""
+        return bool(self._requests)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._requests)
+
+    @property
+    def commands_in_flight(self) -> list[str]:
+        """The commands of the requests in flight, oldest first."""
+        return [request.command for request in self._requests.values()]
 
     @property
     def alive(self) -> bool:
@@ -223,7 +245,8 @@ class Worker:
         get_watchdog().watch(self.pid)
 
     async def _handshake(self) -> None:
-        args = {"worker_id": self.id, "initialization": True}
+        wanted = self.config.worker_concurrency
+        args = {"worker_id": self.id, "initialization": True, "max_in_flight": wanted}
         try:
             future = self.send("ping", args, timeout=self.config.worker_init_timeout)
             result = await future
@@ -236,8 +259,26 @@ class Worker:
         capabilities = result.get("capabilities")
         if isinstance(capabilities, list):
             self.capabilities = frozenset(c for c in capabilities if isinstance(c, str))
+        self._negotiate(result, wanted)
         self.state = "ready"
         self.ready_at = time.monotonic()
+
+    def _negotiate(self, answer: dict[str, Any], wanted: int) -> None:
+        """Protocol 2 when the bridge says so: ``min(wanted, max_concurrency)`` in flight."""
+        offered = answer.get("max_concurrency")
+        if answer.get("protocol") != 2 or type(offered) is not int or offered < 1:
+            return
+        self.protocol = 2
+        self.capacity = min(wanted, offered)
+        if offered < wanted and self.adapter.name not in _warned_concurrency:
+            _warned_concurrency.add(self.adapter.name)
+            log.warning(
+                "adapter %s: its workers take %d requests at once, not the %d asked for "
+                "(worker_concurrency)",
+                self.adapter.name,
+                offered,
+                wanted,
+            )
 
     async def _fail_startup(self, cause: SnakepitError) -> NoReturn:
         self.kill("startup_failed")
@@ -273,77 +314,122 @@ class Worker:
         meta: dict[str, Any] | None = None,
         exact: bool = False,
     ) -> asyncio.Future[Any]:
-        """Write one request; the returned future gets the result or a ``SnakepitError``.
+        """Send one request; the returned future gets the result or a ``SnakepitError``.
 
         Raises ``ValidationError`` (and sends nothing) if the request cannot be encoded.
         ``exact`` asks for the stdlib encoder (see :func:`~snakepit_core.json_values.
-        check_arguments`). Everything that can fail happens before the worker is marked busy,
-        so a failed send leaves it free.
+        check_arguments`). ``meta`` gains ``deadline_ms``, the time budget. Everything that can
+        fail happens before the request is registered, so a failed send leaves no trace.
         """
-        assert self._pending_id is None, f"worker {self.id} already has a request in flight"
         request_id = self._next_id + 1
-        message: dict[str, Any] = {"id": request_id, "command": command, "args": args}
-        if meta:
-            message["meta"] = meta
+        budget = {"deadline_ms": max(1, round(timeout * 1000))}
+        message: dict[str, Any] = {
+            "id": request_id,
+            "command": command,
+            "args": args,
+            "meta": {**meta, **budget} if meta else budget,
+        }
         frame = encode_frame(message, self.config.max_frame_bytes, self._codec, exact)
         deadline = self._loop.time() + timeout
         future: asyncio.Future[Any] = self._loop.create_future()
-        assert self._stdin is not None
-        self._stdin.write(frame)
-        self._next_id = request_id
-        self._pending_id = request_id
-        self._pending = future
-        self._pending_command = command
-        self._timeout = timeout
-        self.deadline = deadline
+        self._queue_frame(frame)
+        self._next_id = self.last_request_id = request_id
+        self._requests[request_id] = _Request(command, deadline, timeout, future)
         self._watch_deadline(deadline)
         self.requests += 1
         return future
 
-    @property
-    def pending_request_id(self) -> int | None:
-        return self._pending_id
+    def _queue_frame(self, frame: bytes) -> None:
+        """Frames queued in one loop iteration leave in one write (one system call)."""
+        self._out.append(frame)
+        if self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush)
 
-    def abandon(self) -> None:
-        """The caller gave up on the request in flight (cancelled or timed out).
-
-        A worker that can cancel is sent ``$cancel`` and given ``cancel_grace_period`` to
-        answer; otherwise, or if it does not answer in time, it is killed and replaced.
-        """
-        if self._pending_id is None or not self.alive:
+    def _flush(self) -> None:
+        self._flush_handle = None
+        out = self._out
+        if not out:
             return
-        self.deadline = None
-        if "cancel" in self.capabilities and self._cancel_timer is None:
-            self._write({"id": self._pending_id, "command": "$cancel"})
-            self._cancel_timer = self._loop.call_later(
-                self.config.cancel_grace_period, self.kill, "killed"
-            )
-        else:
-            self.kill("killed")
-
-    def _write(self, message: dict[str, Any]) -> None:
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
         if self._stdin is not None and not self._stdin.is_closing():
-            self._stdin.write(encode_frame(message, self.config.max_frame_bytes, self._codec))
+            self._stdin.write(data)
 
-    def expire(self) -> None:
-        """The deadline of the request in flight passed: fail it, then cancel or kill."""
-        self.deadline = None
-        timeout = self._timeout
-        future = self._pending
-        if future is not None and not future.done():
+    @property
+    def deadline(self) -> float | None:
+        """The earliest deadline of a request still waiting for its answer."""
+        deadlines = [r.deadline for r in self._requests.values() if not r.abandoned]
+        return min(deadlines) if deadlines else None
+
+    def expire_due(self, now: float) -> float | None:
+        """Time out every request whose deadline passed; the next deadline (or None).
+
+        Runs only when the pool's one timer fires, not per request.
+        """
+        following: float | None = None
+        for request_id, request in list(self._requests.items()):
+            if request.abandoned:
+                continue
+            if request.deadline <= now:
+                self._time_out(request_id, request)
+            elif following is None or request.deadline < following:
+                following = request.deadline
+        return following
+
+    def _time_out(self, request_id: int, request: _Request) -> None:
+        if not request.future.done():
             self.errors += 1
-            future.set_exception(
+            request.future.set_exception(
                 WorkerTimeout(
                     f"adapter {self.adapter.name!r}: worker {self.id} (pid {self.pid}) did not "
-                    f"answer {self._pending_command!r} within {timeout}s; the request is "
+                    f"answer {request.command!r} within {request.timeout}s; the request is "
                     "cancelled on the worker, which is replaced if it does not let go",
                     adapter=self.adapter.name,
                     worker_id=self.id,
-                    command=self._pending_command,
-                    timeout=timeout,
+                    command=request.command,
+                    timeout=request.timeout,
                 )
             )
-        self.abandon()
+        self.abandon(request_id)
+
+    def abandon(self, request_id: int) -> None:
+        """The caller of ``request_id`` gave up (cancelled or timed out).
+
+        A worker that can cancel is sent ``$cancel`` and given ``cancel_grace_period`` to
+        answer that id; otherwise, or if it does not, the request is *stuck*: the pool retires
+        the worker (no new requests; the others finish), and it leaves once only stuck
+        requests remain. The slot stays taken until the worker answers.
+        """
+        request = self._requests.get(request_id)
+        if request is None or request.abandoned or not self.alive:
+            return
+        request.abandoned = True
+        if "cancel" in self.capabilities:
+            self._queue_frame(
+                encode_frame(
+                    {"id": request_id, "command": "$cancel"},
+                    self.config.max_frame_bytes,
+                    self._codec,
+                )
+            )
+            request.cancel_timer = self._loop.call_later(
+                self.config.cancel_grace_period, self._stick, request_id
+            )
+        else:
+            self._stick(request_id)
+
+    def _stick(self, request_id: int) -> None:
+        request = self._requests.get(request_id)
+        if request is None or request.stuck:
+            return
+        request.cancel_timer = None
+        request.stuck = True
+        self.stuck += 1
+        self._on_stuck(self)
+
+    def _in_flight_commands(self) -> str:
+        commands = sorted({r.command for r in self._requests.values()})
+        return ", ".join(repr(c) for c in commands[:5]) + (" ..." if len(commands) > 5 else "")
 
     def _on_stdout(self, data: bytes) -> None:
         if self._protocol_error is not None:
@@ -363,18 +449,21 @@ class Worker:
     def _on_message(self, message: dict[str, Any]) -> None:
         try:
             request_id, success, payload = check_response(message)
-            if request_id != self._pending_id:
+            request = self._requests.pop(request_id, None)
+            if request is None:
                 raise ProtocolError(
                     f"response id {request_id} does not match the request in flight "
-                    f"({self._pending_id})",
+                    f"({', '.join(map(str, list(self._requests)[:5])) or 'none'})",
                     cause="wrong_id",
                 )
         except ProtocolError as exc:
             self._on_protocol_error(exc)
             return
-        future = self._pending
-        self._clear_pending()
-        if future is not None and not future.done():
+        request.settle()
+        if request.stuck:
+            self.stuck -= 1
+        future = request.future
+        if not future.done():
             if success:
                 future.set_result(payload)
             else:
@@ -382,34 +471,27 @@ class Worker:
                 future.set_exception(_CommandFailure(payload))
         if self.state == "ready":
             self.completed += 1
-            self._on_idle_callback(self)
-
-    def _clear_pending(self) -> None:
-        self._pending_id = None
-        self._pending = None
-        self.deadline = None
-        if self._cancel_timer is not None:
-            self._cancel_timer.cancel()
-            self._cancel_timer = None
+            self._on_answer(self)
 
     def _on_protocol_error(self, exc: ProtocolError) -> None:
+        during = f" during {self._in_flight_commands()}" if self._requests else ""
         message = (
             f"adapter {self.adapter.name!r}: worker {self.id} (pid {self.pid}) broke the "
-            f"protocol{f' during {self._pending_command!r}' if self._pending_id else ''}: "
-            f"{exc.message}; the worker is being replaced"
+            f"protocol{during}: {exc.message}; the worker is being replaced"
         )
+        commands = {r.command for r in self._requests.values()}
         self._protocol_error = ProtocolError(
             message,
             adapter=self.adapter.name,
             worker_id=self.id,
-            command=self._pending_command,
+            command=commands.pop() if len(commands) == 1 else None,
             **exc.context,
         )
         log.warning("%s", message)
         self.errors += 1
-        future = self._pending
-        if future is not None and not future.done():
-            future.set_exception(self._protocol_error)
+        for request in self._requests.values():
+            if not request.future.done():
+                request.future.set_exception(self._protocol_error)
         self.kill("protocol_error")
 
     # -- stderr -------------------------------------------------------------------------------
@@ -468,11 +550,16 @@ class Worker:
             self._stderr_partial = b""
         if self.exit_reason is None:
             self.exit_reason = "stopped" if self.state == "stopping" else "crashed"
-        future = self._pending
-        self._clear_pending()
-        if future is not None and not future.done():
-            self.errors += 1
-            future.set_exception(self._crash_error())
+        requests = list(self._requests.values())
+        self._requests.clear()
+        for request in requests:
+            request.settle()
+            if not request.future.done():
+                self.errors += 1
+                request.future.set_exception(self._crash_error(request.command))
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         self.state = "dead"
         if self.pid is not None:
             get_registry().remove(self.pid)
@@ -482,7 +569,7 @@ class Worker:
         self.exited.set_result(None)
         self._on_exit_callback(self)
 
-    def _crash_error(self) -> SnakepitError:
+    def _crash_error(self, command: str) -> SnakepitError:
         if self._protocol_error is not None:
             return self._protocol_error
         truncated = ""
@@ -490,11 +577,11 @@ class Worker:
             truncated = f" (with a truncated frame of {self._decoder.pending_bytes} bytes)"
         return WorkerCrashed(
             f"adapter {self.adapter.name!r}: worker {self.id} (pid {self.pid}) died during "
-            f"{self._pending_command!r} ({describe_exit(self.exit_code)}){truncated}"
+            f"{command!r} ({describe_exit(self.exit_code)}){truncated}"
             f"{self.stderr_excerpt()}",
             adapter=self.adapter.name,
             worker_id=self.id,
-            command=self._pending_command,
+            command=command,
             exit_code=self.exit_code,
             stderr_tail=list(self.stderr_tail)[-20:],
         )
@@ -529,6 +616,7 @@ class Worker:
             self.exit_reason = "stopped"
         if self.state in ("starting", "ready"):
             self.state = "stopping"
+        self._flush()
         if self._stdin is not None:
             self._stdin.close()
         for signum in (None, signal.SIGTERM, signal.SIGKILL):
@@ -552,6 +640,34 @@ class Worker:
 
     def __repr__(self) -> str:
         return f"<Worker {self.id} pid={self.pid} state={self.state}>"
+
+
+#: Adapters whose workers offered less concurrency than asked (warned about once).
+_warned_concurrency: set[str] = set()
+
+
+class _Request:
+    """One request in flight: what the caller waits on, and what its cancellation did."""
+
+    __slots__ = ("abandoned", "cancel_timer", "command", "deadline", "future", "stuck", "timeout")
+
+    def __init__(
+        self, command: str, deadline: float, timeout: float, future: asyncio.Future[Any]
+    ) -> None:
+        self.command = command
+        self.deadline = deadline
+        self.timeout = timeout
+        self.future = future
+        #: The caller gave up; ``cancel_timer`` bounds how long the worker may take to let go.
+        self.abandoned = False
+        self.cancel_timer: asyncio.TimerHandle | None = None
+        self.stuck = False
+
+    def settle(self) -> None:
+        """The worker answered (or died): no cancel deadline is pending any more."""
+        if self.cancel_timer is not None:
+            self.cancel_timer.cancel()
+            self.cancel_timer = None
 
 
 class _CommandFailure(Exception):

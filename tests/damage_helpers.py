@@ -171,7 +171,7 @@ async def _parent(kind: str, spinners: int, daemon: bool) -> None:
 
     loaders = [asyncio.ensure_future(load()) for _ in range(4)]
     await eventually(lambda: sum(w.busy for w in pool.workers.values()) == spinners + 1, 30)
-    spinning = [w.pid for w in pool.workers.values() if w._pending_command == "spin"]
+    spinning = [w.pid for w in pool.workers.values() if w.commands_in_flight == ["spin"]]
     # Proof that they spin: each burns CPU time while the parent is still alive.
     before = {pid: cpu_ticks(pid) for pid in spinning}
     await eventually(lambda: all(cpu_ticks(pid) > before[pid] for pid in spinning), 30)

@@ -131,7 +131,7 @@ async def test_unhealthy_workers_are_replaced_and_busy_ones_are_not_pinged(misbe
         worker = next(iter(pool.workers.values()))
         call = asyncio.ensure_future(pool.execute("sleep", {"seconds": 0.5}))
         # A health ping may be in flight first; the sleep is sent when it is answered.
-        await eventually(lambda: worker.busy and worker._pending_command == "sleep")
+        await eventually(lambda: worker.commands_in_flight == ["sleep"])
         at_send, seen = worker.requests, time.monotonic()
         while time.monotonic() - seen < 0.25:  # five health intervals, all within the sleep
             assert worker.requests == at_send, "a health ping was sent to a busy worker"
