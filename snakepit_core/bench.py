@@ -808,7 +808,7 @@ def startup_table(settings: dict[str, Any], results: dict[str, Any]) -> Table:
         figures = startup.get(adapter, {})
         concurrent, sequential = figures.get("concurrent_s"), figures.get("sequential_s")
         table.add_row(
-            adapter,
+            escape(adapter),
             fmt(concurrent, "{:.3f}"),
             fmt(sequential, "{:.3f}"),
             fmt(quotient(sequential, concurrent), "{:.1f}x"),
