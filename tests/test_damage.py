@@ -1008,3 +1008,106 @@ async def test_soak_memory_and_descriptors_stay_flat(adapter, capsys):
     assert rss_after - rss_before <= rss_tolerance_kib
     assert fds_after - fds_before <= fd_tolerance
     assert live_pids_of_run(RUN_ID) == []
+
+
+# -- 6. many requests in flight per worker (protocol 2) ----------------------------------------
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+async def test_chaos_with_eight_requests_in_flight_per_worker(adapter, capsys):
+    """SIGKILL a busy worker every 50 ms while 64 callers keep 8 requests in flight on each of
+    4 workers: every call resolves with its result or WorkerCrashed, the breaker stays closed,
+    and the pool is back to full size with every slot free."""
+    total = size("SNAKEPIT_TEST_CHAOS_REQUESTS", 4000, 2000, adapter)
+    callers, pool_size = 64, 4
+    outcomes: Counter[str] = Counter()
+    kills = 0
+    chaos = True
+    async with Pool(
+        adapter,
+        pool_size=pool_size,
+        worker_concurrency=8,
+        pool_queue_timeout=120,
+        pool_max_queue_size=10_000,
+    ) as pool:
+        capacity = [w.capacity for w in pool.workers.values()]
+
+        async def caller(index: int, count: int) -> None:
+            for n in range(count):
+                try:
+                    result = await pool.execute("echo", {"c": index, "n": n}, timeout=60)
+                except WorkerCrashed:
+                    outcomes["crashed"] += 1
+                else:
+                    assert result == {"echoed": {"c": index, "n": n}}
+                    outcomes["ok"] += 1
+
+        async def killer() -> None:
+            nonlocal kills
+            while chaos:
+                await asyncio.sleep(0.05)
+                assert not pool.supervisor.breaker_open
+                busy = [w for w in pool.workers.values() if w.busy and w.alive]
+                if busy:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(random.choice(busy).pid, signal.SIGKILL)
+                        kills += 1
+
+        share = [total // callers + (i < total % callers) for i in range(callers)]
+        killing = asyncio.ensure_future(killer())
+        await asyncio.wait_for(
+            asyncio.gather(*(caller(i, share[i]) for i in range(callers))), timeout=170
+        )
+        chaos = False
+        await killing
+        await eventually(lambda: full(pool, pool_size), within=10)
+        stats = pool.stats()
+    report(
+        capsys,
+        f"chaos_concurrency_8[{adapter}]",
+        requests=total,
+        capacity=capacity,
+        ok=outcomes["ok"],
+        crashed=outcomes["crashed"],
+        kills=kills,
+        restarts=stats["restarts"],
+    )
+    assert outcomes["ok"] + outcomes["crashed"] == total
+    assert stats["in_flight"] == 0 and stats["queued"] == 0 and not stats["breaker_open"]
+    assert live_pids_of_run(RUN_ID) == []
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+async def test_a_cancellation_storm_leaves_every_slot_free(adapter, capsys):
+    """2,000 short sleeps with 8 in flight per worker, half of them cancelled at a random
+    moment: afterwards nothing is busy, in flight or queued, every worker has its slots back
+    and serves, and no caller that was not cancelled failed."""
+    total, pool_size = 2000, 2
+    outcomes: Counter[str] = Counter()
+    async with Pool(
+        adapter, pool_size=pool_size, worker_concurrency=8, pool_max_queue_size=10_000
+    ) as pool:
+        calls = [
+            asyncio.ensure_future(pool.execute("sleep", {"seconds": 0.01}, timeout=60))
+            for _ in range(total)
+        ]
+        victims = random.sample(range(total), total // 2)
+        for batch in range(0, len(victims), 50):
+            await asyncio.sleep(random.uniform(0, 0.02))
+            for index in victims[batch : batch + 50]:
+                calls[index].cancel()
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        for result in results:
+            outcomes[type(result).__name__] += 1
+        await eventually(
+            lambda: pool.stats()["in_flight"] == 0 and pool.stats()["available"] == pool_size,
+            within=15,
+        )
+        stats = pool.stats()
+        for worker in list(pool.workers.values()):
+            assert await pool.execute("echo", {"w": worker.id}) == {"echoed": {"w": worker.id}}
+    report(capsys, f"cancel_storm[{adapter}]", calls=total, restarts=stats["restarts"], **outcomes)
+    assert set(outcomes) <= {"dict", "CancelledError"}, outcomes
+    assert outcomes["CancelledError"] <= total // 2
+    assert (stats["busy"], stats["in_flight"], stats["queued"]) == (0, 0, 0)
+    assert stats["available"] == pool_size
