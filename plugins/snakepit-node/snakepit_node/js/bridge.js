@@ -1,12 +1,13 @@
 "use strict";
 /**
  * The bundled snakepit Node.js bridge: the built-in commands of docs/PROTOCOL.md, written with
- * the bridge library like any custom worker. Each handler throws an Error whose message the
- * library prefixes with the command name ("compute: division by zero").
+ * the bridge library like any custom worker. Each handler refuses bad input with a CommandError,
+ * an expected failure whose message the library prefixes with the command name ("compute:
+ * division by zero") and logs nothing for; any other error would also log its stack.
  */
 
 // The library first: requiring it moves the protocol pipes aside before anything can write.
-const { run, status, version } = require("./snakepit");
+const { run, status, version, CommandError } = require("./snakepit");
 const { randomBytes } = require("crypto");
 const { setTimeout: delay } = require("timers/promises");
 
@@ -21,7 +22,7 @@ const OPERATIONS = {
   subtract: (a, b) => a - b,
   multiply: (a, b) => a * b,
   divide: (a, b) => {
-    if (b === 0) throw new Error("division by zero");
+    if (b === 0) throw new CommandError("division by zero");
     return a / b;
   },
   power: (a, b) => a ** b,
@@ -36,8 +37,8 @@ function compute(args) {
   if (!UNARY.has(operation) || b !== undefined) requireNumber("b", b);
   const result = apply(a, b);
   // Non-finite first: 1e308 * 10 is an overflow, although 1e308 is also an unsafe integer.
-  if (!Number.isFinite(result)) throw new Error("result is not a finite number");
-  if ([a, b, result].some(isUnsafeInteger)) throw new Error(MAX_SAFE);
+  if (!Number.isFinite(result)) throw new CommandError("result is not a finite number");
+  if ([a, b, result].some(isUnsafeInteger)) throw new CommandError(MAX_SAFE);
   return { operation, inputs: { a, b: b === undefined ? null : b }, result };
 }
 
@@ -59,7 +60,9 @@ const DISTRIBUTIONS = {
   integer: (args) => {
     const { min, max } = bounds(args, 0, 100);
     if (![min, max].every(Number.isSafeInteger)) {
-      throw new Error("'min' and 'max' must be integers within ±(2^53 - 1) for type 'integer'");
+      throw new CommandError(
+        "'min' and 'max' must be integers within ±(2^53 - 1) for type 'integer'",
+      );
     }
     const value = min + Math.floor(Math.random() * (max - min + 1));
     return { value: Math.min(value, max), min, max };
@@ -68,7 +71,7 @@ const DISTRIBUTIONS = {
     const { mean = 0, std = 1 } = args;
     requireNumber("mean", mean);
     requireNumber("std", std);
-    if (std < 0) throw new Error("'std' must not be negative");
+    if (std < 0) throw new CommandError("'std' must not be negative");
     return { value: mean + std * standardNormal(), mean, std };
   },
 };
@@ -76,7 +79,7 @@ const DISTRIBUTIONS = {
 function random(args) {
   const type = args.type === undefined ? "uniform" : args.type;
   const { value, ...params } = lookup(DISTRIBUTIONS, type, "type")(args);
-  if (!Number.isFinite(value)) throw new Error("result is not a finite number");
+  if (!Number.isFinite(value)) throw new CommandError("result is not a finite number");
   return { type, value, ...params };
 }
 
@@ -84,7 +87,7 @@ function bounds(args, defaultMin, defaultMax) {
   const { min = defaultMin, max = defaultMax } = args;
   requireNumber("min", min);
   requireNumber("max", max);
-  if (min > max) throw new Error(`'min' (${min}) must not exceed 'max' (${max})`);
+  if (min > max) throw new CommandError(`'min' (${min}) must not exceed 'max' (${max})`);
   return { min, max };
 }
 
@@ -124,7 +127,7 @@ function info() {
 async function sleep(args, ctx) {
   const { seconds } = args;
   if (typeof seconds !== "number" || !(seconds >= 0 && seconds <= 3600)) {
-    throw new Error("'seconds' must be a number from 0 to 3600");
+    throw new CommandError("'seconds' must be a number from 0 to 3600");
   }
   await delay(seconds * 1000, undefined, { signal: ctx.signal });
   return { slept: seconds };
@@ -140,7 +143,7 @@ const sessions = new Map();
 function store(args) {
   const sessionId = requireSession(args);
   const key = requireKey(args);
-  if (!Object.hasOwn(args, "value")) throw new Error("'value' is required");
+  if (!Object.hasOwn(args, "value")) throw new CommandError("'value' is required");
   let values = sessions.get(sessionId);
   if (values === undefined) sessions.set(sessionId, (values = new Map()));
   values.set(key, args.value);
@@ -165,14 +168,14 @@ function clearSession(args) {
 function requireSession(args) {
   const sessionId = args.session_id;
   if (typeof sessionId !== "string" || sessionId === "") {
-    throw new Error("session_id is required (use execute_in_session)");
+    throw new CommandError("session_id is required (use execute_in_session)");
   }
   return sessionId;
 }
 
 function requireKey(args) {
   if (typeof args.key !== "string" || args.key === "") {
-    throw new Error("'key' must be a non-empty string");
+    throw new CommandError("'key' must be a non-empty string");
   }
   return args.key;
 }
@@ -196,12 +199,12 @@ function createProgram(args) {
 function executeProgram(args) {
   const { program, inputs: values } = args;
   if (!isPlainObject(program) || typeof program.signature !== "string") {
-    throw new Error("'program' must be an object with a 'signature'");
+    throw new CommandError("'program' must be an object with a 'signature'");
   }
-  if (!isPlainObject(values)) throw new Error("'inputs' must be an object");
+  if (!isPlainObject(values)) throw new CommandError("'inputs' must be an object");
   const { inputs, outputs } = parseSignature(program.signature);
   const missing = inputs.find((name) => !Object.hasOwn(values, name));
-  if (missing !== undefined) throw new Error(`missing input '${missing}'`);
+  if (missing !== undefined) throw new CommandError(`missing input '${missing}'`);
   const call = inputs.map((name) => `${name}=${formatValue(values[name])}`).join(", ");
   const results = {};
   for (const name of outputs) results[name] = `${name}(${call})`;
@@ -212,7 +215,7 @@ function executeProgram(args) {
 function parseSignature(signature) {
   const sides = typeof signature === "string" ? signature.split("->").map(splitNames) : [];
   if (sides.length !== 2 || sides.some((names) => names.length === 0)) {
-    throw new Error(
+    throw new CommandError(
       `signature must look like 'in1, in2 -> out1, out2' (got ${JSON.stringify(signature)})`,
     );
   }
@@ -239,11 +242,11 @@ function formatValue(value) {
 function lookup(table, name, what) {
   if (typeof name === "string" && Object.hasOwn(table, name)) return table[name];
   const supported = Object.keys(table).join(", ");
-  throw new Error(`unknown ${what} '${name}' (supported: ${supported})`);
+  throw new CommandError(`unknown ${what} '${name}' (supported: ${supported})`);
 }
 
 function requireNumber(name, value) {
-  if (typeof value !== "number") throw new Error(`'${name}' must be a number`);
+  if (typeof value !== "number") throw new CommandError(`'${name}' must be a number`);
 }
 
 function isPlainObject(value) {

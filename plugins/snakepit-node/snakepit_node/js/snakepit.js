@@ -2,27 +2,50 @@
 /**
  * snakepit bridge library for Node.js: write handlers, get a snakepit worker.
  *
- *     const { run } = require("snakepit");
+ *     const { run, CommandError } = require("snakepit");
  *     run({
  *       shout: async (args, ctx) => ({ text: args.text.toUpperCase() }),
  *       add: (args) => args.a + args.b,
+ *       half: (args) => {
+ *         if (args.n % 2) throw new CommandError("n must be even"); // "half: n must be even"
+ *         return args.n / 2;
+ *       },
  *     });
  *
  * The library implements docs/PROTOCOL.md on the process's stdin/stdout: length-prefixed JSON
- * frames, the `ping` handshake, `$cancel` (handlers get `ctx.signal`), error mapping (a thrown
- * error becomes `success: false` with "<command>: <message>") and stdout protection. Handlers
- * get `(args, ctx)`; `ctx` has requestId, workerId, traceparent, tracestate, deadlineMs, signal.
- * Node's standard library only.
+ * frames, the `ping` handshake, protocol 2 (concurrent requests), `$cancel` (handlers get
+ * `ctx.signal`), error mapping (a thrown error becomes `success: false` with
+ * "<command>: <message>"; any error but a CommandError also logs its stack to stderr) and
+ * stdout protection. Handlers get `(args, ctx)`; `ctx` has requestId, workerId, traceparent,
+ * tracestate, deadlineMs, deadline (seconds left, or null) and signal. Node's standard library
+ * only.
+ *
+ * Protocol 2. The handshake `ping` may carry `max_in_flight: N`; the library then answers
+ * `protocol: 2, max_concurrency: 4096` and capabilities ["cancel", "deadline"], and runs up to
+ * min(N, 4096) requests at once: each starts as its frame arrives (input is read ahead while
+ * handlers run), responses go out as handlers settle, in any order. Without `max_in_flight`
+ * (a protocol-1 pool) the answer is the protocol-1 one and requests run one at a time. Requests
+ * beyond the limit wait in arrival order; the built-in `ping` never waits. Responses that become
+ * ready together leave in one write (see *Output*).
  */
 
 const fs = require("fs");
+const { inspect } = require("util");
 
 const VERSION = "0.2.0";
 const RUNTIME = "node";
-const CAPABILITIES = Object.freeze(["cancel"]);
+const CAPABILITIES_V1 = Object.freeze(["cancel"]);
+const CAPABILITIES_V2 = Object.freeze(["cancel", "deadline"]);
+const PROTOCOL = 2;
+/** What one worker takes at once: `max_concurrency` of the protocol-2 handshake answer. */
+const MAX_CONCURRENCY = 4096;
 const DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024;
 const EXIT_PROTOCOL_ERROR = 3;
+const EXIT_STARTUP_ERROR = 2;
 const HEADER_BYTES = 4;
+/** The output buffer's usual size; one that grew past SHRINK_BYTES is dropped after a flush. */
+const SCRATCH_BYTES = 64 * 1024;
+const SHRINK_BYTES = 1024 * 1024;
 const FD_DIRS = ["/proc/self/fd/", "/dev/fd/"];
 const { O_RDONLY, O_WRONLY, O_APPEND } = fs.constants;
 
@@ -37,11 +60,15 @@ const state = {
   commands: [],
   supported: "",
   handlers: new Map(),
+  /** How many requests may run at once: 1 until a handshake asks for more (protocol 2). */
+  limit: 1,
+  /** Requests started and not yet answered. */
+  active: 0,
   /** Async requests still running, by id: what `$cancel` can reach. */
   running: new Map(),
+  /** Requests waiting for a free slot, by id, in arrival order (a Map keeps insertion order). */
+  queued: new Map(),
   maxFrameBytes: DEFAULT_MAX_FRAME_BYTES,
-  /** Reused for every response that fits, so the hot path allocates no output buffer. */
-  scratch: Buffer.allocUnsafeSlow(64 * 1024),
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -210,29 +237,79 @@ function parseRequest(body) {
   return request;
 }
 
-/** Writes one frame with a single buffer for header and body; false if over the size limit. */
-function writeFrame(json) {
-  let frame = state.scratch;
+// ---------------------------------------------------------------------------------------------
+// Output
+// ---------------------------------------------------------------------------------------------
+
+/**
+ * Responses are coalesced: each is encoded, header and body, behind the others in one buffer,
+ * and the buffer goes out in one write per event-loop turn. Responses of sync handlers are
+ * written at the end of the input chunk that carried their requests; the first response of an
+ * async handler in a turn schedules a flush with setImmediate, which runs after the turn's
+ * timers and I/O callbacks and the promise jobs they started, so timers that fire together
+ * and promises that settle together leave in one write. The buffer is reused (the hot path
+ * allocates none); one that had to grow past SHRINK_BYTES is dropped after its flush.
+ */
+const output = {
+  buffer: Buffer.allocUnsafeSlow(SCRATCH_BYTES),
+  length: 0,
+  /** A setImmediate flush is pending. */
+  scheduled: false,
+  /** An input chunk is being dispatched: it flushes when done, no setImmediate needed. */
+  holding: false,
+};
+
+/** Queues one frame; false (and nothing queued) if its body is over the frame limit. */
+function queueFrame(json) {
+  const at = output.length + HEADER_BYTES;
   let length;
-  if (json.length * 3 + HEADER_BYTES <= frame.length) {
-    length = frame.write(json, HEADER_BYTES); // a UTF-16 unit is at most 3 UTF-8 bytes
+  if (json.length * 3 <= output.buffer.length - at) {
+    length = output.buffer.write(json, at); // a UTF-16 unit is at most 3 UTF-8 bytes
   } else {
     length = Buffer.byteLength(json);
     if (length > state.maxFrameBytes) return false;
-    frame = Buffer.allocUnsafe(HEADER_BYTES + length);
-    frame.write(json, HEADER_BYTES);
+    reserve(HEADER_BYTES + length);
+    output.buffer.write(json, at);
   }
   if (length > state.maxFrameBytes) return false;
-  frame.writeUInt32BE(length, 0);
-  writeAll(frame, HEADER_BYTES + length);
+  output.buffer.writeUInt32BE(length, output.length);
+  output.length = at + length;
+  if (!output.holding && !output.scheduled) {
+    output.scheduled = true;
+    setImmediate(flushScheduled);
+  }
   return true;
+}
+
+/** Makes room for `bytes` more bytes behind what is queued. */
+function reserve(bytes) {
+  const needed = output.length + bytes;
+  if (needed <= output.buffer.length) return;
+  const grown = Buffer.allocUnsafeSlow(Math.max(needed, output.buffer.length * 2));
+  output.buffer.copy(grown, 0, 0, output.length);
+  output.buffer = grown;
+}
+
+function flushScheduled() {
+  output.scheduled = false;
+  flush();
+}
+
+/** Writes every queued frame with one write (more only if the pipe takes it in parts). */
+function flush() {
+  const length = output.length;
+  if (length === 0) return;
+  writeAll(output.buffer, length);
+  output.length = 0;
+  if (output.buffer.length > SHRINK_BYTES) output.buffer = Buffer.allocUnsafeSlow(SCRATCH_BYTES);
 }
 
 const pause = new Int32Array(new SharedArrayBuffer(4));
 
 /**
- * Synchronous writes keep frames whole and in order without a queue. The private descriptor
- * blocks; the fallback's fd 1 may have been left non-blocking by a parent, hence EAGAIN.
+ * Synchronous writes keep frames whole and in order without a write queue. The private
+ * descriptor blocks; the fallback's fd 1 may have been left non-blocking by a parent, hence
+ * EAGAIN.
  */
 function writeAll(buffer, length) {
   for (let offset = 0; offset < length; ) {
@@ -257,18 +334,39 @@ function writeAll(buffer, length) {
 
 const NO_META = Object.freeze({});
 
+/**
+ * An expected failure: thrown by a handler, it is answered `success: false` with
+ * "<command>: <message>" and nothing is logged. Any other error is answered the same way and
+ * also logs its stack to stderr.
+ */
+class CommandError extends Error {}
+CommandError.prototype.name = "CommandError";
+
 /** What a handler knows about its request; `signal` aborts when the pool cancels it. */
 class Context {
   #controller = null;
   #cancelled = false;
+  #receivedAt;
 
-  constructor(requestId, meta) {
+  constructor(requestId, meta, receivedAt) {
     const m = isPlainObject(meta) ? meta : NO_META;
     this.requestId = requestId;
     this.workerId = state.workerId;
     this.traceparent = typeof m.traceparent === "string" ? m.traceparent : null;
     this.tracestate = typeof m.tracestate === "string" ? m.tracestate : null;
     this.deadlineMs = typeof m.deadline_ms === "number" ? m.deadline_ms : null;
+    this.#receivedAt = receivedAt;
+  }
+
+  /**
+   * Seconds left of the caller's budget: `meta.deadline_ms` counted from when the request's
+   * bytes arrived (also while it waited for a slot), on the monotonic clock of
+   * performance.now(); negative once the deadline has passed; null without a deadline. The
+   * library does not act on it: the pool sends `$cancel` when it expires.
+   */
+  get deadline() {
+    if (this.deadlineMs === null) return null;
+    return (this.#receivedAt + this.deadlineMs - performance.now()) / 1000;
   }
 
   /** Created on first use: most requests never look at it, and AbortControllers cost. */
@@ -281,8 +379,13 @@ class Context {
   }
 
   static cancel(ctx) {
+    if (ctx.#cancelled) return;
     ctx.#cancelled = true;
     if (ctx.#controller !== null) ctx.#controller.abort(cancelledError());
+  }
+
+  static isCancelled(ctx) {
+    return ctx.#cancelled;
   }
 }
 
@@ -292,7 +395,8 @@ function cancelledError() {
   return err;
 }
 
-function dispatch(request) {
+/** One request frame, `receivedAt` the performance.now() of the chunk that completed it. */
+function receive(request, receivedAt) {
   const { id, command } = request;
   if (command === "$cancel") return cancel(id);
   state.requestsHandled += 1;
@@ -302,41 +406,92 @@ function dispatch(request) {
   }
   const args = request.args === undefined ? {} : request.args;
   if (!isPlainObject(args)) return sendError(id, `${command}: args must be a JSON object`);
-  const ctx = new Context(id, request.meta);
+  // The health check answers at once even when every slot is taken (it is sync and cheap).
+  if (state.active < state.limit || handler === ping) {
+    return start(id, command, handler, args, request.meta, receivedAt);
+  }
+  // Ids are unique per worker (PROTOCOL.md), so they key the queue, as `$cancel` finds them.
+  state.queued.set(id, { command, handler, args, meta: request.meta, receivedAt });
+}
+
+function start(id, command, handler, args, meta, receivedAt) {
+  state.active += 1;
+  const ctx = new Context(id, meta, receivedAt);
   let result;
+  let async;
   try {
     result = handler(args, ctx);
+    async = result !== null && typeof result === "object" && typeof result.then === "function";
   } catch (err) {
-    return sendError(id, `${command}: ${describe(err)}`);
+    fail(id, command, err);
+    return finish();
   }
-  if (result !== null && typeof result === "object" && typeof result.then === "function") {
+  if (async) {
     track(id, command, ctx, result);
   } else {
     sendResult(id, command, result);
+    finish();
   }
 }
 
-/** Answers an async request when it settles, unless `$cancel` answered it first. */
+/**
+ * Answers an async request when its promise settles. A rejection after `$cancel` aborted the
+ * request's signal is answered "cancelled"; a promise that resolves anyway is answered with
+ * its result, as the handler did finish.
+ */
 function track(id, command, ctx, promise) {
   state.running.set(id, ctx);
-  const settle = () => {
-    if (state.running.get(id) !== ctx) return false;
-    state.running.delete(id);
-    return true;
+  const settled = () => {
+    if (state.running.get(id) === ctx) state.running.delete(id);
   };
   // Promise.resolve also tames a foreign thenable whose then() throws.
   Promise.resolve(promise).then(
-    (result) => settle() && sendResult(id, command, result),
-    (err) => settle() && sendError(id, `${command}: ${describe(err)}`),
+    (result) => {
+      settled();
+      sendResult(id, command, result);
+      finish();
+    },
+    (err) => {
+      settled();
+      if (Context.isCancelled(ctx)) sendError(id, "cancelled");
+      else fail(id, command, err);
+      finish();
+    },
   );
 }
 
+/** A request was answered: its slot goes to the next one waiting. */
+function finish() {
+  state.active -= 1;
+  if (state.queued.size !== 0) drain();
+}
+
+let draining = false;
+
+/** Starts waiting requests, oldest first, while slots are free (a loop, never a recursion). */
+function drain() {
+  if (draining) return;
+  draining = true;
+  try {
+    while (state.active < state.limit && state.queued.size !== 0) {
+      const [id, next] = state.queued.entries().next().value;
+      state.queued.delete(id);
+      start(id, next.command, next.handler, next.args, next.meta, next.receivedAt);
+    }
+  } finally {
+    draining = false;
+  }
+}
+
+/**
+ * `$cancel`: a request still waiting for a slot is dropped and answered "cancelled" at once; a
+ * running one has its signal aborted and is answered when its handler settles (see track). A
+ * sync handler has returned before a `$cancel` can be read. Anything else is ignored.
+ */
 function cancel(id) {
+  if (state.queued.delete(id)) return sendError(id, "cancelled");
   const ctx = state.running.get(id);
-  if (ctx === undefined) return; // finished, never started or unknown: nothing to do
-  state.running.delete(id);
-  sendError(id, "cancelled");
-  Context.cancel(ctx);
+  if (ctx !== undefined) Context.cancel(ctx);
 }
 
 function sendResult(id, command, result) {
@@ -348,79 +503,149 @@ function sendResult(id, command, result) {
   }
   // undefined (and functions) have no JSON form: a handler that returns nothing returns null.
   const frame = `{"id":${id},"success":true,"result":${json === undefined ? "null" : json}}`;
-  if (!writeFrame(frame)) {
+  if (!queueFrame(frame)) {
     sendError(id, `${command}: response exceeds the frame limit of ${state.maxFrameBytes} bytes`);
   }
 }
 
 function sendError(id, message) {
-  writeFrame(`{"id":${id},"success":false,"error":${JSON.stringify(message)}}`);
+  queueFrame(`{"id":${id},"success":false,"error":${JSON.stringify(message)}}`);
+}
+
+/** A handler threw or rejected: log the stack unless it is a CommandError, then answer. */
+function fail(id, command, err) {
+  if (!(err instanceof CommandError)) {
+    log(`command '${command}' (request ${id}) failed: ${stackOf(err)}`);
+  }
+  sendError(id, `${command}: ${describe(err)}`);
 }
 
 function describe(err) {
-  if (err instanceof Error) return err.message || err.name;
-  return String(err);
+  try {
+    if (err instanceof Error) return String(err.message || err.name);
+    return String(err);
+  } catch {
+    return "an error that cannot be shown as text";
+  }
+}
+
+/** The stack with cause and extra properties, as Node prints an uncaught error. */
+function stackOf(err) {
+  try {
+    const shown = inspect(err, { depth: 3 });
+    return err instanceof Error ? shown : `${shown} (thrown, not an Error: no stack)`;
+  } catch {
+    return describe(err);
+  }
 }
 
 function isPlainObject(value) {
   return value !== null && typeof value === "object" && !Array.isArray(value);
 }
 
-/** The handshake: records the worker id the pool gave us. */
+/**
+ * The handshake and health check; records the worker id the pool gives. A `max_in_flight` of
+ * N (an integer >= 1) sets how many requests run at once to min(N, MAX_CONCURRENCY), from the
+ * next request on, and gets the protocol-2 answer; without it the answer is protocol 1's and
+ * the setting stays (1 unless an earlier ping changed it).
+ */
 function ping(args) {
   if (typeof args.worker_id === "string") state.workerId = args.worker_id;
-  return {
+  const v2 = args.max_in_flight !== undefined && setMaxInFlight(args.max_in_flight);
+  const answer = {
     status: "ok",
     uptime: process.uptime(),
     requests_handled: state.requestsHandled,
     worker_id: state.workerId,
     runtime: RUNTIME,
-    capabilities: CAPABILITIES,
+    capabilities: v2 ? CAPABILITIES_V2 : CAPABILITIES_V1,
     pid: process.pid,
   };
+  if (v2) {
+    answer.protocol = PROTOCOL;
+    answer.max_concurrency = MAX_CONCURRENCY;
+  }
+  return answer;
+}
+
+function setMaxInFlight(value) {
+  if (!Number.isSafeInteger(value) || value < 1) {
+    log(`ignoring max_in_flight=${JSON.stringify(value)}: not an integer >= 1 (protocol 1)`);
+    return false;
+  }
+  state.limit = Math.min(value, MAX_CONCURRENCY);
+  return true;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Running
 // ---------------------------------------------------------------------------------------------
 
-/** Serves `handlers` ({name: (args, ctx) => result or Promise}) until stdin closes. */
-function run(handlers) {
+/**
+ * Serves the commands of `handlerMaps` until stdin closes: `run({ name: (args, ctx) => result
+ * or Promise }, ...)`. Several maps may be given (say, shared commands and a worker's own);
+ * see registerHandlers for what each may hold. A bad map or SNAKEPIT_MAX_FRAME_BYTES exits with
+ * status 2 and a message on stderr, before any frame is read.
+ */
+function run(...handlerMaps) {
   if (state.started) throw new Error("snakepit: run() may be called only once");
-  registerHandlers(handlers);
   state.started = true;
+  registerHandlers(handlerMaps);
   state.maxFrameBytes = frameLimit();
   const frames = new FrameReader(state.maxFrameBytes);
   const input = openInput(channels.input);
   input.on("data", (chunk) => {
+    const receivedAt = performance.now();
     frames.push(chunk);
+    output.holding = true;
     try {
       for (let body = frames.next(); body !== null; body = frames.next()) {
-        dispatch(parseRequest(body));
+        receive(parseRequest(body), receivedAt);
       }
     } catch (err) {
       if (!(err instanceof FrameError)) throw err;
       log(`protocol error: ${err.message}; exiting`);
-      process.exit(EXIT_PROTOCOL_ERROR);
+      exit(EXIT_PROTOCOL_ERROR);
+    } finally {
+      output.holding = false;
     }
+    flush();
   });
-  input.on("end", () => process.exit(0));
-  process.on("SIGTERM", () => process.exit(0));
+  input.on("end", () => exit(0));
+  process.on("SIGTERM", () => exit(0));
 }
 
-function registerHandlers(handlers) {
-  if (!isPlainObject(handlers)) {
-    throw new TypeError("snakepit: run(handlers) takes an object of functions");
-  }
+/** Exits once the responses already made are written; requests still running are dropped. */
+function exit(code) {
+  flush();
+  process.exit(code);
+}
+
+/**
+ * Builds the command table from run()'s maps, or exits with status 2 naming the command.
+ *
+ * A map's own enumerable string keys are command names, its values the handlers. A name is a
+ * duplicate when more than one of the maps registers it or when it is a command the library
+ * provides itself (`ping`); names are compared exactly, case included, as on the wire. (A key
+ * written twice in one object literal cannot be seen: JavaScript keeps the last.) Names
+ * starting with `$` are reserved for the protocol's own frames (`$cancel`).
+ */
+function registerHandlers(maps) {
   const table = new Map([["ping", ping]]);
-  for (const [name, handler] of Object.entries(handlers)) {
-    if (typeof handler !== "function") {
-      throw new TypeError(`snakepit: handler '${name}' is not a function`);
+  if (maps.length === 0) startupError("run(handlers) takes an object of functions");
+  for (const handlers of maps) {
+    if (!isPlainObject(handlers)) startupError("run(handlers) takes an object of functions");
+    for (const [name, handler] of Object.entries(handlers)) {
+      if (name.startsWith("$")) {
+        startupError(`command '${name}' starts with '$', which is reserved for the protocol`);
+      }
+      if (table.get(name) === ping) {
+        startupError(`command '${name}' is registered twice: the library provides it`);
+      }
+      if (table.has(name)) startupError(`command '${name}' is registered twice`);
+      if (typeof handler !== "function") startupError(`handler '${name}' is not a function`);
+      table.set(name, handler);
     }
-    if (table.has(name) || name.startsWith("$")) {
-      throw new TypeError(`snakepit: '${name}' is provided by the library and cannot be replaced`);
-    }
-    table.set(name, handler);
   }
   state.handlers = table;
   state.commands = [...table.keys()].sort();
@@ -437,13 +662,23 @@ function openInput(fd) {
   return fs.createReadStream(null, { fd });
 }
 
+/** SNAKEPIT_MAX_FRAME_BYTES: unset or empty means the default; else a positive integer. */
 function frameLimit() {
   const raw = process.env.SNAKEPIT_MAX_FRAME_BYTES;
-  if (!raw) return DEFAULT_MAX_FRAME_BYTES;
-  const limit = Number(raw);
+  if (raw === undefined || raw === "") return DEFAULT_MAX_FRAME_BYTES;
+  const limit = /^\s*[0-9]+\s*$/.test(raw) ? Number(raw) : NaN;
   if (Number.isSafeInteger(limit) && limit > 0) return limit;
-  log(`ignoring SNAKEPIT_MAX_FRAME_BYTES=${raw}: not a positive integer`);
-  return DEFAULT_MAX_FRAME_BYTES;
+  startupError(`SNAKEPIT_MAX_FRAME_BYTES must be a positive integer, got ${JSON.stringify(raw)}`);
+}
+
+/** A worker script or its environment is wrong: say why and exit 2, before reading a frame. */
+function startupError(message) {
+  try {
+    fs.writeSync(2, `snakepit: ${message}\n`);
+  } catch {
+    // stderr is gone too; the exit status still tells.
+  }
+  process.exit(EXIT_STARTUP_ERROR);
 }
 
 function log(message) {
@@ -464,4 +699,4 @@ function status() {
   };
 }
 
-module.exports = { run, status, version: VERSION };
+module.exports = { run, status, CommandError, version: VERSION };
