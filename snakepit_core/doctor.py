@@ -1,6 +1,7 @@
 """``snakepit doctor``: what works here, what is missing, and what to do about it.
 
-Every line that reports a problem is followed by a ``remedy:`` line. What an adapter's runtime
+Every problem comes with a remedy: on the next line (``  remedy: ...``), or at the end of the
+registry's one-line message. What an adapter's runtime
 needs (the minimum version, how to install it, the variable that picks another executable)
 comes from the adapter, so this module names no runtime.
 """
@@ -95,7 +96,7 @@ def print_registry(console: Console) -> None:
         return
     console.print(
         f"process registry: [yellow]disabled[/yellow] ({escape(registry.disabled.reason)}); "
-        "orphans of a parent that dies are not reaped",
+        "orphans of a parent that dies are not reaped. "
+        f"Remedy: {escape(registry.disabled.remedy)}",
         highlight=False,
     )
-    print_remedy(console, registry.disabled.remedy)
