@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import struct
 import time
@@ -31,9 +32,15 @@ def describe(args, ctx)
   { "args" => args, "ctx" => ctx.to_h }
 end
 
+def explode
+  raise ZeroDivisionError, "kaput deep down"
+end
+
 Snakepit.run({ "args_only" => ->(args) { { "got" => args } } }) do |s|
   s.command("with_ctx", method(:describe))
   s.command("boom") { raise ArgumentError, "kaput" }
+  s.command("deep_boom") { explode }
+  s.command("refuse") { raise Snakepit::CommandError, "not today" }
   s.command("nap") { |args| sleep(args["seconds"]); { "napped" => true } }
   s.command("stubborn") do
     sleep(30)
@@ -70,13 +77,17 @@ def bridge() -> Iterator[RawWorker]:
         yield worker
 
 
-@pytest.fixture
-def custom(tmp_path: Path) -> Iterator[RawWorker]:
+def start_custom(tmp_path: Path) -> RawWorker:
     """A worker written with the library, started the way ``ruby_adapter`` says."""
     script = tmp_path / "custom.rb"
     script.write_text(CUSTOM_WORKER)
     adapter = ruby_adapter("custom", script)
-    with RawWorker(adapter.command_line(), env=adapter.env) as worker:
+    return RawWorker(adapter.command_line(), env=adapter.env)
+
+
+@pytest.fixture
+def custom(tmp_path: Path) -> Iterator[RawWorker]:
+    with start_custom(tmp_path) as worker:
         worker.handshake()
         yield worker
 
@@ -270,6 +281,22 @@ def test_exceptions_become_failures(custom: RawWorker) -> None:
     assert custom.result("ping")["status"] == "ok"
 
 
+def test_an_unexpected_exception_logs_its_backtrace(tmp_path: Path) -> None:
+    """Any exception is answered; one that is not a Snakepit::CommandError is also logged."""
+    with start_custom(tmp_path) as custom:
+        custom.handshake()
+        assert custom.error("deep_boom") == "deep_boom: kaput deep down"
+        assert custom.error("refuse") == "refuse: not today"
+        assert custom.result("ping")["status"] == "ok"  # still serving
+        custom.close_stdin()
+        assert custom.wait() == 0
+        stderr = custom.stderr_text()
+    assert "snakepit-ruby: command 'deep_boom' failed: " in stderr
+    assert "kaput deep down (ZeroDivisionError)" in stderr
+    assert re.search(r"custom\.rb:\d+:in `explode'", stderr), stderr  # the stack, innermost first
+    assert "not today" not in stderr  # an expected failure, answered but not logged
+
+
 @pytest.mark.parametrize("command", ["nap", "stubborn", "spin"])
 def test_cancel_a_custom_handler(custom: RawWorker, command: str) -> None:
     assert_cancels(custom, command, {"seconds": 30})
@@ -333,6 +360,61 @@ def test_an_undecodable_frame_while_a_handler_runs_exits_3(bridge: RawWorker) ->
     status, stderr = exit_after(bridge, frame(b"{not json"))
     assert status == 3
     assert "frame is not valid JSON" in stderr
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "1.5", "1_000", " 64", "0x40"])
+def test_an_invalid_frame_limit_exits_2_naming_it(value: str) -> None:
+    with RawWorker(bridge_argv(), env={"SNAKEPIT_MAX_FRAME_BYTES": value}) as worker:
+        assert worker.wait(5) == 2  # at start-up, before reading any frame
+        stderr = worker.stderr_text()
+        assert stderr == (
+            f'snakepit-ruby: SNAKEPIT_MAX_FRAME_BYTES must be a positive integer, got "{value}"\n'
+        )
+        assert worker.proc.stdout is not None and worker.proc.stdout.read() == b""
+
+
+SETUP_MISTAKES = {
+    "string-and-symbol": (
+        'Snakepit.run({ "shout" => ->(a) { a }, shout: ->(a) { a } })',
+        """command 'shout' is registered twice (as "shout" and :shout)""",
+    ),
+    "hash-and-block": (
+        'Snakepit.run({ "shout" => ->(a) { a } }) { |s| s.command("shout") { 1 } }',
+        "command 'shout' is registered twice",
+    ),
+    "block-twice": (
+        "Snakepit.run { |s| s.command(:shout) { 1 }.command(:shout) { 2 } }",
+        "command 'shout' is registered twice",
+    ),
+    "built-in": (
+        'Snakepit.run({ "ping" => ->(a) { a } })',
+        "command 'ping' is built into snakepit and cannot be replaced",
+    ),
+    "dollar": (
+        'Snakepit.run { |s| s.command("$cancel") { 1 } }',
+        "command '$cancel' cannot be registered: names starting with '$' are the protocol's",
+    ),
+    "dollar-symbol": (
+        "Snakepit.run({ '$shout': ->(a) { a } })",
+        "command '$shout' cannot be registered",
+    ),
+    "not-a-name": ("Snakepit.run({ 7 => ->(a) { a } })", "command name 7 must be a String"),
+    "not-callable": ('Snakepit.run({ "shout" => 42 })', "handler of 'shout' must be a callable"),
+}
+
+
+@pytest.mark.parametrize("mistake", SETUP_MISTAKES)
+def test_a_setup_mistake_exits_2_naming_the_command(tmp_path: Path, mistake: str) -> None:
+    code, message = SETUP_MISTAKES[mistake]
+    script = tmp_path / "mistake.rb"
+    script.write_text(f'require "snakepit"\n{code}\n')
+    adapter = ruby_adapter("mistake", script)
+    with RawWorker(adapter.command_line(), env=adapter.env) as worker:
+        assert worker.wait(5) == 2  # at start-up, before reading any frame
+        stderr = worker.stderr_text()
+        assert stderr.startswith(f"snakepit-ruby: {message}"), stderr
+        assert stderr.count("\n") == 1, stderr  # one line, no Ruby backtrace
+        assert worker.proc.stdout is not None and worker.proc.stdout.read() == b""
 
 
 def test_the_frame_limit_comes_from_the_environment() -> None:

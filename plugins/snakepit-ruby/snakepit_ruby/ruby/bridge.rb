@@ -13,7 +13,7 @@ require "securerandom"
 module SnakepitBridge
   # PROTOCOL.md, "Numbers": integers stay exact, divide is true division, an integral float is
   # sent as an integer (below 1e21, where JavaScript too stops writing integers out), and
-  # Infinity and NaN are refused.
+  # Infinity and NaN are refused. Refusals are Snakepit::CommandError: answered, not logged.
   module Compute
     OPERATIONS = {
       "add" => ->(a, b) { a + b },
@@ -26,7 +26,7 @@ module SnakepitBridge
     def self.call(args)
       operation = args["operation"]
       apply = OPERATIONS.fetch(operation) do
-        raise ArgumentError,
+        raise Snakepit::CommandError,
               "unknown operation #{operation.inspect} (supported: #{OPERATIONS.keys.join(', ')})"
       end
       a = number(args, "a")
@@ -36,7 +36,7 @@ module SnakepitBridge
     end
 
     def self.divide(a, b)
-      raise ZeroDivisionError, "division by zero" if b.zero?
+      raise Snakepit::CommandError, "division by zero" if b.zero?
       # Exact for integers that divide evenly, however big; fdiv would round above 2**53.
       return a / b if a.is_a?(Integer) && b.is_a?(Integer) && (a % b).zero?
 
@@ -47,12 +47,12 @@ module SnakepitBridge
       value = args[name]
       return value if value.is_a?(Integer) || value.is_a?(Float)
 
-      raise ArgumentError, "'#{name}' must be a number, got #{value.inspect}"
+      raise Snakepit::CommandError, "'#{name}' must be a number, got #{value.inspect}"
     end
 
     def self.wire(result)
       return result if result.is_a?(Integer)
-      raise FloatDomainError, "result is not a finite number" unless result.finite?
+      raise Snakepit::CommandError, "result is not a finite number" unless result.finite?
 
       result == result.truncate && INTEGER_FLOATS.cover?(result) ? result.to_i : result
     end
@@ -91,14 +91,14 @@ module SnakepitBridge
       session = args["session_id"]
       return session if session.is_a?(String) && !session.empty?
 
-      raise ArgumentError, "session_id is required (use execute_in_session)"
+      raise Snakepit::CommandError, "session_id is required (use execute_in_session)"
     end
 
     def key(args)
       key = args["key"]
       return key if key.is_a?(String)
 
-      raise ArgumentError, "'key' must be a string, got #{key.inspect}"
+      raise Snakepit::CommandError, "'key' must be a string, got #{key.inspect}"
     end
   end
 
@@ -119,12 +119,14 @@ module SnakepitBridge
     def self.execute(args)
       program = args["program"]
       values = args["inputs"]
-      raise ArgumentError, "'program' must be an object with a signature" unless program.is_a?(Hash)
-      raise ArgumentError, "'inputs' must be an object" unless values.is_a?(Hash)
+      unless program.is_a?(Hash)
+        raise Snakepit::CommandError, "'program' must be an object with a signature"
+      end
+      raise Snakepit::CommandError, "'inputs' must be an object" unless values.is_a?(Hash)
 
       inputs, outputs = parse(program["signature"])
       missing = inputs.find { |name| !values.key?(name) }
-      raise ArgumentError, "missing input '#{missing}'" if missing
+      raise Snakepit::CommandError, "missing input '#{missing}'" if missing
 
       call = inputs.map { |name| "#{name}=#{render(values[name])}" }.join(", ")
       results = outputs.to_h { |out| [out, "#{out}(#{call})"] }
@@ -137,7 +139,7 @@ module SnakepitBridge
       names = sides.map { |side| side.split(",").map(&:strip).reject(&:empty?) }
       return names if names.size == 2 && names.none?(&:empty?)
 
-      raise ArgumentError,
+      raise Snakepit::CommandError,
             "invalid signature #{signature.inspect} (expected 'in1, in2 -> out1, out2')"
     end
 
@@ -171,7 +173,8 @@ module SnakepitBridge
   def sleep_for(args)
     seconds = args["seconds"]
     unless (seconds.is_a?(Integer) || seconds.is_a?(Float)) && seconds.between?(0, 3600)
-      raise ArgumentError, "'seconds' must be a number from 0 to 3600, got #{seconds.inspect}"
+      raise Snakepit::CommandError,
+            "'seconds' must be a number from 0 to 3600, got #{seconds.inspect}"
     end
 
     sleep(seconds) # Kernel#sleep yields to $cancel's Thread#raise at once
@@ -180,14 +183,18 @@ module SnakepitBridge
 
   def process_data(args)
     data = args["data"]
-    raise ArgumentError, "'data' must be a string, got #{data.inspect}" unless data.is_a?(String)
+    unless data.is_a?(String)
+      raise Snakepit::CommandError, "'data' must be a string, got #{data.inspect}"
+    end
 
     { "original" => data, "processed" => data.upcase, "length" => data.length }
   end
 
   def generate_report(args)
     title = args["title"]
-    raise ArgumentError, "'title' must be a string, got #{title.inspect}" unless title.is_a?(String)
+    unless title.is_a?(String)
+      raise Snakepit::CommandError, "'title' must be a string, got #{title.inspect}"
+    end
 
     data = args["data"]
     {

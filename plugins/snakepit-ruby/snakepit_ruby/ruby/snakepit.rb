@@ -23,12 +23,21 @@ module Snakepit
   DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
   # Python's json gives up near 1000 levels; JSON's default of 100 would refuse real data.
   MAX_NESTING = 1000
+  LIBRARY_FILE = __FILE__
 
   # Raised into the main thread to stop a handler on $cancel. An Exception rather than a
   # StandardError so that a handler's own `rescue => e` does not swallow it.
   class Cancelled < Exception; end
   CANCELLABLE = { Cancelled => :immediate }.freeze
   UNCANCELLABLE = { Cancelled => :never }.freeze
+
+  # An expected failure: a handler raises it to answer `"<command>: <message>"` without the
+  # backtrace that any other exception logs to stderr.
+  class CommandError < StandardError; end
+
+  # A mistake in the worker script's set-up (a command registered twice or named "$...", an
+  # invalid SNAKEPIT_MAX_FRAME_BYTES): Snakepit.run logs it and exits with status 2.
+  class SetupError < ArgumentError; end
 
   # The input can no longer be trusted: the worker logs why and exits with status 3.
   class ProtocolError < StandardError; end
@@ -44,19 +53,28 @@ module Snakepit
 
   # Serves `handlers` ({name => callable}) and those the block registers; never returns.
   def self.run(handlers = {}, &setup)
-    server = Server.new(Channel.take_over_stdio(max_frame_bytes))
-    handlers.each { |name, handler| server.command(name, handler) }
+    limit = max_frame_bytes
+    unless handlers.respond_to?(:each_pair)
+      raise SetupError, "Snakepit.run takes a Hash of handlers, got #{handlers.inspect}"
+    end
+
+    server = Server.new(Channel.take_over_stdio(limit)) # before the block, so its output is safe
+    handlers.each_pair { |name, handler| server.command(name, handler) }
     setup&.call(server)
     server.serve
+  rescue SetupError => e
+    log(e.message)
+    exit(2)
   end
 
   def self.max_frame_bytes
     value = ENV.fetch("SNAKEPIT_MAX_FRAME_BYTES", "")
     return DEFAULT_MAX_FRAME_BYTES if value.empty?
 
-    Integer(value, 10).tap { |limit| raise ArgumentError unless limit.positive? }
-  rescue ArgumentError
-    raise ArgumentError, "SNAKEPIT_MAX_FRAME_BYTES must be a positive integer, got #{value.inspect}"
+    limit = value.match?(/\A[0-9]+\z/) ? value.to_i : 0
+    return limit if limit.positive?
+
+    raise SetupError, "SNAKEPIT_MAX_FRAME_BYTES must be a positive integer, got #{value.inspect}"
   end
 
   # `text` as valid UTF-8, so that an error message can always be sent as JSON.
@@ -69,6 +87,17 @@ module Snakepit
 
   def self.log(message)
     warn("snakepit-ruby: #{message}")
+  end
+
+  # An unexpected exception of a handler, with its backtrace down to where the library called
+  # the handler (all of it if it was raised inside the library).
+  def self.log_failure(command, error)
+    trace = error.backtrace || []
+    own = trace.take_while { |line| !line.start_with?(LIBRARY_FILE) }
+    first, *rest = own.empty? ? trace : own
+    lines = ["#{first}#{': ' if first}#{error.message} (#{error.class})"]
+    rest.each { |line| lines << "\tfrom #{line}" }
+    log("command '#{command}' failed: #{utf8(lines.join("\n"))}")
   end
 
   # Frames over the protocol's private descriptors (PROTOCOL.md, "Frames").
@@ -263,13 +292,13 @@ module Snakepit
     # and ctx); a plain block ignores extra arguments, so it always gets both.
     def self.adapt(name, handler)
       unless handler.respond_to?(:call)
-        raise ArgumentError, "handler of '#{name}' must be a callable or a block"
+        raise SetupError, "handler of '#{name}' must be a callable or a block"
       end
       return handler if handler.is_a?(Proc) && !handler.lambda?
 
       arity = handler.respond_to?(:arity) ? handler.arity : handler.method(:call).arity
       required = arity.negative? ? -arity - 1 : arity
-      raise ArgumentError, "handler of '#{name}' must take (args) or (args, ctx)" if required > 2
+      raise SetupError, "handler of '#{name}' must take (args) or (args, ctx)" if required > 2
 
       case arity
       when 0 then ->(_args, _ctx) { handler.call }
@@ -281,7 +310,6 @@ module Snakepit
 
   # Dispatches requests to handlers and answers them (PROTOCOL.md, "Envelopes").
   class Server
-    RESERVED = ["ping", CANCEL].freeze
     NO_META = {}.freeze
 
     attr_reader :worker_id, :requests_handled
@@ -290,19 +318,27 @@ module Snakepit
       @channel = channel
       @inbox = Inbox.new(channel)
       @handlers = { "ping" => method(:ping) }
+      @given = {} # name => the name as registered (a String or a Symbol), for messages
       @started = monotonic
       @worker_id = ENV["SNAKEPIT_WORKER_ID"] # until the handshake names it
       @requests_handled = 0
     end
 
-    # Registers `handler` (a callable taking (args) or (args, ctx)) or the block as `name`.
+    # Registers `handler` (a callable taking (args) or (args, ctx)) or the block as `name` (a
+    # String or a Symbol: "shout" and :shout are the same command, and registering it twice
+    # is a SetupError, as are "ping" and names starting with "$").
     def command(name, handler = nil, &block)
-      name = name.to_s
-      if RESERVED.include?(name)
-        raise ArgumentError, "'#{name}' is built into snakepit and cannot be replaced"
+      key = command_name(name)
+      raise SetupError, "command '#{key}' is given both a handler and a block" if handler && block
+      if key == "ping"
+        raise SetupError, "command 'ping' is built into snakepit and cannot be replaced"
+      end
+      if @given.key?(key)
+        raise SetupError, "command '#{key}' is registered twice#{as_given(key, name)}"
       end
 
-      @handlers[name] = Handler.adapt(name, handler || block)
+      @handlers[key] = Handler.adapt(key, handler || block)
+      @given[key] = name
       self
     end
 
@@ -334,6 +370,25 @@ module Snakepit
 
     private
 
+    def command_name(name)
+      unless name.is_a?(String) || name.is_a?(Symbol)
+        raise SetupError, "command name #{name.inspect} must be a String or a Symbol"
+      end
+
+      key = name.to_s
+      raise SetupError, "command name must not be empty" if key.empty?
+      if key.start_with?("$")
+        raise SetupError, "command '#{key}' cannot be registered: names starting with '$' " \
+                          "are the protocol's"
+      end
+      key
+    end
+
+    def as_given(key, name)
+      first = @given[key]
+      first.instance_of?(name.class) ? "" : " (as #{first.inspect} and #{name.inspect})"
+    end
+
     def handle(request)
       id = request["id"]
       unless id.is_a?(Integer)
@@ -360,7 +415,10 @@ module Snakepit
       @channel.encode({ "id" => id, "success" => true, "result" => result })
     rescue Cancelled
       failure(id, "cancelled")
+    rescue CommandError, EncodeError => e
+      failure(id, "#{command}: #{Snakepit.utf8(e.message)}")
     rescue *HANDLER_ERRORS => e
+      Snakepit.log_failure(command, e)
       failure(id, "#{command}: #{Snakepit.utf8(e.message)}")
     end
 
