@@ -281,10 +281,14 @@ def test_exceptions_become_failures(custom: RawWorker) -> None:
     assert custom.result("ping")["status"] == "ok"
 
 
-def test_an_unexpected_exception_logs_its_backtrace(tmp_path: Path) -> None:
+@pytest.mark.parametrize("max_in_flight", [None, 4])
+def test_an_unexpected_exception_logs_its_backtrace(
+    tmp_path: Path, max_in_flight: int | None
+) -> None:
     """Any exception is answered; one that is not a Snakepit::CommandError is also logged."""
     with start_custom(tmp_path) as custom:
-        custom.handshake()
+        handshake = {"worker_id": "raw-1", "initialization": True, "max_in_flight": max_in_flight}
+        assert custom.call("ping", handshake)["success"] is True
         assert custom.error("deep_boom") == "deep_boom: kaput deep down"
         assert custom.error("refuse") == "refuse: not today"
         assert custom.result("ping")["status"] == "ok"  # still serving

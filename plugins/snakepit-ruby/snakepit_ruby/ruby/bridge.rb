@@ -58,30 +58,34 @@ module SnakepitBridge
     end
   end
 
-  # Per-session values kept in this worker's memory (store / retrieve / clear_session).
+  # Per-session values kept in this worker's memory (store / retrieve / clear_session), safe
+  # for the concurrent requests of protocol 2.
   class Sessions
     def initialize
-      @values = {} # session_id => {key => value}
+      @values = {} # session_id => {key => value}; guarded by @lock
+      @lock = Mutex.new
     end
 
     def store(args)
       session = session_id(args)
       key = key(args)
-      (@values[session] ||= {})[key] = args["value"]
+      @lock.synchronize { (@values[session] ||= {})[key] = args["value"] }
       { "stored" => true, "session_id" => session, "key" => key }
     end
 
     def retrieve(args)
       session = session_id(args)
       key = key(args)
-      values = @values.fetch(session, {})
-      found = values.key?(key)
-      { "found" => found, "session_id" => session, "key" => key, "value" => values[key] }
+      found, value = @lock.synchronize do
+        values = @values.fetch(session, {})
+        [values.key?(key), values[key]]
+      end
+      { "found" => found, "session_id" => session, "key" => key, "value" => value }
     end
 
     def clear(args)
       session = session_id(args)
-      values = @values.delete(session)
+      values = @lock.synchronize { @values.delete(session) }
       { "cleared" => !values.nil?, "session_id" => session, "keys" => values ? values.size : 0 }
     end
 

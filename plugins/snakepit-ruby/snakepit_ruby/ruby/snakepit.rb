@@ -1,7 +1,8 @@
 # frozen_string_literal: true
 
 # snakepit's Ruby bridge library: an author writes handlers, this speaks the wire protocol of
-# docs/PROTOCOL.md (frames, the ping handshake, $cancel, error mapping, stdout protection).
+# docs/PROTOCOL.md (frames, the ping handshake, protocol 2's concurrent requests, $cancel,
+# deadlines, error mapping, stdout protection).
 #
 #   require "snakepit"
 #   Snakepit.run({ "shout" => ->(args, ctx) { { "text" => args["text"].upcase } } })
@@ -18,14 +19,21 @@ require "io/wait"
 module Snakepit
   VERSION = "0.2.0"
   RUNTIME = "ruby"
+  # The capabilities a protocol-1 handshake answers, and a protocol-2 one (with the protocol and
+  # how many requests this bridge takes at once).
   CAPABILITIES = ["cancel"].freeze
+  PROTOCOL = 2
+  PROTOCOL_CAPABILITIES = ["cancel", "deadline"].freeze
+  MAX_CONCURRENCY = 4096
+  # Threads that run handlers at most, under protocol 2; more requests wait in arrival order.
+  MAX_THREADS = 64
   CANCEL = "$cancel"
   DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
   # Python's json gives up near 1000 levels; JSON's default of 100 would refuse real data.
   MAX_NESTING = 1000
   LIBRARY_FILE = __FILE__
 
-  # Raised into the main thread to stop a handler on $cancel. An Exception rather than a
+  # Raised into a handler's thread to stop it on $cancel. An Exception rather than a
   # StandardError so that a handler's own `rescue => e` does not swallow it.
   class Cancelled < Exception; end
   CANCELLABLE = { Cancelled => :immediate }.freeze
@@ -46,7 +54,21 @@ module Snakepit
   class EncodeError < StandardError; end
 
   # What a handler knows about its request besides the args (from the request's `meta`).
-  Context = Struct.new(:request_id, :worker_id, :traceparent, :tracestate, :deadline_ms)
+  # `deadline` is the seconds left of the request's time budget (`meta.deadline_ms`, counted from
+  # when the bridge read the request, on a monotonic clock; negative once past), nil without one.
+  Context = Struct.new(:request_id, :worker_id, :traceparent, :tracestate, :deadline_ms) do
+    def initialize(request_id, worker_id, traceparent, tracestate, deadline_ms, received = nil)
+      super(request_id, worker_id, traceparent, tracestate, deadline_ms)
+      @received = received || Snakepit.monotonic
+    end
+
+    def deadline
+      budget = deadline_ms
+      return nil unless budget.is_a?(Numeric)
+
+      @received + (budget / 1000.0) - Snakepit.monotonic
+    end
+  end
 
   # Handler exceptions that become `success: false`; SystemExit and signals still end the worker.
   HANDLER_ERRORS = [StandardError, ScriptError, SystemStackError].freeze
@@ -58,10 +80,11 @@ module Snakepit
       raise SetupError, "Snakepit.run takes a Hash of handlers, got #{handlers.inspect}"
     end
 
-    server = Server.new(Channel.take_over_stdio(limit)) # before the block, so its output is safe
+    server = Server.new
+    channel = Channel.take_over_stdio(limit) # before the block runs, so that its output is safe
     handlers.each_pair { |name, handler| server.command(name, handler) }
     setup&.call(server)
-    server.serve
+    server.serve(channel)
   rescue SetupError => e
     log(e.message)
     exit(2)
@@ -100,10 +123,30 @@ module Snakepit
     log("command '#{command}' failed: #{utf8(lines.join("\n"))}")
   end
 
+  def self.monotonic
+    Process.clock_gettime(Process::CLOCK_MONOTONIC)
+  end
+
+  # Discards the Cancelled of a $cancel that landed after the current thread's handler returned
+  # (it stays queued, masked); left alone it would stop the next request's handler. Unmasking
+  # Cancelled around an empty block delivers one queued Cancelled at the block's return (a
+  # check point), so this loop drains them all; with none queued it does nothing.
+  # Not `Thread.pending_interrupt?(Cancelled)`: on Ruby 3.1 that call segfaults whenever an
+  # interrupt is queued (it treats the queued exception as a class; Ruby bug #19110).
+  def self.discard_late_cancels
+    loop do
+      Thread.handle_interrupt(CANCELLABLE) {}
+      return
+    rescue Cancelled
+      next # the handler finished first; its result stands
+    end
+  end
+
   # Frames over the protocol's private descriptors (PROTOCOL.md, "Frames").
   class Channel
     HEADER_BYTES = 4
     PARSE_OPTIONS = { max_nesting: MAX_NESTING }.freeze
+    GENERATOR = :snakepit_json_generator
 
     # Moves the protocol off fd 0 and fd 1: `puts`, `system("echo")` and a child reading stdin
     # then reach stderr and /dev/null, never the frames. Ruby's dup is close-on-exec, so child
@@ -122,7 +165,6 @@ module Snakepit
       @output = output.binmode
       @output.sync = true
       @max = max_frame_bytes
-      @generator = new_generator
     end
 
     # The next frame as a Hash, or nil at the end of input.
@@ -145,6 +187,7 @@ module Snakepit
     end
 
     # `message` as one frame (header and body in one string, so it goes out in one write).
+    # Safe to call from several threads at once.
     def encode(message)
       body = generate(message)
       size = body.bytesize
@@ -157,17 +200,19 @@ module Snakepit
       @output.write(frame)
     end
 
-    private
-
-    # One generator for every response: configuring a new one costs a third of a ping.
-    def new_generator
-      JSON::State.new(max_nesting: MAX_NESTING)
+    # Several frames with one write (Ruby's IO#write with several strings is one writev).
+    def write_all(frames)
+      @output.write(*frames)
     end
 
+    private
+
+    # One generator per thread for every response: configuring a new one costs a third of a
+    # ping, and one generator must not serve two threads at once.
     def generate(message)
-      @generator.generate(message)
+      (Thread.current[GENERATOR] ||= JSON::State.new(max_nesting: MAX_NESTING)).generate(message)
     rescue StandardError => e # JSON's errors, and whatever a result's #to_json or #to_s raises
-      @generator = new_generator # a failed generate leaves the generator's depth raised
+      Thread.current[GENERATOR] = nil # a failed generate leaves the generator's depth raised
       # JSON's messages start with a source line number ("1003: NaN not allowed"): noise here.
       raise EncodeError, "result cannot be encoded as JSON (#{e.message.sub(/\A\d+: /, '')})"
     end
@@ -195,7 +240,8 @@ module Snakepit
     end
   end
 
-  # Requests in arrival order, and $cancel while a handler runs.
+  # One request at a time (protocol 1, and protocol 2 with max_in_flight 1): requests in
+  # arrival order, and $cancel while a handler runs.
   #
   # Handlers run inline on the main thread: handing each request to another thread (a Queue or
   # a Thread per request) measured 20-25% fewer pings per second. So that $cancel still gets
@@ -212,18 +258,21 @@ module Snakepit
       @lock = Mutex.new
       @running = nil # id of the request whose handler runs; guarded by @lock
       @raised = false # whether Cancelled was raised into that handler; guarded by @lock
-      @early = [] # requests the watcher read while a handler ran
+      @early = [] # [request, time read] the watcher read while a handler ran
       @ended = false # the watcher reached the end of input
+      @stopped = false # the main thread reads everything itself now; guarded by @lock
       Thread.new { watch }
     end
 
-    # The next request, or nil at the end of input. The watcher touches @early and @ended only
-    # while a handler runs, and this is called when none does.
+    # The next request and when it was read ([request, monotonic seconds]), or nil at the end
+    # of input. The watcher touches @early and @ended only while a handler runs, and this is
+    # called when none does.
     def next_request
       return @early.shift unless @early.empty?
       return nil if @ended
 
-      @channel.read
+      request = @channel.read
+      request && [request, Snakepit.monotonic]
     end
 
     # Runs the block as the handler of request `id`; a $cancel for `id` raises Cancelled in it.
@@ -233,7 +282,18 @@ module Snakepit
       @lock.synchronize { @running = id }
       Thread.handle_interrupt(CANCELLABLE) { yield }
     ensure
-      discard_late_cancels if finish
+      Snakepit.discard_late_cancels if finish
+    end
+
+    # Ends the watcher, for protocol 2's reader to take over (called while no handler runs),
+    # and hands over what it read ahead: [[request, time read], ...] and whether input ended.
+    def stop
+      @lock.synchronize do
+        @stopped = true
+        early = @early
+        @early = []
+        [early, @ended]
+      end
     end
 
     private
@@ -250,25 +310,10 @@ module Snakepit
       end
     end
 
-    # A $cancel that landed after the handler returned (its Cancelled queued while masked) is
-    # still pending; left alone it would stop the next request's handler. Unmasking Cancelled
-    # around an empty block delivers one queued Cancelled at the block's return (a check point),
-    # so this loop drains them all; with none queued (the handler was stopped) it does nothing.
-    # Not `Thread.pending_interrupt?(Cancelled)`: on Ruby 3.1 that call segfaults whenever an
-    # interrupt is queued (it treats the queued exception as a class; Ruby bug #19110).
-    def discard_late_cancels
-      loop do
-        Thread.handle_interrupt(CANCELLABLE) {}
-        return
-      rescue Cancelled
-        next # the handler finished first; its result stands
-      end
-    end
-
     def watch
-      until @ended
+      until @ended || @stopped
         sleep(POLL_SECONDS)
-        @lock.synchronize { read_during_handler if @running && @channel.readable? }
+        @lock.synchronize { read_during_handler if @running && !@stopped && @channel.readable? }
       end
     rescue ProtocolError => e
       Snakepit.log("protocol error: #{e.message}; exiting")
@@ -278,10 +323,187 @@ module Snakepit
     def read_during_handler
       frame = @channel.read
       if frame.nil? then @ended = true
-      elsif frame["command"] != CANCEL then @early << frame
-      elsif frame["id"] == @running
+      elsif frame["command"] != CANCEL then @early << [frame, Snakepit.monotonic]
+      elsif frame["id"] == @running && !@raised # once: a second cancel must not stop its cleanup
         @raised = true
         @main.raise(Cancelled)
+      end
+    end
+  end
+
+  # One request on its way through the bridge. Under protocol 2 the Pool's lock guards `thread`
+  # (the thread running it, nil while it waits) and `raised` (Cancelled was raised into it).
+  class Job
+    attr_reader :id, :command, :handler
+    attr_accessor :thread, :raised
+
+    def initialize(id, command, handler, args, ctx)
+      @id = id
+      @command = command
+      @handler = handler
+      @args = args
+      @ctx = ctx
+      @thread = nil
+      @raised = false
+    end
+
+    def call
+      @handler.call(@args, @ctx)
+    end
+  end
+
+  # Protocol 2: runs jobs on up to `size` threads, started as they are needed; more jobs wait
+  # in arrival order. A $cancel raises Cancelled into the thread of exactly the job it names,
+  # only while that job runs (decided under @lock, as Inbox does for the main thread), at most
+  # once; a job still waiting is dropped. Each thread masks Cancelled outside its handler and
+  # discards a late one before it takes its next job, so a cancel never reaches another job.
+  class Pool
+    def initialize(size, &perform)
+      @size = size
+      @perform = perform # called on a pool thread with a job and a block that runs its handler
+      @lock = Mutex.new
+      @work = ConditionVariable.new
+      @waiting = [] # jobs not started yet, in arrival order
+      @jobs = {} # id => job, waiting or running
+      @threads = []
+      @idle = 0 # threads waiting for a job
+      @closed = false
+    end
+
+    def submit(job)
+      @lock.synchronize do
+        @jobs[job.id] = job
+        @waiting << job
+        @work.signal if @idle.positive?
+        spawn if @waiting.size > @idle && @threads.size < @size
+      end
+    end
+
+    # A $cancel for `id`: true if the job was waiting (it is dropped; the caller answers it),
+    # false if it runs (Cancelled is on its way) or is not here (nothing to do).
+    def cancel(id)
+      @lock.synchronize do
+        job = @jobs[id]
+        return false if job.nil?
+
+        if job.thread.nil?
+          @jobs.delete(id)
+          @waiting.delete(job) # Job has identity equality
+          return true
+        end
+        unless job.raised
+          job.raised = true
+          job.thread.raise(Cancelled)
+        end
+        false
+      end
+    end
+
+    # Lets every job finish (waiting ones too), then ends the threads.
+    def close
+      @lock.synchronize do
+        @closed = true
+        @work.broadcast
+      end
+      @threads.each(&:join)
+    end
+
+    private
+
+    def spawn
+      @threads << Thread.new do
+        # What escapes a handler (SystemExit, NoMemoryError) ends the worker, as on the main thread.
+        Thread.current.abort_on_exception = true
+        Thread.handle_interrupt(UNCANCELLABLE) { work }
+      end
+    end
+
+    def work
+      while (job = take)
+        @perform.call(job) { running(job) { job.call } }
+      end
+    end
+
+    def take
+      @lock.synchronize do
+        while @waiting.empty?
+          return nil if @closed
+
+          @idle += 1
+          @work.wait(@lock)
+          @idle -= 1
+        end
+        job = @waiting.shift
+        job.thread = Thread.current # running: from now on a $cancel raises into this thread
+        job
+      end
+    end
+
+    def running(job)
+      Thread.handle_interrupt(CANCELLABLE) { yield }
+    ensure
+      Snakepit.discard_late_cancels if finish(job)
+    end
+
+    # Ends the job's turn and says whether Cancelled was raised into it: after this no cancel
+    # can reach it any more, and one raised is already queued (see Inbox#finish).
+    def finish(job)
+      @lock.synchronize do
+        @jobs.delete(job.id) if @jobs[job.id].equal?(job)
+        job.raised
+      end
+    end
+  end
+
+  # Protocol 2: writes the replies the other threads push. Each time it wakes it takes every
+  # reply that is ready and writes them all with one write.
+  class Writer
+    def initialize(channel)
+      @channel = channel
+      @lock = Mutex.new
+      @ready = ConditionVariable.new
+      @frames = []
+      @closed = false
+      @thread = Thread.new do
+        Thread.current.abort_on_exception = true
+        write_until_closed
+      end
+    end
+
+    def push(frame)
+      @lock.synchronize do
+        @frames << frame
+        @ready.signal
+      end
+    end
+
+    # Writes what is left, then ends the writer.
+    def close
+      @lock.synchronize do
+        @closed = true
+        @ready.signal
+      end
+      @thread.join
+    end
+
+    private
+
+    def write_until_closed
+      while (frames = take)
+        @channel.write_all(frames)
+      end
+    rescue Errno::EPIPE
+      exit(0) # the pool closed our output: it is gone, as at the end of input
+    end
+
+    def take
+      @lock.synchronize do
+        @ready.wait(@lock) while @frames.empty? && !@closed
+        return nil if @frames.empty?
+
+        frames = @frames
+        @frames = []
+        frames
       end
     end
   end
@@ -309,19 +531,26 @@ module Snakepit
   end
 
   # Dispatches requests to handlers and answers them (PROTOCOL.md, "Envelopes").
+  #
+  # The handshake (the first request, a ping) decides how: without `max_in_flight`, or with 1,
+  # one request at a time on the main thread (Inbox); with N > 1 the main thread reads ahead,
+  # answers ping and what fails before a handler runs itself, runs every other request on a
+  # Pool thread and hands the replies to a Writer.
   class Server
     NO_META = {}.freeze
 
+    # requests_handled is counted by the one thread that reads requests (the main thread).
     attr_reader :worker_id, :requests_handled
 
-    def initialize(channel)
-      @channel = channel
-      @inbox = Inbox.new(channel)
-      @handlers = { "ping" => method(:ping) }
+    def initialize
+      @ping = method(:ping)
+      @handlers = { "ping" => @ping }
       @given = {} # name => the name as registered (a String or a Symbol), for messages
-      @started = monotonic
+      @started = Snakepit.monotonic
       @worker_id = ENV["SNAKEPIT_WORKER_ID"] # until the handshake names it
       @requests_handled = 0
+      @protocol = 1 # 2 once the handshake asked for it (max_in_flight)
+      @max_in_flight = 1
     end
 
     # Registers `handler` (a callable taking (args) or (args, ctx)) or the block as `name` (a
@@ -348,17 +577,18 @@ module Snakepit
 
     # Seconds since the worker started.
     def uptime
-      monotonic - @started
+      Snakepit.monotonic - @started
     end
 
     # Answers requests until the end of input (exit 0), SIGTERM (exit 0) or an undecodable
     # frame (exit 3).
-    def serve
+    def serve(channel)
+      @channel = channel
       trap("TERM") { exit(0) }
       Thread.handle_interrupt(UNCANCELLABLE) do
-        while (request = @inbox.next_request)
-          handle(request)
-        end
+        @inbox = Inbox.new(channel)
+        serve_one_at_a_time
+        serve_concurrently(*@inbox.stop) if @max_in_flight > 1
       end
       exit(0)
     rescue ProtocolError => e
@@ -366,6 +596,19 @@ module Snakepit
       exit(3)
     rescue Errno::EPIPE
       exit(0) # the pool closed our output: it is gone, as at the end of input
+    end
+
+    # Runs a job's handler (the block does) and gives its response frame.
+    def perform(job)
+      result = yield
+      @channel.encode({ "id" => job.id, "success" => true, "result" => result })
+    rescue Cancelled
+      failure(job.id, "cancelled")
+    rescue CommandError, EncodeError => e
+      failure(job.id, "#{job.command}: #{Snakepit.utf8(e.message)}")
+    rescue *HANDLER_ERRORS => e
+      Snakepit.log_failure(job.command, e)
+      failure(job.id, "#{job.command}: #{Snakepit.utf8(e.message)}")
     end
 
     private
@@ -389,37 +632,77 @@ module Snakepit
       first.instance_of?(name.class) ? "" : " (as #{first.inspect} and #{name.inspect})"
     end
 
-    def handle(request)
-      id = request["id"]
-      unless id.is_a?(Integer)
-        raise ProtocolError, "request without an integer id: #{request.to_s[0, 200]}"
+    def serve_one_at_a_time
+      while (request, received = @inbox.next_request)
+        handle(request, received)
+        return if @max_in_flight > 1 # the handshake asked for protocol 2
       end
+    end
 
+    def handle(request, received)
+      id = request_id(request)
       command = request["command"]
       # The main thread reads only while no handler runs, so this cancel names none: ignore it.
       return if command == CANCEL
 
       @requests_handled += 1
-      @channel.write(response(id, command, request))
+      job = job(id, command, request, received)
+      @channel.write(job.is_a?(Job) ? perform(job) { call_inline(job) } : job)
     end
 
-    def response(id, command, request)
+    def call_inline(job)
+      return job.call if job.handler.equal?(@ping) # instant: no need to make it cancellable
+
+      @inbox.running(job.id) { job.call }
+    end
+
+    # Protocol 2 with max_in_flight > 1: reads ahead while handlers run on the pool's threads.
+    def serve_concurrently(early, ended)
+      @writer = Writer.new(@channel)
+      threads = [@max_in_flight, MAX_THREADS].min
+      @pool = Pool.new(threads) { |job, &run| @writer.push(perform(job, &run)) }
+      early.each { |request, received| dispatch(request, received) }
+      unless ended
+        while (request = @channel.read)
+          dispatch(request, Snakepit.monotonic)
+        end
+      end
+      @pool.close
+      @writer.close
+    end
+
+    def dispatch(request, received)
+      id = request_id(request)
+      command = request["command"]
+      if command == CANCEL
+        @writer.push(failure(id, "cancelled")) if @pool.cancel(id)
+        return
+      end
+
+      @requests_handled += 1
+      job = job(id, command, request, received)
+      if !job.is_a?(Job) then @writer.push(job)
+      elsif job.handler.equal?(@ping) then @writer.push(perform(job) { job.call }) # promptly
+      else @pool.submit(job)
+      end
+    end
+
+    def request_id(request)
+      id = request["id"]
+      return id if id.is_a?(Integer)
+
+      raise ProtocolError, "request without an integer id: #{request.to_s[0, 200]}"
+    end
+
+    # The request as a Job, or the frame that answers it when no handler can run.
+    def job(id, command, request, received)
       handler = @handlers[command]
       return failure(id, unknown_command(command)) unless handler
 
       args = request["args"] || {}
       return failure(id, "#{command}: args must be a JSON object") unless args.is_a?(Hash)
 
-      ctx = context(id, request["meta"])
-      result = @inbox.running(id) { handler.call(args, ctx) }
-      @channel.encode({ "id" => id, "success" => true, "result" => result })
-    rescue Cancelled
-      failure(id, "cancelled")
-    rescue CommandError, EncodeError => e
-      failure(id, "#{command}: #{Snakepit.utf8(e.message)}")
-    rescue *HANDLER_ERRORS => e
-      Snakepit.log_failure(command, e)
-      failure(id, "#{command}: #{Snakepit.utf8(e.message)}")
+      Job.new(id, command, handler, args, context(id, request["meta"], received))
     end
 
     def unknown_command(command)
@@ -430,23 +713,38 @@ module Snakepit
       @channel.encode({ "id" => id, "success" => false, "error" => message })
     end
 
-    def context(id, meta)
+    def context(id, meta, received)
       meta = NO_META unless meta.is_a?(Hash)
-      Context.new(id, @worker_id, meta["traceparent"], meta["tracestate"], meta["deadline_ms"])
+      Context.new(id, @worker_id, meta["traceparent"], meta["tracestate"], meta["deadline_ms"],
+                  received)
     end
 
-    # The handshake: records the worker id the pool assigned (PROTOCOL.md, "Handshake").
+    # The handshake: records the worker id the pool assigned (PROTOCOL.md, "Handshake"), and,
+    # the first time, whether the pool speaks protocol 2 ("Handshake v2").
     def ping(args, _ctx)
+      negotiate(args["max_in_flight"]) if @requests_handled == 1
       @worker_id = args["worker_id"] if args["worker_id"].is_a?(String)
-      {
+      v2 = @protocol == PROTOCOL
+      result = {
         "status" => "ok", "uptime" => uptime, "requests_handled" => @requests_handled,
-        "worker_id" => @worker_id, "runtime" => RUNTIME, "capabilities" => CAPABILITIES,
-        "pid" => Process.pid
+        "worker_id" => @worker_id, "runtime" => RUNTIME,
+        "capabilities" => v2 ? PROTOCOL_CAPABILITIES : CAPABILITIES, "pid" => Process.pid
       }
+      return result unless v2
+
+      result["protocol"] = PROTOCOL
+      result["max_concurrency"] = MAX_CONCURRENCY
+      result
     end
 
-    def monotonic
-      Process.clock_gettime(Process::CLOCK_MONOTONIC)
+    # A `max_in_flight` N (an integer >= 1) asks for protocol 2: the pool then sends up to
+    # min(N, MAX_CONCURRENCY) requests at once. Without it (a protocol-1 pool), or with a value
+    # that is not such an integer, the worker stays at protocol 1, one request at a time.
+    def negotiate(max_in_flight)
+      return unless max_in_flight.is_a?(Integer) && max_in_flight.positive?
+
+      @protocol = PROTOCOL
+      @max_in_flight = [max_in_flight, MAX_CONCURRENCY].min
     end
   end
 end
