@@ -5,21 +5,24 @@ lands after the handler returned, the exception stays queued (masked) and the li
 it before the next request. On Ruby 3.1 the old drain, guarded by
 ``Thread.pending_interrupt?(Cancelled)``, segfaulted whenever such a cancel was queued. These
 tests land cancels on that boundary against the bundled bridge and check the worker survives,
-answers every request exactly once and keeps answering normal requests correctly.
+answers every request exactly once and keeps answering normal requests correctly. Under
+protocol 2 each handler runs on a pool thread, and the same must hold for every one of them.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import select
 import struct
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from snakepit_ruby.plugin import snakepit_adapters
+from snakepit_ruby.plugin import ruby_adapter, snakepit_adapters
 
 from raw_worker import RawWorker
 
@@ -31,6 +34,11 @@ STORM = 1000
 BATCH = 25
 #: Tiny delays (seconds) before each half of a storm request's $cancel.
 DELAYS = [0.0, 0.0, 0.0002, 0.0005, 0.001, 0.002, 0.003]
+#: Requests in the protocol-2 storm, and how many are in flight at once.
+STORM_2 = 1000
+IN_FLIGHT = 8
+#: The library with its late-cancel window held open on every pool thread.
+LATE_CANCEL_WORKER = Path(__file__).parent / "bridges" / "ruby_late_cancel_worker.rb"
 
 
 def bridge_argv() -> list[str]:
@@ -155,3 +163,87 @@ def test_a_storm_of_cancels_racing_fast_handlers_leaves_the_worker_serving(
             finished.append(request_id)
     assert len(finished) == len(set(finished)) == STORM
     assert_healthy_then_exit_0(bridge)
+
+
+def storm_request(rng: random.Random, index: int) -> tuple[str, dict[str, Any], Any, float]:
+    """A request of the protocol-2 storm: command, args, its result and how long it runs."""
+    kind = index % 4
+    if kind == 0:
+        return "echo", {"n": index}, {"echoed": {"n": index}}, 0.0
+    if kind == 1:
+        args = {"operation": "add", "a": index, "b": 1}
+        result = {"operation": "add", "inputs": {"a": index, "b": 1}, "result": index + 1}
+        return "compute", args, result, 0.0
+    seconds = rng.choice([0, 0.0005, 0.001, 0.002, 0.004, 0.008])
+    return "sleep", {"seconds": seconds}, {"slept": seconds}, seconds
+
+
+@pytest.mark.parametrize("late_window", [False, True], ids=["bridge", "late-window"])
+def test_a_storm_of_cancels_on_eight_threads_stops_only_the_requests_named(
+    late_window: bool,
+) -> None:
+    """Protocol 2, max_in_flight 8: 1,000 requests, about half chased by their $cancel.
+
+    Each chased request's $cancel (in two parts) is timed around the moment its handler ends:
+    just before (answer "cancelled"), at, or just after it (the late Cancelled stays queued in
+    that pool thread and must be discarded before the thread runs its next request); some are
+    sent again once the answer arrived. A request nobody cancelled must always succeed: a
+    leftover Cancelled would stop it instead. Every request gets exactly one answer.
+
+    Against the bundled bridge, and against a worker that holds the late window open on every
+    pool thread (MRI's GVL makes it narrow), where late cancels must really have happened.
+    """
+    rng = random.Random(8)
+    if late_window:
+        adapter = ruby_adapter("late-window", LATE_CANCEL_WORKER)
+        argv, env = adapter.command_line(), adapter.env
+    else:
+        argv, env = bridge_argv(), None
+    with RawWorker(argv, env=env) as worker:
+        ping = worker.call("ping", {"worker_id": "raw-1", "max_in_flight": IN_FLIGHT})["result"]
+        assert ping["protocol"] == 2
+        assert worker.proc.stdout is not None
+        stdout = worker.proc.stdout.fileno()
+        in_flight: dict[int, tuple[Any, bool]] = {}  # id -> (result, chased by a $cancel)
+        cancels: list[tuple[float, int]] = []  # (when to send, id)
+        outcomes = {"cancelled": 0, "finished first": 0}
+        sent = answered = 0
+        while answered < STORM_2:
+            while sent < STORM_2 and len(in_flight) < IN_FLIGHT:
+                command, args, result, seconds = storm_request(rng, sent)
+                request_id = worker.send(command, args)
+                chased = rng.random() < 0.5
+                if chased:
+                    ends = time.monotonic() + seconds + 0.0003  # roughly
+                    cancels.append((ends + rng.uniform(-0.002, 0.002), request_id))
+                in_flight[request_id] = (result, chased)
+                sent += 1
+            cancels.sort()
+            while cancels and cancels[0][0] <= time.monotonic():
+                frame = cancel_frame(cancels.pop(0)[1])
+                split = rng.randrange(1, len(frame))
+                bridge_delay = rng.choice(DELAYS[:4])
+                worker.send_raw(frame[:split])
+                if bridge_delay:
+                    time.sleep(bridge_delay)
+                worker.send_raw(frame[split:])
+            wait = min(max(0.0, cancels[0][0] - time.monotonic()), 0.005) if cancels else 0.005
+            if not select.select([stdout], [], [], wait)[0]:
+                continue
+            frame = receive(worker)
+            request_id = frame["id"]
+            assert request_id in in_flight, f"answered twice or never asked: {frame}"
+            result, chased = in_flight.pop(request_id)
+            answered += 1
+            if not chased:
+                assert frame == {"id": request_id, "success": True, "result": result}
+                continue
+            assert_answer(frame, request_id, result)
+            outcomes["finished first" if frame["success"] else "cancelled"] += 1
+            if rng.random() < 0.3:
+                worker.send_raw(cancel_frame(request_id))  # just after it finished: ignored
+        # Both sides of the race were hit, not only one.
+        assert all(count > 0 for count in outcomes.values()), outcomes
+        if late_window:
+            assert worker.result("late_cancels", {}) > 10  # about 300 here
+        assert_healthy_then_exit_0(worker)
