@@ -287,7 +287,9 @@ def test_an_unexpected_exception_logs_its_backtrace(
 ) -> None:
     """Any exception is answered; one that is not a Snakepit::CommandError is also logged."""
     with start_custom(tmp_path) as custom:
-        handshake = {"worker_id": "raw-1", "initialization": True, "max_in_flight": max_in_flight}
+        handshake: dict[str, Any] = {"worker_id": "raw-1", "initialization": True}
+        if max_in_flight is not None:
+            handshake["max_in_flight"] = max_in_flight
         assert custom.call("ping", handshake)["success"] is True
         assert custom.error("deep_boom") == "deep_boom: kaput deep down"
         assert custom.error("refuse") == "refuse: not today"

@@ -7,6 +7,7 @@ The multi-threaded cancel storm is in test_ruby_cancel_race.py.
 
 from __future__ import annotations
 
+import json
 import select
 import signal
 import time
@@ -129,6 +130,16 @@ def test_without_a_valid_max_in_flight_the_answer_is_protocol_1(
     ping = worker.handshake_answer
     assert "protocol" not in ping and "max_concurrency" not in ping
     assert ping["capabilities"] == ["cancel"]
+    worker.close_stdin()
+    assert worker.wait() == 0
+    stderr = worker.stderr_text()
+    if max_in_flight is None:
+        assert stderr == ""
+    else:  # the value as Ruby writes it, which for these is as JSON writes it
+        assert stderr == (
+            f"snakepit-ruby: ignoring max_in_flight={json.dumps(max_in_flight)} "
+            "(not an integer >= 1): protocol 1\n"
+        )
 
 
 def test_max_in_flight_in_a_later_ping_changes_nothing(start: Start) -> None:

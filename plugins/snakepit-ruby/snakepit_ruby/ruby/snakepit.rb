@@ -722,7 +722,7 @@ module Snakepit
     # The handshake: records the worker id the pool assigned (PROTOCOL.md, "Handshake"), and,
     # the first time, whether the pool speaks protocol 2 ("Handshake v2").
     def ping(args, _ctx)
-      negotiate(args["max_in_flight"]) if @requests_handled == 1
+      negotiate(args["max_in_flight"]) if @requests_handled == 1 && args.key?("max_in_flight")
       @worker_id = args["worker_id"] if args["worker_id"].is_a?(String)
       v2 = @protocol == PROTOCOL
       result = {
@@ -741,7 +741,11 @@ module Snakepit
     # min(N, MAX_CONCURRENCY) requests at once. Without it (a protocol-1 pool), or with a value
     # that is not such an integer, the worker stays at protocol 1, one request at a time.
     def negotiate(max_in_flight)
-      return unless max_in_flight.is_a?(Integer) && max_in_flight.positive?
+      unless max_in_flight.is_a?(Integer) && max_in_flight.positive?
+        Snakepit.log("ignoring max_in_flight=#{max_in_flight.inspect} (not an integer >= 1): " \
+                     "protocol 1")
+        return
+      end
 
       @protocol = PROTOCOL
       @max_in_flight = [max_in_flight, MAX_CONCURRENCY].min
