@@ -11,6 +11,11 @@
 #     s.command("shout") { |args, ctx| { "text" => args["text"].upcase } }
 #   end
 #
+# A handler that raises Snakepit::CommandError fails its request quietly; any other exception
+# also logs its backtrace to stderr. When the pool asks for protocol 2 (a handshake with
+# max_in_flight N > 1), handlers run concurrently, each request on a thread of a pool of up to
+# min(N, 64): state they share needs a Mutex. ctx.deadline is the seconds left, or nil.
+#
 # Only Ruby's standard library is used, so a worker may start with `ruby --disable-gems`.
 
 require "json"
@@ -598,6 +603,8 @@ module Snakepit
       exit(0) # the pool closed our output: it is gone, as at the end of input
     end
 
+    private
+
     # Runs a job's handler (the block does) and gives its response frame.
     def perform(job)
       result = yield
@@ -610,8 +617,6 @@ module Snakepit
       Snakepit.log_failure(job.command, e)
       failure(job.id, "#{job.command}: #{Snakepit.utf8(e.message)}")
     end
-
-    private
 
     def command_name(name)
       unless name.is_a?(String) || name.is_a?(Symbol)
