@@ -1085,7 +1085,11 @@ async def test_a_cancellation_storm_leaves_every_slot_free(adapter, capsys):
     total, pool_size = 2000, 2
     outcomes: Counter[str] = Counter()
     async with Pool(
-        adapter, pool_size=pool_size, worker_concurrency=8, pool_max_queue_size=10_000
+        adapter,
+        pool_size=pool_size,
+        worker_concurrency=8,
+        pool_max_queue_size=10_000,
+        pool_queue_timeout=120,
     ) as pool:
         calls = [
             asyncio.ensure_future(pool.execute("sleep", {"seconds": 0.01}, timeout=60))
