@@ -61,7 +61,7 @@ def nap(args):
 def trace(args, ctx):
     return {"request_id": ctx.request_id, "worker_id": ctx.worker_id,
             "traceparent": ctx.traceparent, "tracestate": ctx.tracestate,
-            "deadline_ms": ctx.deadline_ms}
+            "deadline_ms": ctx.deadline_ms, "deadline": ctx.deadline}
 
 
 @command
@@ -391,6 +391,50 @@ def test_child_processes_cannot_steal_request_bytes(custom: RawWorker) -> None:
 
 
 # -------------------------------------------------------------------------
+# The start-up contract every bundled bridge shares (exit 2, a message naming the culprit)
+# -------------------------------------------------------------------------
+
+REGISTRATIONS = {
+    "twice": (
+        "@command\ndef shout(args):\n    return 1\n\n"
+        "@command('shout')\ndef again(args):\n    return 2\n",
+        "command 'shout' is registered twice",
+    ),
+    "dollar": (
+        "@command('$shout')\ndef shout(args):\n    return 1\n",
+        "command '$shout' is invalid: names starting with '$' belong to the protocol",
+    ),
+    "ping": (
+        "@command\ndef ping(args):\n    return 1\n",
+        "command 'ping' is provided by the library",
+    ),
+    "builtin": (
+        "import snakepit_python.builtin_commands\n\n@command\ndef echo(args):\n    return 1\n",
+        "command 'echo' is registered twice",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REGISTRATIONS))
+def test_a_bad_registration_exits_2_naming_the_command(tmp_path: Path, case: str) -> None:
+    source, message = REGISTRATIONS[case]
+    script = tmp_path / "worker.py"
+    script.write_text(f"from snakepit_python import command, run\n\n{source}\nrun()\n")
+    with RawWorker([sys.executable, str(script)]) as worker:
+        assert worker.wait() == 2  # before reading a frame: nothing was sent
+        assert f"{message}; exiting with status 2" in worker.stderr_text()
+        assert worker.proc.stdout is not None and worker.proc.stdout.read() == b""
+
+
+@pytest.mark.parametrize("value", ["lots", "0", "-5", "1.5"])
+def test_an_invalid_frame_limit_exits_2_naming_it(value: str) -> None:
+    with RawWorker(BRIDGE, env={"SNAKEPIT_MAX_FRAME_BYTES": value}) as worker:
+        assert worker.wait() == 2
+        expected = f"SNAKEPIT_MAX_FRAME_BYTES={value!r} is not a positive integer"
+        assert expected in worker.stderr_text()
+
+
+# -------------------------------------------------------------------------
 # The library: handlers, errors, context
 # -------------------------------------------------------------------------
 
@@ -445,13 +489,19 @@ def test_trace_context_reaches_the_handler(custom: RawWorker) -> None:
         "deadline_ms": 2500,
     }
     request_id = custom.send("trace", meta=meta)
-    assert custom.receive() == {
+    response = custom.receive()
+    deadline = response["result"].pop("deadline")
+    assert response == {
         "id": request_id,
         "success": True,
         "result": {"request_id": request_id, "worker_id": "custom-1", **meta},
     }
+    assert 1.5 < deadline <= 2.5  # seconds left of the 2500 ms budget, counted from receipt
+    custom.send("trace", meta={"deadline_ms": 0})
+    assert custom.receive()["result"]["deadline"] <= 0  # it may go negative
     bare = custom.result("trace")
     assert (bare["traceparent"], bare["tracestate"], bare["deadline_ms"]) == (None, None, None)
+    assert bare["deadline"] is None
 
 
 # -------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """The bridge library: everything a Python worker needs except its handlers.
 
 It implements docs/PROTOCOL.md: length-prefixed JSON frames on private copies of stdin/stdout,
-the ``ping`` handshake, ``$cancel``, error mapping and stdout protection. Workers import this
-module at start-up, so it uses only cheap standard-library modules; ``asyncio`` is imported on the
-first async handler call and ``inspect``/``traceback`` only on rare paths.
+the ``ping`` handshake, ``$cancel``, deadlines, error mapping and stdout protection. Workers
+import this module at start-up, so it uses only cheap standard-library modules; ``asyncio`` is
+imported on the first async handler call and ``inspect``/``traceback`` only on rare paths.
 
 Performance shapes the serving loop: it reads on the main thread with blocking ``os.read``,
 looks the handler up in a dict, calls sync handlers inline and answers with one ``os.write``.
@@ -44,6 +44,7 @@ CANCEL_COMMAND = "$cancel"
 CAPABILITIES = ("cancel",)
 RUNTIME = "python"
 EXIT_PROTOCOL_FAULT = 3
+EXIT_BAD_START = 2
 
 _READ_SIZE = 65536
 #: While a handler runs, stop reading ahead once this much input is buffered (the pool sends
@@ -74,10 +75,25 @@ class _StreamError(Exception):
     """The input stream cannot be trusted any more (PROTOCOL.md: exit with status 3)."""
 
 
-class Context:
-    """What a handler may want to know about its request besides ``args``."""
+class _Refused(Exception):
+    """A request that is answered with a failure before any handler runs (a bad envelope)."""
 
-    __slots__ = ("deadline_ms", "request_id", "traceparent", "tracestate", "worker_id")
+    def __init__(self, request_id: int, message: str) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+        self.message = message
+
+
+class Context:
+    """What a handler may want to know about its request besides ``args``.
+
+    ``deadline`` is the caller's time budget left *now*, in seconds (it may go negative), or
+    ``None`` without one; it is counted from when the bridge received the request, on the
+    monotonic clock, because the pool sends ``deadline_ms`` as the budget left at sending time.
+    """
+
+    __slots__ = ("_expires", "deadline_ms", "request_id", "traceparent", "tracestate", "worker_id")
+    _FIELDS = ("request_id", "worker_id", "traceparent", "tracestate", "deadline_ms", "deadline")
 
     def __init__(
         self,
@@ -85,16 +101,25 @@ class Context:
         worker_id: str,
         traceparent: str | None = None,
         tracestate: str | None = None,
-        deadline_ms: int | None = None,
+        deadline_ms: float | None = None,
     ) -> None:
         self.request_id = request_id
         self.worker_id = worker_id
         self.traceparent = traceparent
         self.tracestate = tracestate
         self.deadline_ms = deadline_ms
+        self._expires: float | None = None
+        if isinstance(deadline_ms, (int, float)) and not isinstance(deadline_ms, bool):
+            self._expires = time.monotonic() + deadline_ms / 1000  # a string is no deadline
+
+    @property
+    def deadline(self) -> float | None:
+        """Seconds left of the caller's budget, or ``None`` if the request has no deadline."""
+        expires = self._expires
+        return None if expires is None else expires - time.monotonic()
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._FIELDS)
         return f"Context({fields})"
 
 
@@ -105,6 +130,9 @@ class Context:
 #: name -> (handler, wants_ctx, is_async, cancellable); a tuple so the hot path unpacks it.
 _COMMANDS: dict[str, tuple[Handler, bool, bool, bool]] = {}
 _RESERVED = frozenset({"ping", CANCEL_COMMAND})
+#: Registrations refused so far; :func:`run` reports them and exits with status 2, the same
+#: start-up failure every bundled bridge gives (docs/PROTOCOL.md, *One bridge contract*).
+_REFUSED: list[str] = []
 
 
 @overload
@@ -124,8 +152,12 @@ def command(  # noqa: F811
     ``@command(cancellable=False)``. Returns the function unchanged.
 
     A handler takes ``(args)`` or ``(args, ctx)`` and may be ``async``. ``cancellable=False``
-    marks a handler that always finishes quickly: it skips the two ``fcntl`` calls per request
-    that make ``$cancel`` able to interrupt it.
+    marks a sync handler that always finishes quickly: it skips the two ``fcntl`` calls per
+    request that make ``$cancel`` able to interrupt it.
+
+    A name registered twice, a name starting with ``$``, ``ping`` or a function that cannot
+    take ``(args)`` is not raised here but makes :func:`run` exit with status 2 before it
+    reads a request, with a message naming the command, as every bundled bridge does.
     """
     if callable(name):
         _register(name.__name__, name, cancellable)
@@ -139,14 +171,29 @@ def command(  # noqa: F811
 
 
 def _register(name: str, func: Handler, cancellable: bool) -> None:
-    if not isinstance(name, str) or not name or name.startswith("$"):
-        raise ValueError(f"invalid command name {name!r}")
+    problem = _registration_problem(name)
+    if problem is None:
+        try:
+            wants_ctx, is_async = _describe(func)
+        except (TypeError, ValueError) as exc:  # ValueError: inspect found no signature
+            problem = f"command {name!r}: {exc}"
+        else:
+            _COMMANDS[name] = (func, wants_ctx, is_async, cancellable)
+            return
+    _REFUSED.append(problem)
+
+
+def _registration_problem(name: object) -> str | None:
+    """Why ``name`` cannot be registered, or ``None`` if it can."""
+    if not isinstance(name, str) or not name:
+        return f"command name {name!r} is invalid (a non-empty string is required)"
+    if name.startswith("$"):
+        return f"command {name!r} is invalid: names starting with '$' belong to the protocol"
     if name in _RESERVED:
-        raise ValueError(f"command {name!r} is provided by the library")
+        return f"command {name!r} is provided by the library"
     if name in _COMMANDS:
-        raise ValueError(f"command {name!r} is already registered")
-    wants_ctx, is_async = _describe(func)
-    _COMMANDS[name] = (func, wants_ctx, is_async, cancellable)
+        return f"command {name!r} is registered twice"
+    return None
 
 
 def _describe(func: Handler) -> tuple[bool, bool]:
@@ -175,7 +222,7 @@ def _describe_with_inspect(func: Handler) -> tuple[bool, bool]:
 
 
 # -------------------------------------------------------------------------
-# The worker
+# Start-up
 # -------------------------------------------------------------------------
 
 
@@ -188,18 +235,31 @@ def _refuse_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not valid JSON")
 
 
+class _BadStart(Exception):
+    """The worker cannot start as configured (exit status 2, before reading a frame)."""
+
+
 def _max_frame_bytes() -> int:
-    raw = os.environ.get("SNAKEPIT_MAX_FRAME_BYTES")
-    if raw is None:
+    """The frame limit from ``SNAKEPIT_MAX_FRAME_BYTES`` (unset or empty: the default).
+
+    A value that is not a positive integer is refused rather than ignored: the pool and the
+    worker would otherwise disagree about which frames are too large.
+    """
+    raw = os.environ.get("SNAKEPIT_MAX_FRAME_BYTES", "")
+    if not raw:
         return DEFAULT_MAX_FRAME_BYTES
     try:
         value = int(raw)
     except ValueError:
         value = 0
     if value <= 0:
-        _log(f"ignoring SNAKEPIT_MAX_FRAME_BYTES={raw!r} (not a positive integer)")
-        return DEFAULT_MAX_FRAME_BYTES
+        raise _BadStart(f"SNAKEPIT_MAX_FRAME_BYTES={raw!r} is not a positive integer")
     return value
+
+
+def _check_registrations() -> None:
+    if _REFUSED:
+        raise _BadStart("; ".join(_REFUSED))
 
 
 def _protect_stdio() -> tuple[int, int]:
@@ -218,6 +278,23 @@ def _protect_stdio() -> tuple[int, int]:
         sys.stdout.flush()  # output printed before run() now goes to stderr
     sys.stdout = sys.stderr
     return input_fd, output_fd
+
+
+def _frame(body: bytes) -> bytes:
+    return len(body).to_bytes(4, "big") + body
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    written = os.write(fd, data)
+    if written < len(data):
+        view = memoryview(data)[written:]
+        while view:
+            view = view[os.write(fd, view) :]
+
+
+# -------------------------------------------------------------------------
+# The worker: one request at a time
+# -------------------------------------------------------------------------
 
 
 class _Worker:
@@ -336,43 +413,54 @@ class _Worker:
 
     def _handle(self, request: dict[str, Any]) -> None:
         """Answer one request (``$cancel`` is never answered)."""
+        try:
+            request_id, name, entry, call_args = self._route(request)
+        except _Refused as refusal:
+            return self._write(self._failure_frame(refusal.request_id, refusal.message))
+        if entry is None:
+            return None  # a $cancel, and the request it names is not running: ignore
+        try:
+            result = self._invoke(entry, call_args, request_id)
+        except _Cancelled:
+            self._disarm()  # a cancel may land before the disarm in _call_armed ran
+            return self._write(self._failure_frame(request_id, "cancelled"))
+        except Exception as exc:
+            return self._write(self._exception_frame(request_id, name, exc))
+        return self._write(self._success_frame(request_id, name, result))
+
+    def _route(
+        self, request: dict[str, Any]
+    ) -> tuple[int, str, tuple[Handler, bool, bool, bool] | None, tuple[Any, ...]]:
+        """``(id, command, handler entry, call arguments)``; the entry is ``None`` for a
+        ``$cancel``. Raises ``_Refused`` for a request answered with a failure at once."""
         request_id = request.get("id")
         name = request.get("command")
         if type(request_id) is not int:
             raise _StreamError(f"request without an integer 'id': {str(request)[:200]}")
         if type(name) is not str:
-            return self._fail(request_id, "request 'command' must be a string")
+            raise _Refused(request_id, "request 'command' must be a string")
         entry = self.commands.get(name)
         if entry is None:
             if name == CANCEL_COMMAND:
-                return None  # the request it names is not running: ignore
-            return self._fail(request_id, self._unknown(name))
+                return request_id, name, None, ()
+            raise _Refused(request_id, self._unknown(name))
         args = request.get("args")
         if args is None:
             args = {}
         elif type(args) is not dict:
-            return self._fail(request_id, f"{name}: args must be a JSON object")
-        try:
-            result = self._invoke(entry, args, request_id, request)
-        except _Cancelled:
-            self._disarm()  # a cancel may land before the disarm in _call_armed ran
-            return self._fail(request_id, "cancelled")
-        except CommandError as exc:
-            return self._fail(request_id, f"{name}: {exc}")
-        except Exception as exc:
-            _log_traceback(name)
-            return self._fail(request_id, f"{name}: {_describe_exception(exc)}")
-        return self._succeed(request_id, name, result)
+            raise _Refused(request_id, f"{name}: args must be a JSON object")
+        if entry[1]:  # wants_ctx
+            return request_id, name, entry, (args, self._context(request_id, request))
+        return request_id, name, entry, (args,)
 
     def _unknown(self, name: str) -> str:
         supported = ", ".join(sorted(self.commands))
         return f"unknown command {name!r} (supported: {supported})"
 
     def _invoke(
-        self, entry: tuple[Handler, bool, bool, bool], args: Any, request_id: int, request: Any
+        self, entry: tuple[Handler, bool, bool, bool], call_args: tuple[Any, ...], request_id: int
     ) -> Any:
-        func, wants_ctx, is_async, cancellable = entry
-        call_args = (args, self._context(request_id, request)) if wants_ctx else (args,)
+        func, _, is_async, cancellable = entry
         if is_async:
             return self._run_async(func(*call_args), request_id)
         if not cancellable:
@@ -395,35 +483,37 @@ class _Worker:
             meta.get("deadline_ms"),
         )
 
-    def _succeed(self, request_id: int, name: str, result: Any) -> None:
+    # -- envelopes ----------------------------------------------------------
+
+    def _success_frame(self, request_id: int, name: str, result: Any) -> bytes:
         try:
             body = self._encoder.encode({"id": request_id, "success": True, "result": result})
         except (TypeError, ValueError, RecursionError) as exc:
-            return self._fail(request_id, f"{name}: result cannot be sent as JSON ({exc})")
+            return self._failure_frame(request_id, f"{name}: result cannot be sent as JSON ({exc})")
         data = body.encode()
         if len(data) > self.max_frame:
-            return self._fail(
+            return self._failure_frame(
                 request_id,
                 f"{name}: response of {len(data)} bytes exceeds the frame limit "
                 f"of {self.max_frame} bytes",
             )
-        self._write(data)
+        return _frame(data)
 
-    def _fail(self, request_id: int, message: str) -> None:
+    def _failure_frame(self, request_id: int, message: str) -> bytes:
         body = {"id": request_id, "success": False, "error": message}
-        self._write(self._encoder.encode(body).encode())
+        return _frame(self._encoder.encode(body).encode())
 
-    def _write(self, body: bytes) -> None:
+    def _exception_frame(self, request_id: int, name: str, exc: BaseException) -> bytes:
+        """The failure for a handler's exception; an unexpected one logs its traceback."""
+        if isinstance(exc, CommandError):
+            return self._failure_frame(request_id, f"{name}: {exc}")
+        _log_traceback(name, exc)
+        return self._failure_frame(request_id, f"{name}: {_describe_exception(exc)}")
+
+    def _write(self, frame: bytes) -> None:
         """Write one frame; counts the request as handled."""
-        data = len(body).to_bytes(4, "big") + body
-        written = os.write(self.output_fd, data)
-        if written < len(data):
-            self._write_rest(memoryview(data)[written:])
+        _write_all(self.output_fd, frame)
         self.handled += 1
-
-    def _write_rest(self, view: memoryview) -> None:
-        while view:
-            view = view[os.write(self.output_fd, view) :]
 
     # -- built-in: the handshake -------------------------------------------
 
@@ -565,7 +655,7 @@ class _Worker:
         return request.get("id")
 
 
-def _describe_exception(exc: Exception) -> str:
+def _describe_exception(exc: BaseException) -> str:
     """The message of an unexpected exception; a KeyError's bare ``'key'`` gets its type name."""
     text = str(exc)
     if not text:
@@ -573,10 +663,11 @@ def _describe_exception(exc: Exception) -> str:
     return f"{type(exc).__name__}: {text}" if isinstance(exc, LookupError) else text
 
 
-def _log_traceback(name: str) -> None:
+def _log_traceback(name: str, exc: BaseException) -> None:
     import traceback
 
-    _log(f"command {name!r} failed:\n{traceback.format_exc().rstrip()}")
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
+    _log(f"command {name!r} failed:\n{text}")
 
 
 def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -593,13 +684,21 @@ _WORKER: _Worker | None = None
 def run() -> NoReturn:
     """Serve the registered commands on stdin/stdout until end of input, then exit.
 
-    Exits 0 on end of input or SIGTERM, 3 on a frame that cannot be decoded. Output from
-    before this call is flushed to stderr if it is still buffered; with unbuffered stdout
-    (``PYTHONUNBUFFERED``) it has already reached the pool, so print nothing at import time.
+    Exits 0 on end of input or SIGTERM, 3 on a frame that cannot be decoded, and 2 before
+    reading anything if a command could not be registered or ``SNAKEPIT_MAX_FRAME_BYTES`` is
+    not a positive integer. Output from before this call is flushed to stderr if it is still
+    buffered; with unbuffered stdout (``PYTHONUNBUFFERED``) it has already reached the pool, so
+    print nothing at import time.
     """
     global _WORKER
+    try:
+        _check_registrations()
+        max_frame = _max_frame_bytes()
+    except _BadStart as problem:
+        _log(f"{problem}; exiting with status {EXIT_BAD_START}")
+        sys.exit(EXIT_BAD_START)
     input_fd, output_fd = _protect_stdio()
-    _WORKER = _Worker(input_fd, output_fd, _max_frame_bytes())
+    _WORKER = _Worker(input_fd, output_fd, max_frame)
     sys.exit(_WORKER.serve())
 
 
