@@ -43,6 +43,7 @@ from .plugins import AdapterHooks, get_plugin_manager, resolve_adapter
 from .runinfo import current_run_id, next_worker_id
 from .stats import PoolCounters
 from .supervisor import Supervisor
+from .tasks import BackgroundTasks
 from .telemetry import PoolTelemetry
 from .worker import Worker, _CommandFailure, terminate_process_groups
 
@@ -146,6 +147,8 @@ class Pool:
         self._stopped = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._deadlines: Deadlines  # created by start(), on the pool's loop
+        #: Every background task of the pool (refill, health, recycling, stops, clean-ups).
+        self.tasks = BackgroundTasks(f"pool {self.adapter.name}")
         self.supervisor = Supervisor(self)
         self._session_store = session_store
         self._sessions: SessionStore | None = None
@@ -356,7 +359,9 @@ class Pool:
         if worker.stuck:
             worker.kill(worker.exit_reason or "killed")  # what is left cannot be stopped
         else:
-            self._loop.create_task(worker.stop(self.config.worker_shutdown_grace_period))
+            self.tasks.spawn(
+                worker.stop(self.config.worker_shutdown_grace_period), f"stopping {worker.id}"
+            )
 
     def _expire_due(self, now: float) -> float | None:
         """Expire every request and queued caller whose deadline passed; the next deadline."""
@@ -669,7 +674,9 @@ class Pool:
             return
         for worker_id in worker_ids:
             if worker_id in self.workers:
-                self._loop.create_task(self._clear_on_worker(session_id, worker_id))
+                self.tasks.spawn(
+                    self._clear_on_worker(session_id, worker_id), f"clearing {session_id}"
+                )
 
     async def _clear_on_worker(self, session_id: str, worker_id: str) -> None:
         worker = self.workers.get(worker_id)
@@ -704,6 +711,7 @@ class Pool:
             "queued": gauges["queued"],
             **self.counters.snapshot(),
             "restarts": self.supervisor.restarts,
+            "background_error": self.tasks.last_error,
             "breaker_open": self.supervisor.breaker_open,
             "hook_errors": self._hook_errors,
             "per_worker": {

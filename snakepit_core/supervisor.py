@@ -50,9 +50,7 @@ class Supervisor:
         self._opened_at = 0.0
         self._backoff = 0.0
         self._wake = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
         self._slot_restarts: dict[str, int] = {}
-        self._recycling: set[asyncio.Task[None]] = set()
 
     @property
     def breaker_open(self) -> bool:
@@ -74,21 +72,17 @@ class Supervisor:
         get_registry().reap_dead_runs()
 
     def after_start(self) -> None:
-        self._tasks.append(asyncio.ensure_future(self._refill_loop()))
-        self._tasks.append(asyncio.ensure_future(self._health_loop()))
+        self.pool.tasks.spawn(self._refill_loop(), "refill")
+        self.pool.tasks.spawn(self._health_loop(), "health checks")
         if len(self.pool.workers) < self.pool.config.pool_size:
             self._wake.set()
 
-    def before_stop(self) -> list[asyncio.Task[None]]:
-        """Cancel refill, health checks and recycling; the caller awaits what is returned."""
-        tasks = [*self._tasks, *self._recycling]
-        for task in tasks:
-            task.cancel()
-        self._tasks.clear()
-        return tasks
+    def before_stop(self) -> list[asyncio.Task[Any]]:
+        """Cancel every background task of the pool; the caller awaits what is returned."""
+        return self.pool.tasks.cancel_all()
 
     def after_stop(self) -> None:
-        self._tasks.clear()
+        self._wake.clear()
 
     # -- worker events ------------------------------------------------------------------------
 
@@ -210,33 +204,47 @@ class Supervisor:
         return self.pool.config.pool_size - len(self.pool.workers)
 
     async def _refill_loop(self) -> None:
+        """Keep the pool at ``pool_size`` for as long as it runs.
+
+        A bug in one round is logged, shows in ``stats()["background_error"]``, and the loop
+        goes on after a pause: self-healing never silently ends.
+        """
         config = self.pool.config
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self.pool.running and self._missing() > 0:
-                if self.breaker == "open":
-                    await asyncio.sleep(config.crash_loop_probe_interval)
-                    count = 1
-                else:
-                    if self._backoff:
-                        await asyncio.sleep(self._backoff)
-                    count = self._missing()
-                if not self.pool.running or count <= 0:
-                    break
-                slots = self._free_slots(count)
-                results = await asyncio.gather(
-                    *(self.pool._start_worker(slot, "replaced") for slot in slots),
-                    return_exceptions=True,
-                )
-                for result in results:
-                    if isinstance(result, StartupError):
-                        self.record_startup_failure(result)
-                    elif isinstance(result, BaseException):
-                        if not isinstance(result, PoolStopped):
-                            raise result
-                    elif not self.consecutive_early_deaths:
-                        self._backoff = 0.0  # resources are back
+            try:
+                await self._refill()
+            except Exception as exc:  # a bug: record it, keep healing
+                self.pool.tasks.record("refill", exc)
+                await asyncio.sleep(config.restart_backoff_max)
+                self._wake.set()
+
+    async def _refill(self) -> None:
+        config = self.pool.config
+        while self.pool.running and self._missing() > 0:
+            if self.breaker == "open":
+                await asyncio.sleep(config.crash_loop_probe_interval)
+                count = 1
+            else:
+                if self._backoff:
+                    await asyncio.sleep(self._backoff)
+                count = self._missing()
+            if not self.pool.running or count <= 0:
+                return
+            slots = self._free_slots(count)
+            results = await asyncio.gather(
+                *(self.pool._start_worker(slot, "replaced") for slot in slots),
+                return_exceptions=True,
+            )
+            for result in results:
+                if isinstance(result, StartupError):
+                    self.record_startup_failure(result)
+                elif isinstance(result, BaseException):
+                    if not isinstance(result, PoolStopped):
+                        raise result
+                elif not self.consecutive_early_deaths:
+                    self._backoff = 0.0  # resources are back
 
     def _restarted(self, worker: Worker, why: str) -> None:
         self.restarts += 1
@@ -315,9 +323,7 @@ class Supervisor:
                 due = rss is not None and rss > config.max_worker_memory_mb * 1024 * 1024
         if due:
             worker.recycling = True
-            task = asyncio.ensure_future(self._recycle(worker))
-            self._recycling.add(task)
-            task.add_done_callback(self._recycling.discard)
+            self.pool.tasks.spawn(self._recycle(worker), f"recycling {worker.id}")
 
     async def _recycle(self, old: Worker) -> None:
         """Start the replacement first; only then take ``old`` out of service, once the

@@ -11,13 +11,14 @@ import subprocess
 import sys
 import textwrap
 import time
+from typing import ClassVar
 
 import pytest
 
-from snakepit_core import Pool
+from snakepit_core import Pool, ScriptAdapter
 from snakepit_core.errors import AdapterUnavailable, PoolStopped, WorkerCrashed
 
-from conftest import eventually, pids_of_run
+from conftest import BRIDGES, eventually, pids_of_run
 
 ADAPTERS = ["python", "node", "ruby"]
 
@@ -309,3 +310,28 @@ def _zombie(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+class _BuggyEnvAdapter(ScriptAdapter):
+    """An adapter whose ``worker_env`` has a bug on its second and third call only."""
+
+    calls: ClassVar[list[int]] = []
+
+    def worker_env(self, extra):
+        self.calls.append(1)
+        if len(self.calls) in (2, 3):
+            raise RuntimeError("bug in worker_env")
+        return super().worker_env(extra)
+
+
+async def test_a_bug_in_the_refill_is_logged_shown_in_stats_and_healing_goes_on(caplog):
+    adapter = _BuggyEnvAdapter(
+        "buggy-env", sys.executable, BRIDGES / "misbehave.py", args=["normal"]
+    )
+    async with Pool(adapter, pool_size=1, restart_backoff_max=0.2) as pool:
+        os.kill(next(iter(pool.workers.values())).pid, signal.SIGKILL)
+        await eventually(lambda: pool.stats()["background_error"] is not None, within=10)
+        assert "bug in worker_env" in pool.stats()["background_error"]
+        await eventually(lambda: pool.stats()["available"] == 1, within=15, message=pool.stats)
+        assert await pool.execute("echo", {"healed": True}) == {"healed": True}
+    assert any("refill failed" in r.getMessage() for r in caplog.records)

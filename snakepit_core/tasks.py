@@ -1,0 +1,56 @@
+"""The background tasks of one pool, owned in one place.
+
+Refill, health checks, recycling, stopping a retired worker, telling workers to forget a
+session: each runs as a task of the pool's :class:`BackgroundTasks`, so ``stop()`` cancels and
+awaits every one of them (nothing outlives the pool), and a task that fails with a bug is logged
+as an error and remembered for ``stats()`` instead of vanishing into asyncio's
+"exception was never retrieved".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from typing import Any
+
+log = logging.getLogger("snakepit.pool")
+
+
+class BackgroundTasks:
+    """A set of tasks with one owner: spawned here, cancelled and awaited together."""
+
+    def __init__(self, owner: str) -> None:
+        self._owner = owner
+        self._tasks: set[asyncio.Task[Any]] = set()
+        #: The last unexpected failure of a background task (shown by ``stats()``).
+        self.last_error: str | None = None
+
+    def spawn(self, coroutine: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coroutine, name=f"{self._owner}: {name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            self.record(task.get_name(), error)
+
+    def record(self, what: str, error: BaseException) -> None:
+        """Log a bug in background work and remember it (the work itself goes on or ends)."""
+        self.last_error = f"{what}: {error!r}"
+        log.error("%s failed", what, exc_info=error)
+
+    def cancel_all(self) -> list[asyncio.Task[Any]]:
+        """Cancel every task; the caller awaits what is returned."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        return tasks
+
+    def __len__(self) -> int:
+        return len(self._tasks)
