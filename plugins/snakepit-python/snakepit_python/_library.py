@@ -1,15 +1,21 @@
 """The bridge library: everything a Python worker needs except its handlers.
 
 It implements docs/PROTOCOL.md: length-prefixed JSON frames on private copies of stdin/stdout,
-the ``ping`` handshake, ``$cancel``, deadlines, error mapping and stdout protection. Workers
-import this module at start-up, so it uses only cheap standard-library modules; ``asyncio`` is
-imported on the first async handler call and ``inspect``/``traceback`` only on rare paths.
+the ``ping`` handshake (protocol 1, and protocol 2 when the pool asks for it), ``$cancel``,
+deadlines, error mapping and stdout protection. Workers import this module at start-up, so it
+uses only cheap standard-library modules; ``asyncio`` is imported on the first async handler
+call, ``threading`` only by a concurrent worker and ``inspect``/``traceback`` only on rare paths.
 
-Performance shapes the serving loop: it reads on the main thread with blocking ``os.read``,
-looks the handler up in a dict, calls sync handlers inline and answers with one ``os.write``.
-Cancellation costs nothing while idle: only while a cancellable handler runs is the input fd
-switched to non-blocking + ``O_ASYNC``, so a ``SIGIO`` handler can read a ``$cancel`` and raise
-into the handler (or cancel the async task).
+One request at a time (protocol 1, or ``max_in_flight`` 1) shapes the serving loop for speed: it
+reads on the main thread with blocking ``os.read``, looks the handler up in a dict, calls sync
+handlers inline and answers with one ``os.write``. Cancellation costs nothing while idle: only
+while a cancellable handler runs is the input fd switched to non-blocking + ``O_ASYNC``, so a
+``SIGIO`` handler can read a ``$cancel`` and raise into the handler (or cancel the async task).
+
+With ``max_in_flight`` N > 1 (protocol 2) :class:`_ConcurrentServer` takes over after the
+handshake: the main thread keeps reading and dispatching, sync handlers run on up to
+``min(N, 32)`` daemon threads, async handlers as tasks on an event loop in a thread of its own,
+and one writer thread writes every reply that is ready with a single ``os.write``.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ from types import CoroutineType
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import asyncio
-    from collections.abc import Callable, Coroutine
+    import select
+    from collections.abc import Callable, Coroutine, Sequence
     from types import FrameType
     from typing import Any, NoReturn, TypeVar, overload
 
@@ -42,6 +49,9 @@ __all__ = ["CommandError", "Context", "command", "run", "status"]
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
 CANCEL_COMMAND = "$cancel"
 CAPABILITIES = ("cancel",)
+#: What a protocol-2 handshake answers (docs/PROTOCOL.md, *Protocol 2*).
+PROTOCOL_2_CAPABILITIES = ("cancel", "deadline")
+MAX_CONCURRENCY = 4096
 RUNTIME = "python"
 EXIT_PROTOCOL_FAULT = 3
 EXIT_BAD_START = 2
@@ -55,6 +65,9 @@ _CO_COROUTINE = 0x80
 # Linux: direct SIGIO at one thread (F_SETOWN_EX, F_OWNER_TID); the main thread's id is the pid.
 _F_SETOWN_EX = 15
 _F_OWNER_TID = 0
+#: Sync handlers of a concurrent worker run on at most this many threads (fewer if N is less);
+#: more requests wait in a queue, where a ``$cancel`` can still drop them.
+_MAX_HANDLER_THREADS = 32
 
 
 class CommandError(Exception):
@@ -73,6 +86,10 @@ class _Cancelled(BaseException):
 
 class _StreamError(Exception):
     """The input stream cannot be trusted any more (PROTOCOL.md: exit with status 3)."""
+
+
+class _OutputLost(Exception):
+    """A concurrent worker's writer cannot write replies any more: stop reading requests."""
 
 
 class _Refused(Exception):
@@ -152,8 +169,9 @@ def command(  # noqa: F811
     ``@command(cancellable=False)``. Returns the function unchanged.
 
     A handler takes ``(args)`` or ``(args, ctx)`` and may be ``async``. ``cancellable=False``
-    marks a sync handler that always finishes quickly: it skips the two ``fcntl`` calls per
-    request that make ``$cancel`` able to interrupt it.
+    marks a sync handler that always finishes quickly: one request at a time, it skips the two
+    ``fcntl`` calls per request that make ``$cancel`` able to interrupt it; in a concurrent
+    worker it runs on the reading thread, in arrival order, without a hop to a handler thread.
 
     A name registered twice, a name starting with ``$``, ``ping`` or a function that cannot
     take ``(args)`` is not raised here but makes :func:`run` exit with status 2 before it
@@ -298,7 +316,12 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 class _Worker:
-    """Serves requests on the protocol fds until end of input."""
+    """Serves requests on the protocol fds until end of input.
+
+    It answers the handshake itself and then serves one request at a time, unless the
+    handshake asked for more (``max_in_flight`` > 1): then :class:`_ConcurrentServer` serves
+    the rest, with this object's framing, routing and envelopes.
+    """
 
     def __init__(self, input_fd: int, output_fd: int, max_frame: int) -> None:
         self.input_fd = input_fd
@@ -307,7 +330,11 @@ class _Worker:
         self.worker_id = os.environ.get("SNAKEPIT_WORKER_ID", "")
         self.pid = os.getpid()
         self.started = time.monotonic()
+        #: Requests answered; a concurrent worker counts under its lock.
         self.handled = 0
+        #: Set by the handshake: 1 for protocol 1, else what a protocol-2 pool asked for.
+        self.max_in_flight = 1
+        self.protocol = 1
         self.commands: dict[str, tuple[Handler, bool, bool, bool]] = {
             "ping": (self.ping, False, False, False),
             **_COMMANDS,
@@ -315,6 +342,9 @@ class _Worker:
         self._decoder = json.JSONDecoder(parse_constant=_refuse_constant)
         self._encoder = json.JSONEncoder(allow_nan=False)
         self._buf = b""  # input read but not yet served
+        #: How the serving loop reads: ``os.read``, or the concurrent server's, which also
+        #: wakes when no reply can be written any more.
+        self._read: Callable[[int, int], bytes] = os.read
         # Cancellation state, shared with the SIGIO handler.
         self._armed = False
         self._scanning = False
@@ -348,8 +378,18 @@ class _Worker:
     # -- the serving loop -------------------------------------------------
 
     def serve(self) -> int:
-        """Answer requests until end of input; return the exit status."""
+        """Answer requests until end of input; return the exit status.
+
+        The first request is the handshake, which may ask for protocol 2 with several requests
+        in flight: only then does the concurrent server (and ``threading``) come in.
+        """
         try:
+            body = self._next_frame()
+            if body is None:
+                return 0
+            self._handle(self._decode(body))
+            if self.max_in_flight > 1:
+                return _ConcurrentServer(self, self.max_in_flight).serve()
             while True:
                 body = self._next_frame()
                 if body is None:
@@ -381,7 +421,7 @@ class _Worker:
                     return buf[4:end]
                 self._buf = b""
                 return self._read_rest(buf, end)
-            data = os.read(self.input_fd, _READ_SIZE)
+            data = self._read(self.input_fd, _READ_SIZE)
             if not data:
                 if buf:
                     raise _StreamError(f"input ended inside a frame ({size} bytes pending)")
@@ -483,7 +523,7 @@ class _Worker:
             meta.get("deadline_ms"),
         )
 
-    # -- envelopes ----------------------------------------------------------
+    # -- envelopes (thread-safe: they only read configuration) -------------
 
     def _success_frame(self, request_id: int, name: str, result: Any) -> bytes:
         try:
@@ -518,11 +558,20 @@ class _Worker:
     # -- built-in: the handshake -------------------------------------------
 
     def ping(self, args: dict[str, Any]) -> dict[str, Any]:
-        """The handshake and liveness check; records the worker id the pool assigns."""
+        """The handshake and liveness check; records the worker id the pool assigns.
+
+        A first ping (the handshake) with ``max_in_flight`` comes from a protocol-2 pool: the
+        answer says protocol 2 and how many requests this worker takes, and the worker then
+        serves that many at once. A ping without it (a protocol-1 handshake, the pool's health
+        check) gets protocol 1's answer, key for key, as docs/PROTOCOL.md lists them.
+        """
         worker_id = args.get("worker_id")
         if isinstance(worker_id, str):
             self.worker_id = worker_id
-        return {
+        asks = "max_in_flight" in args
+        if asks and self.handled == 0:
+            self._negotiate(args["max_in_flight"])
+        answer = {
             "status": "ok",
             "uptime": time.monotonic() - self.started,
             # Counts this request too, as every bundled bridge does.
@@ -532,6 +581,18 @@ class _Worker:
             "capabilities": list(CAPABILITIES),
             "pid": self.pid,
         }
+        if asks and self.protocol == 2:
+            answer["capabilities"] = list(PROTOCOL_2_CAPABILITIES)
+            answer["protocol"] = 2
+            answer["max_concurrency"] = MAX_CONCURRENCY
+        return answer
+
+    def _negotiate(self, max_in_flight: object) -> None:
+        if type(max_in_flight) is not int or max_in_flight < 1:
+            _log(f"ignoring max_in_flight={max_in_flight!r} (not an integer >= 1): protocol 1")
+            return
+        self.protocol = 2
+        self.max_in_flight = min(max_in_flight, MAX_CONCURRENCY)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -672,6 +733,336 @@ def _log_traceback(name: str, exc: BaseException) -> None:
 
 def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
+
+
+# -------------------------------------------------------------------------
+# The concurrent worker (protocol 2, max_in_flight > 1)
+# -------------------------------------------------------------------------
+
+_QUEUED, _RUNNING, _ASYNC = "queued", "running", "async"
+
+
+class _Request:
+    """A request in flight in a concurrent worker.
+
+    ``state`` says what a ``$cancel`` can do: drop it (``queued``), nothing (``running`` on a
+    handler thread, which cannot be interrupted) or cancel its task (``async``). The server's
+    lock guards ``state``, ``task`` and ``cancel_requested``.
+    """
+
+    __slots__ = ("call_args", "cancel_requested", "func", "id", "name", "state", "task")
+
+    def __init__(
+        self, request_id: int, name: str, func: Handler, call_args: tuple[Any, ...]
+    ) -> None:
+        self.id = request_id
+        self.name = name
+        self.func = func
+        self.call_args = call_args
+        self.state = _QUEUED
+        self.task: asyncio.Task[Any] | None = None
+        self.cancel_requested = False
+
+
+class _ConcurrentServer:
+    """Serves up to ``max_in_flight`` requests at once, answering each when it is done.
+
+    Threads, and who owns what:
+
+    - the main thread reads and dispatches frames, runs ``ping`` and the other quick
+      (``cancellable=False``) sync handlers inline, so a health check never waits behind a
+      long handler, and handles ``$cancel``;
+    - sync handlers run on up to ``min(N, 32)`` daemon handler threads, started as needed,
+      taking requests from a queue in arrival order;
+    - async handlers run as tasks on an event loop in a daemon thread of its own, created with
+      the first one (a worker with only sync handlers never imports ``asyncio``);
+    - one daemon writer thread writes the replies. Whoever finishes a request appends its frame
+      to the outbox; the writer takes everything there when it wakes and writes it with one
+      ``os.write``. The loop batches on its own side too: the replies of one loop turn reach
+      the outbox together.
+
+    One lock guards the requests in flight, the queue, the outbox and the ``handled`` counter.
+    """
+
+    def __init__(self, worker: _Worker, max_in_flight: int) -> None:
+        import threading
+        from collections import deque
+
+        self.worker = worker
+        self.max_threads = min(max_in_flight, _MAX_HANDLER_THREADS)
+        self._threading = threading
+        self._lock = lock = threading.Lock()
+        self._work = threading.Condition(lock)  # handler threads wait for requests
+        self._output = threading.Condition(lock)  # the writer waits for replies
+        self._settled = threading.Condition(lock)  # end of input waits for the last reply
+        self._inflight: dict[int, _Request] = {}
+        self._queue: deque[_Request] = deque()
+        self._threads = 0
+        self._idle_threads = 0
+        self._outbox: list[bytes] = []
+        self._writing = False
+        self._loop_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_batch: list[tuple[_Request, bytes]] = []
+        #: The exit status once the writer has lost the output (None while it can write).
+        self._lost: int | None = None
+        self._wake_reader, self._wake_writer_end = os.pipe()
+        self._poll = _poll_for_reading(worker.input_fd, self._wake_reader)
+        threading.Thread(target=self._write_replies, name="snakepit-writer", daemon=True).start()
+
+    # -- the reading thread -----------------------------------------------
+
+    def serve(self) -> int:
+        """Read and dispatch until end of input, then wait for every reply to be written."""
+        worker = self.worker
+        worker._read = self._read
+        try:
+            while True:
+                body = worker._next_frame()
+                if body is None:
+                    return self._drain()
+                self._dispatch(worker._decode(body))
+        except _OutputLost:
+            return self._lost or 0
+
+    def _read(self, fd: int, size: int) -> bytes:
+        """``os.read`` that also returns (raising ``_OutputLost``) when the writer gives up.
+
+        A pipe, not a signal, wakes this thread: on CPython 3.11 a signal sent from another
+        thread while this one runs Python code can stay unhandled until input arrives, as
+        another thread's GIL hand-off may reset the interpreter's pending-signal flag.
+        """
+        self._poll.poll()
+        if self._lost is not None:  # set before the writer wakes this thread
+            raise _OutputLost
+        return os.read(fd, size)
+
+    def _dispatch(self, request: dict[str, Any]) -> None:
+        worker = self.worker
+        try:
+            request_id, name, entry, call_args = worker._route(request)
+        except _Refused as refusal:
+            return self._answer(None, worker._failure_frame(refusal.request_id, refusal.message))
+        if entry is None:
+            return self._cancel(request_id)
+        func, _, is_async, cancellable = entry
+        if is_async:
+            return self._start_async(_Request(request_id, name, func, call_args), None)
+        if cancellable:
+            return self._enqueue(_Request(request_id, name, func, call_args))
+        return self._run_sync(_Request(request_id, name, func, call_args))
+
+    def _drain(self) -> int:
+        """End of input: answer what is in flight or queued, write it all, then exit 0."""
+        with self._lock:
+            while (self._inflight or self._outbox or self._writing) and self._lost is None:
+                self._settled.wait()
+            return self._lost or 0
+
+    # -- cancel -----------------------------------------------------------
+
+    def _cancel(self, request_id: int) -> None:
+        """Protocol 2 cancel: never answer ``cancelled`` while the handler still runs.
+
+        A queued request is dropped and answered at once; a task is cancelled and answered
+        when it has finished (:meth:`_task_done`); a handler running on a thread finishes and
+        answers its real outcome. An id not in flight is ignored.
+        """
+        with self._lock:
+            request = self._inflight.get(request_id)
+            if request is None:
+                return
+            request.cancel_requested = True
+            if request.state == _QUEUED:
+                self._queue.remove(request)
+                self._post([(request, self.worker._failure_frame(request_id, "cancelled"))])
+                return
+            if request.state != _ASYNC or self._loop is None:
+                return
+            loop = self._loop
+        loop.call_soon_threadsafe(self._cancel_task, request)
+
+    # -- sync handlers ----------------------------------------------------
+
+    def _enqueue(self, request: _Request) -> None:
+        """Queue a sync request for the handler threads, starting one if none is free."""
+        start = False
+        with self._lock:
+            self._inflight[request.id] = request
+            self._queue.append(request)
+            if self._idle_threads >= len(self._queue):
+                self._work.notify()
+            elif self._threads < self.max_threads:
+                self._threads += 1
+                start = True
+        if start:
+            name = f"snakepit-handler-{self._threads}"
+            self._threading.Thread(target=self._handler_thread, name=name, daemon=True).start()
+
+    def _handler_thread(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue:
+                    self._idle_threads += 1
+                    try:
+                        self._work.wait()
+                    finally:
+                        self._idle_threads -= 1
+                request = self._queue.popleft()
+                request.state = _RUNNING
+            try:
+                self._run_sync(request)
+            except BaseException as exc:  # SystemExit and the like: a thread must still answer
+                self._answer(request, self.worker._exception_frame(request.id, request.name, exc))
+
+    def _run_sync(self, request: _Request) -> None:
+        """Call a sync handler and answer; a returned coroutine continues as a task.
+
+        Only ``Exception`` is answered here: on the main thread, SIGTERM's ``SystemExit`` must
+        end the worker.
+        """
+        worker = self.worker
+        try:
+            result = request.func(*request.call_args)
+        except Exception as exc:
+            return self._answer(request, worker._exception_frame(request.id, request.name, exc))
+        if type(result) is CoroutineType:  # a sync wrapper around an async function
+            return self._start_async(request, result)
+        self._answer(request, worker._success_frame(request.id, request.name, result))
+
+    # -- async handlers ---------------------------------------------------
+
+    def _start_async(self, request: _Request, coro: Coroutine[Any, Any, Any] | None) -> None:
+        """Hand a request to the event loop; ``coro`` is ``None`` to call an async handler."""
+        loop = self._event_loop()
+        with self._lock:
+            request.state = _ASYNC
+            self._inflight[request.id] = request
+        loop.call_soon_threadsafe(self._start_task, request, coro)
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is not None:
+            return loop
+        with self._loop_lock:
+            if self._loop is None:
+                import asyncio
+
+                loop = asyncio.new_event_loop()
+                name = "snakepit-asyncio"
+                self._threading.Thread(
+                    target=_run_loop, args=(loop,), name=name, daemon=True
+                ).start()
+                self._loop = loop
+            return self._loop
+
+    def _start_task(self, request: _Request, coro: Coroutine[Any, Any, Any] | None) -> None:
+        """On the loop: create the request's task (cancelled at once if a cancel came first)."""
+        loop = self._loop
+        assert loop is not None
+        try:
+            if coro is None:
+                coro = request.func(*request.call_args)
+            task = loop.create_task(coro)
+        except Exception as exc:  # an async callable object that fails before its coroutine
+            return self._batch(request, self.worker._exception_frame(request.id, request.name, exc))
+        with self._lock:
+            request.task = task
+            cancel = request.cancel_requested
+        if cancel:
+            task.cancel()
+        task.add_done_callback(lambda done: self._task_done(request, done))
+
+    def _cancel_task(self, request: _Request) -> None:
+        """On the loop: cancel the request's task; it is answered when it has finished."""
+        if request.task is not None:
+            request.task.cancel()
+
+    def _task_done(self, request: _Request, task: asyncio.Task[Any]) -> None:
+        """On the loop: the task has finished, so its answer is its true outcome: a handler
+        that swallowed the cancel and returned is answered with its result."""
+        worker = self.worker
+        if task.cancelled():
+            frame = worker._failure_frame(request.id, "cancelled")
+        elif (exc := task.exception()) is not None:
+            frame = worker._exception_frame(request.id, request.name, exc)
+        else:
+            frame = worker._success_frame(request.id, request.name, task.result())
+        self._batch(request, frame)
+
+    def _batch(self, request: _Request, frame: bytes) -> None:
+        """On the loop: collect this turn's replies; one callback posts them together."""
+        if not self._loop_batch:
+            assert self._loop is not None
+            self._loop.call_soon(self._flush_batch)
+        self._loop_batch.append((request, frame))
+
+    def _flush_batch(self) -> None:
+        batch, self._loop_batch = self._loop_batch, []
+        with self._lock:
+            self._post(batch)
+
+    # -- replies ----------------------------------------------------------
+
+    def _answer(self, request: _Request | None, frame: bytes) -> None:
+        with self._lock:
+            self._post([(request, frame)])
+
+    def _post(self, replies: Sequence[tuple[_Request | None, bytes]]) -> None:
+        """With the lock held: the requests are no longer in flight; wake the writer."""
+        inflight = self._inflight
+        for request, frame in replies:
+            if request is not None and inflight.get(request.id) is request:
+                del inflight[request.id]
+            self._outbox.append(frame)
+        self.worker.handled += len(replies)
+        self._output.notify()
+
+    def _write_replies(self) -> None:
+        """The writer thread: everything in the outbox goes out with one write."""
+        fd = self.worker.output_fd
+        while True:
+            with self._lock:
+                while not self._outbox:
+                    self._writing = False
+                    self._settled.notify_all()
+                    self._output.wait()
+                frames, self._outbox = self._outbox, []
+                self._writing = True
+            try:
+                _write_all(fd, frames[0] if len(frames) == 1 else b"".join(frames))
+            except OSError as exc:
+                return self._output_lost(exc)
+
+    def _output_lost(self, exc: OSError) -> None:
+        """No reply can arrive any more, so the worker exits instead of finishing handlers
+        nobody waits for: status 0 if the pool stopped reading (as one request at a time
+        does), 1 with a log line if the output broke otherwise."""
+        status = 0
+        if not isinstance(exc, BrokenPipeError):
+            _log(f"cannot write replies: {exc}; exiting with status 1")
+            status = 1
+        with self._lock:
+            self._lost = status
+            self._settled.notify_all()
+        os.write(self._wake_writer_end, b"x")
+
+
+def _poll_for_reading(*fds: int) -> select.poll:
+    """A poll object for ``fds`` (``poll``, not ``select``: it takes fds beyond 1024)."""
+    import select
+
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    return poller
+
+
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    import asyncio
+
+    asyncio.set_event_loop(loop)
+    loop.run_forever()
 
 
 # -------------------------------------------------------------------------

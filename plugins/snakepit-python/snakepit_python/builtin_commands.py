@@ -4,7 +4,9 @@ The bundled bridge (``bridge.py``) serves them; a custom worker may import this 
 them beside its own commands. The pool validates ``args`` against the shared JSON Schemas
 first, but every handler still refuses bad input with a ``CommandError``, so a caller that
 bypasses validation gets ``success: false``, never a dead worker. Quick handlers are
-registered with ``cancellable=False`` to skip the per-request cancel set-up.
+registered with ``cancellable=False``: one request at a time they skip the per-request cancel
+set-up, and in a concurrent worker (protocol 2) they run on the reading thread, in arrival
+order, so the session commands never race each other over ``_SESSIONS``.
 """
 
 from __future__ import annotations
