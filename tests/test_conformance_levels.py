@@ -4,10 +4,16 @@ A Perl adapter with commands of its own (tests/bridges/shout.pl: ``ping`` and ``
 ``cancel``), given to the installed suite by reference, passes the protocol level; the bundled
 level and the cancel tests are deselected for it because it does not declare them, and fail
 when demanded. A bundled adapter gets both levels, nothing deselected.
+
+Protocol 2: the four protocol-1 bridges (the Perl one and tests/bridges/v1_*: Python in the
+seed's manner, Node, Ruby) pass the protocol level unchanged when every pool asks for
+``worker_concurrency=8`` (``--worker-concurrency 8``), the protocol-2 cases deselected for
+them; the bundled python, node and ruby adapters pass every protocol-2 case.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import subprocess
 import sys
@@ -17,13 +23,29 @@ from pathlib import Path
 import pytest
 
 import snakepit_core.conformance.test_protocol as protocol_level
-from snakepit_core.conformance.levels import CAPABILITY_MARK
+import snakepit_core.conformance.test_protocol2 as protocol_2_cases
+from snakepit_core.conformance.levels import (
+    BUNDLED,
+    CAPABILITY_MARK,
+    LEVEL_MARK,
+    PROTOCOL,
+    PROTOCOL_MARK,
+)
 from snakepit_core.conformance.targets import TargetError, from_reference, resolve
 from snakepit_core.pool import Pool
 
 from conftest import BRIDGES
 
 PERL_ADAPTER = f"{BRIDGES / 'shout_adapter.py'}:ADAPTER"
+V1_ADAPTERS = f"{BRIDGES / 'v1_adapters.py'}"
+#: The protocol-1 bridges: the Perl one and the v1_* ones, each by reference.
+PROTOCOL_1_BRIDGES = {
+    "perl-shout": PERL_ADAPTER,
+    "v1-python-seed": f"{V1_ADAPTERS}:PYTHON_SEED",
+    "v1-node-reverse": f"{V1_ADAPTERS}:NODE_REVERSE",
+    "v1-ruby-count": f"{V1_ADAPTERS}:RUBY_COUNT",
+}
+PROTOCOL_2_DESELECTED = 'deselected (the worker does not answer the handshake with "protocol": 2)'
 
 
 def suite(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], list[ET.Element]]:
@@ -61,17 +83,34 @@ def outcome(case: ET.Element) -> str:
     return "passed"
 
 
+def marks_of(module: object) -> dict[str, dict[str, object]]:
+    """Each test function of a suite module: the first argument of each of its marks by name
+    (its own marks first, then the module's)."""
+    found: dict[str, dict[str, object]] = {}
+    module_marks = getattr(module, "pytestmark", [])
+    module_marks = module_marks if isinstance(module_marks, list) else [module_marks]
+    for name, obj in inspect.getmembers(module):
+        if name.startswith("test_") and callable(obj):
+            marks: dict[str, object] = {}
+            for mark in [*getattr(obj, "pytestmark", []), *module_marks]:
+                marks.setdefault(mark.name, mark.args[0] if mark.args else None)
+            found[name] = marks
+    return found
+
+
 def protocol_tests() -> tuple[set[str], set[str]]:
-    """The protocol level's tests, and those of them that need a capability."""
-    tests = {
-        name: obj for name, obj in inspect.getmembers(protocol_level) if name.startswith("test_")
-    }
-    needing = {
-        name
-        for name, obj in tests.items()
-        if any(mark.name == CAPABILITY_MARK for mark in getattr(obj, "pytestmark", []))
-    }
-    return set(tests), needing
+    """The protocol level's tests (test_protocol.py), and those of them that need a capability."""
+    tests = marks_of(protocol_level)
+    return set(tests), {name for name, marks in tests.items() if CAPABILITY_MARK in marks}
+
+
+def protocol_2_tests() -> dict[str, set[str]]:
+    """The protocol-2 cases (test_protocol2.py) by level."""
+    by_level: dict[str, set[str]] = {PROTOCOL: set(), BUNDLED: set()}
+    for name, marks in marks_of(protocol_2_cases).items():
+        assert marks.get(PROTOCOL_MARK) == 2, name
+        by_level[str(marks[LEVEL_MARK])].add(name)
+    return by_level
 
 
 def test_a_perl_adapter_of_its_own_commands_passes_the_protocol_level(tmp_path):
@@ -120,8 +159,11 @@ def test_a_bundled_adapter_gets_both_levels(tmp_path):
     listed = done.stdout
     assert "deselected" not in listed, listed[-3000:]
     everything, _ = protocol_tests()
-    assert f"{name}: {len(everything)} protocol, " in listed
+    protocol_2 = protocol_2_tests()
+    assert f"{name}: {len(everything) + len(protocol_2[PROTOCOL])} protocol, " in listed
     assert f"test_bundled.py::test_compute[{name}-add-5-3-8]" in listed
+    for case in protocol_2[PROTOCOL] | protocol_2[BUNDLED]:
+        assert f"test_protocol2.py::{case}[{name}]" in listed
 
 
 async def test_the_perl_adapter_serves_its_own_command():
@@ -189,3 +231,123 @@ def test_snakepit_conformance_runs_the_suite_without_a_warning(tmp_path):
     assert f"{len(everything - needing_cancel)} passed" in done.stdout, output[-3000:]
     assert "warning" not in output.lower(), output[-3000:]
     assert not list(tmp_path.iterdir()), "the run left files in the current directory"
+
+
+# -- protocol 2 ---------------------------------------------------------------------------------
+
+
+def test_protocol_1_bridges_pass_the_protocol_level_at_worker_concurrency_8(tmp_path):
+    """Pools asking for 8 requests in flight send a protocol-1 bridge one at a time: the four
+    pass the protocol level unchanged, and the protocol-2 cases are deselected, with the reason,
+    for each."""
+    args = [arg for ref in PROTOCOL_1_BRIDGES.values() for arg in ("--adapter", ref)]
+    done, cases = suite(tmp_path, *args, "--worker-concurrency", "8")
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    everything, needing_cancel = protocol_tests()
+    protocol_2 = protocol_2_tests()
+    expected = everything - needing_cancel
+    for name in PROTOCOL_1_BRIDGES:
+        ran = {
+            case.get("name", "").removesuffix(f"[{name}]")
+            for case in cases
+            if case.get("name", "").endswith(f"[{name}]")
+        }
+        assert ran == expected, (name, output[-4000:])
+        report = next(line for line in done.stdout.splitlines() if f" {name}:" in line)
+        assert f"{len(expected)} protocol, 0 bundled level tests selected" in report, report
+        assert f"; {len(protocol_2[PROTOCOL])} {PROTOCOL_2_DESELECTED}" in report, report
+    assert all(case.get("classname", "").endswith("test_protocol") for case in cases)
+    assert {outcome(case) for case in cases} == {"passed"}, output[-4000:]
+    assert f"{len(expected) * len(PROTOCOL_1_BRIDGES)} passed" in done.stdout
+    assert "skipped" not in done.stdout, done.stdout[-3000:]
+
+
+def count_words(text):
+    return {"words": len(text.split()), "chars": len(text), "bytes": len(text.encode())}
+
+
+#: Each v1 bridge's own command: the bridge, the command, and eight (args, result) pairs.
+OWN_COMMANDS = [
+    (
+        "v1-python-seed",
+        "divide",
+        [({"a": i, "b": 4}, {"status": "ok", "quotient": i / 4}) for i in range(8)],
+    ),
+    ("v1-node-reverse", "reverse", [({"text": f"ab{i} é🐍"}, f"🐍é {i}ba") for i in range(8)]),
+    (
+        "v1-ruby-count",
+        "count",
+        [({"text": f"one {'x ' * i}é"}, count_words(f"one {'x ' * i}é")) for i in range(8)],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "command", "calls"), OWN_COMMANDS, ids=[c[0] for c in OWN_COMMANDS]
+)
+async def test_a_protocol_1_bridge_serves_its_own_command_one_at_a_time(name, command, calls):
+    """Through a pool that asks for 8 in flight per worker: the worker negotiated protocol 1
+    and one slot, and eight concurrent calls each get their own answer."""
+    adapter = from_reference(PROTOCOL_1_BRIDGES[name], Path.cwd())
+    async with Pool(adapter, pool_size=1, worker_concurrency=8) as pool:
+        (figures,) = pool.stats()["per_worker"].values()
+        assert (figures["protocol"], figures["capacity"]) == (1, 1), figures
+        results = await asyncio.gather(*(pool.execute(command, args) for args, _ in calls))
+        for (args, expected), result in zip(calls, results, strict=True):
+            if isinstance(result, dict):
+                result = {k: v for k, v in result.items() if k != "timestamp"}
+            assert result == expected, args
+        assert pool.stats()["errors"] == 0
+
+
+async def test_the_seed_style_bridge_answers_its_failures_as_results():
+    """As the Elixir Snakepit v0.1.2 Python bridge did: ``success: true`` and a result saying
+    ``"status": "error"``, which the caller gets as a result (an unknown command is still
+    ``success: false``, as the protocol level checks)."""
+    adapter = from_reference(PROTOCOL_1_BRIDGES["v1-python-seed"], Path.cwd())
+    async with Pool(adapter, pool_size=1, worker_concurrency=8) as pool:
+        refused = await pool.execute("divide", {"a": 1, "b": 0})
+        assert refused["status"] == "error" and refused["error"] == "Division by zero"
+        assert isinstance(refused["timestamp"], float)
+
+
+@pytest.mark.parametrize("name", ["node", "python", "ruby"])
+def test_the_protocol_2_cases_pass_on_a_bundled_adapter(tmp_path, name):
+    """Every protocol-2 case, at both levels, selected for a bundled adapter and passed."""
+    report = tmp_path / "report.xml"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--pyargs",
+            "snakepit_core.conformance.test_protocol2",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:asyncio",
+            f"--junit-xml={report}",
+            "--adapter",
+            name,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    output = done.stdout + done.stderr
+    cases = list(ET.parse(report).getroot().iter("testcase")) if report.exists() else []
+    protocol_2 = protocol_2_tests()
+    every_case = protocol_2[PROTOCOL] | protocol_2[BUNDLED]
+    assert {case.get("name", "").removesuffix(f"[{name}]") for case in cases} == every_case, output[
+        -4000:
+    ]
+    failed = {case.get("name"): outcome(case) for case in cases if outcome(case) != "passed"}
+    assert not failed and done.returncode == 0, (failed, output[-4000:])
+    assert "deselected" not in done.stdout, done.stdout[-3000:]
+    assert (
+        f"{name}: {len(protocol_2[PROTOCOL])} protocol, {len(protocol_2[BUNDLED])} bundled level"
+        in done.stdout
+    )

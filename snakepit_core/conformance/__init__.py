@@ -24,15 +24,27 @@ Two levels (see :mod:`snakepit_core.conformance.levels` and docs/PROTOCOL.md):
   bridges, their key order and number format; timeouts, cancellation, a worker killed
   mid-request, saturation, concurrent callers, sessions and programs.
 
+Protocol 2 (many requests in flight per worker, answered by id) has cases at both levels
+(``test_protocol2.py``): frame-level ones with ``ping`` at the protocol level, ones with
+``sleep`` at the bundled level.
+
 Which level applies follows from what the adapter declares: the bundled level if its
 ``commands`` include every shared command, the ``cancel`` tests if its workers' handshake lists
-the capability. What does not apply is deselected, not skipped, and the collection report says
-why (``snakepit conformance: mine: 7 protocol, 0 bundled level tests selected; 27 deselected
-(bundled level not applicable: ...); 1 deselected (the worker does not declare the 'cancel'
-capability)``). ``--conformance-level protocol`` runs the protocol level
-only; ``--conformance-level bundled`` demands both levels of every adapter, so an adapter meant
-to follow the bundled contract fails on a missing command instead of being let off. (The
-``snakepit conformance`` command uses the automatic choice; pass the option to pytest.)
+the capability, the protocol-2 cases if its workers answer a handshake offering
+``max_in_flight`` 8 with ``"protocol": 2``. What does not apply is deselected, not skipped, and
+the collection report says why (``snakepit conformance: mine: 7 protocol, 0 bundled level tests
+selected; 31 deselected (bundled level not applicable: ...); 4 deselected (the worker does not
+answer the handshake with "protocol": 2); 1 deselected (the worker does not declare the
+'cancel' capability)``). ``--conformance-level protocol`` runs the protocol level only;
+``--conformance-level bundled`` demands both levels of every adapter, so an adapter meant to
+follow the bundled contract fails on a missing command (or capability, or protocol 2) instead
+of being let off. (The ``snakepit conformance`` command uses the automatic choice; pass the
+option to pytest.)
+
+``--worker-concurrency N`` runs the suite as pools of ``worker_concurrency=N`` run: every pool
+it creates has that setting and every frame-level handshake offers ``max_in_flight`` N (a
+protocol-1 bridge must pass unchanged, being sent one request at a time); the protocol-2 cases
+ask for at least 8 in any case.
 
 pytest finds the suite's options through the ``pytest11`` entry point of snakepit-core; from a
 source checkout without installed metadata, add ``-p snakepit_core.conformance.plugin``.

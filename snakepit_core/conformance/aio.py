@@ -4,7 +4,8 @@ The suite runs in other people's environments: under pytest-asyncio's strict or 
 of its versions and loop-scope settings, or without it. So it depends on none of them: each
 async test is a plain test function that runs its coroutine with :func:`asyncio.run`, bounded
 in time, and the :class:`~snakepit_core.Pool` it is given (the ``pool`` fixture, created but
-not started) is started in that loop before the test and stopped after it.
+not started) is started in that loop before the test and stopped after it. Pools a test makes
+itself (with the ``new_pool`` fixture, a :class:`PoolFactory`) it starts with ``async with``.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import asyncio
 import contextlib
 import functools
 from collections.abc import Callable, Coroutine
-from typing import Any, ParamSpec
+from typing import Any, ParamSpec, Protocol, Unpack
 
+from ..config import PoolOptions
 from ..pool import Pool
 
 P = ParamSpec("P")
@@ -38,3 +40,10 @@ def in_loop(test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, None]:
         asyncio.run(main())
 
     return run
+
+
+class PoolFactory(Protocol):
+    """The ``new_pool`` fixture: ``new_pool(**options)`` is a pool of the adapter under test,
+    not started, with the suite's ``worker_concurrency`` unless ``options`` give one."""
+
+    def __call__(self, **options: Unpack[PoolOptions]) -> Pool: ...

@@ -14,6 +14,7 @@ reports only such tests. ``-p no:snakepit_core.conformance.plugin`` turns it off
 
 from __future__ import annotations
 
+import argparse
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -26,13 +27,15 @@ from .levels import (
     CHOICES,
     LEVEL_MARK,
     PROTOCOL,
+    PROTOCOL_MARK,
     bundled_level_excluded,
+    protocol_2_in_flight,
 )
-from .targets import Target, TargetError, installed, probe_capabilities, resolve
+from .targets import Declared, Target, TargetError, installed, probe_handshake, resolve
 
 _targets = pytest.StashKey[list[Target]]()
-#: A target's declared capabilities, or the error that kept them from being known.
-_capabilities = pytest.StashKey[dict[Target, frozenset[str] | Exception]]()
+#: What a target's worker declares in its handshake, or the error that kept it from being known.
+_declared = pytest.StashKey[dict[Target, Declared | Exception]]()
 _report = pytest.StashKey[list[str]]()
 
 
@@ -54,6 +57,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "declare every shared command; protocol: only that level; bundled: both, for every "
         "adapter",
     )
+    group.addoption(
+        "--worker-concurrency",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="run as pools of worker_concurrency N do: every pool the suite creates has it, "
+        "and frame-level handshakes offer max_in_flight N (default: the pool's default, and "
+        "a protocol-1 handshake); the protocol-2 cases ask for at least 8",
+    )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    return value
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -63,6 +85,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         f"{CAPABILITY_MARK}(name): applies only to workers declaring that capability",
+    )
+    config.addinivalue_line(
+        "markers",
+        f"{PROTOCOL_MARK}(version): applies only to workers whose handshake answers that protocol",
     )
     if config.getoption("adapter"):
         targets(config)  # a wrong --adapter is a usage error before anything is collected
@@ -91,11 +117,14 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("adapter", found, ids=[t.id for t in found], indirect=True)
 
 
-def _capabilities_of(config: pytest.Config, target: Target) -> frozenset[str] | Exception:
-    known = config.stash.setdefault(_capabilities, {})
+def _declared_by(config: pytest.Config, target: Target) -> Declared | Exception:
+    """What ``target``'s worker declares when asked for as many requests in flight as the
+    protocol-2 cases ask: one handshake per target and run, at collection."""
+    known = config.stash.setdefault(_declared, {})
     if target not in known:
+        wanted = protocol_2_in_flight(config.getoption("worker_concurrency") or 1)
         try:
-            known[target] = probe_capabilities(target.adapter)
+            known[target] = probe_handshake(target.adapter, wanted)
         except Exception as exc:  # the handshake test will fail and say why
             known[target] = exc
     return known[target]
@@ -103,16 +132,20 @@ def _capabilities_of(config: pytest.Config, target: Target) -> frozenset[str] | 
 
 def _excluded(item: pytest.Item, target: Target, chosen: str) -> str | None:
     """Why ``item`` does not apply to ``target`` (None: it does)."""
+    if chosen == BUNDLED:
+        return None  # demanded: every test runs
     mark = item.get_closest_marker(LEVEL_MARK)
     if mark is not None and mark.args and mark.args[0] == BUNDLED:
         reason = bundled_level_excluded(target.adapter, chosen)
         if reason:
             return f"bundled level not applicable: {reason}"
-    elif chosen == BUNDLED:
-        return None  # demanded: every test runs
+    for needed in item.iter_markers(PROTOCOL_MARK):
+        declared = _declared_by(item.config, target)
+        if isinstance(declared, Declared) and declared.protocol != needed.args[0]:
+            return f'the worker does not answer the handshake with "protocol": {needed.args[0]}'
     for needed in item.iter_markers(CAPABILITY_MARK):
-        capabilities = _capabilities_of(item.config, target)
-        if isinstance(capabilities, frozenset) and needed.args[0] not in capabilities:
+        declared = _declared_by(item.config, target)
+        if isinstance(declared, Declared) and needed.args[0] not in declared.capabilities:
             return f"the worker does not declare the {needed.args[0]!r} capability"
     return None
 

@@ -104,13 +104,24 @@ def installed() -> list[Target]:
     return [Target(name, adapters[name]) for name in sorted(adapters)]
 
 
-def probe_capabilities(adapter: Adapter) -> frozenset[str]:
-    """The capabilities one worker of ``adapter`` declares in its handshake.
+@dataclass(frozen=True)
+class Declared:
+    """What one worker of an adapter declares in its handshake answer."""
 
-    Capabilities are the worker's to declare, not the adapter's, so the only way to know them
-    before the tests run is to ask one. Raises what the start or the handshake raised.
+    capabilities: frozenset[str]
+    #: 2 if the answer says ``"protocol": 2``, else 1.
+    protocol: int
+
+
+def probe_handshake(adapter: Adapter, max_in_flight: int) -> Declared:
+    """What one worker of ``adapter`` declares when a pool asks for ``max_in_flight``.
+
+    Capabilities and the protocol are the worker's to declare, not the adapter's, so the only
+    way to know them before the tests run is to ask one. Raises what the start or the
+    handshake raised.
     """
-    from .wire import WireWorker, capabilities_of
+    from .wire import WireWorker, capabilities_of, protocol_of
 
     with WireWorker(adapter, worker_id="conformance-probe") as worker:
-        return capabilities_of(worker.handshake())
+        answer = worker.handshake(max_in_flight=max_in_flight)
+        return Declared(capabilities_of(answer), protocol_of(answer))

@@ -16,8 +16,7 @@ from typing import Any
 
 import pytest
 
-from snakepit_core.adapter import Adapter
-from snakepit_core.conformance.aio import in_loop
+from snakepit_core.conformance.aio import PoolFactory, in_loop
 from snakepit_core.conformance.contract import OPEN_RESULTS, RESULT_KEYS, SHARED_COMMANDS
 from snakepit_core.conformance.levels import BUNDLED, level
 from snakepit_core.conformance.polling import eventually
@@ -177,9 +176,13 @@ async def test_a_worker_killed_mid_request(pool: Pool) -> None:
 
 
 @in_loop
-async def test_queue_saturation_and_queue_timeout(adapter: Adapter) -> None:
-    async with Pool(adapter, pool_size=1, pool_max_queue_size=1, pool_queue_timeout=0.3) as pool:
-        busy = asyncio.ensure_future(pool.execute("sleep", {"seconds": 0.8}))
+async def test_queue_saturation_and_queue_timeout(new_pool: PoolFactory) -> None:
+    async with new_pool(pool_size=1, pool_max_queue_size=1, pool_queue_timeout=0.3) as pool:
+        (only,) = pool.workers.values()  # every slot it negotiated taken, then the queue's one
+        busy = [
+            asyncio.ensure_future(pool.execute("sleep", {"seconds": 0.8}))
+            for _ in range(only.capacity)
+        ]
         await asyncio.sleep(0.05)
         queued = asyncio.ensure_future(pool.execute("ping", {}))
         await asyncio.sleep(0.05)
@@ -187,7 +190,7 @@ async def test_queue_saturation_and_queue_timeout(adapter: Adapter) -> None:
             await pool.execute("ping", {})
         with pytest.raises(QueueTimeout):
             await queued
-        assert (await busy) == {"slept": 0.8}
+        assert await asyncio.gather(*busy) == [{"slept": 0.8}] * only.capacity
 
 
 @in_loop
@@ -219,13 +222,17 @@ async def test_worker_side_session_state(pool: Pool) -> None:
 @in_loop
 async def test_strict_fail_fast(pool: Pool) -> None:
     await pool.execute_in_session("ff", "ping", {}, affinity="strict")
-    running = asyncio.ensure_future(
-        pool.execute_in_session("ff", "sleep", {"seconds": 0.4}, affinity="strict")
-    )
+    slots = max(w.capacity for w in pool.workers.values())  # the session's worker, all taken
+    running = [
+        asyncio.ensure_future(
+            pool.execute_in_session("ff", "sleep", {"seconds": 0.4}, affinity="strict")
+        )
+        for _ in range(slots)
+    ]
     await asyncio.sleep(0.1)
     with pytest.raises(AffinityBusy):
         await pool.execute_in_session("ff", "ping", {}, affinity="strict_fail_fast")
-    await running
+    await asyncio.gather(*running)
 
 
 @in_loop

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import pytest
 
 from snakepit_core.adapter import Adapter
-from snakepit_core.conformance.aio import in_loop
+from snakepit_core.conformance.aio import PoolFactory, in_loop
 from snakepit_core.conformance.levels import PROTOCOL, level, needs_capability
 from snakepit_core.conformance.wire import (
     FAILURE_KEYS,
@@ -32,7 +32,12 @@ pytestmark = level(PROTOCOL)
 NO_SUCH_COMMAND = "snakepit_conformance_no_such_command"
 #: Larger than any pipe buffer and than the usual 1 MiB read chunk, well under the frame limit.
 LARGE = 2 * 1024 * 1024
-TRACE = {"traceparent": "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01", "tracestate": ""}
+#: ``meta`` as the pool sends it to every worker: trace context and the time budget.
+META = {
+    "traceparent": "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01",
+    "tracestate": "",
+    "deadline_ms": 30_000,
+}
 
 
 def assert_failure(frame: Frame, request_id: int) -> None:
@@ -70,14 +75,14 @@ def test_unknown_command_fails_and_the_worker_keeps_serving(worker: WireWorker) 
 def test_frames_in_pieces_and_several_in_one_write(worker: WireWorker) -> None:
     """A reader must not assume one write per frame: a header and a body arrive in pieces,
     three frames arrive in one write; lengths count bytes, not characters; ids are any
-    integers; ``meta`` may be ignored."""
-    big_id, split = worker.request("ping", {}, id=2**31 + 7, meta=TRACE)
+    integers; ``meta`` (trace context, ``deadline_ms``) may be ignored."""
+    big_id, split = worker.request("ping", {}, id=2**31 + 7, meta=META)
     for piece in (split[:2], split[2:4], split[4:9], split[9:]):
         worker.send_raw(piece)
         time.sleep(0.05)
     assert_ping_ok(worker.receive(), big_id)
-    unicode_id, unicode = worker.request(NO_SUCH_COMMAND, {"text": "é漢🐍" * 100}, meta=TRACE)
-    ping_id, ping = worker.request("ping", {}, meta=TRACE)
+    unicode_id, unicode = worker.request(NO_SUCH_COMMAND, {"text": "é漢🐍" * 100}, meta=META)
+    ping_id, ping = worker.request("ping", {}, meta=META)
     unknown_id, unknown = worker.request(NO_SUCH_COMMAND, {})
     worker.send_raw(unicode + ping + unknown)
     answers = {frame.id: frame for frame in (worker.receive() for _ in range(3))}
@@ -140,15 +145,37 @@ def test_cancel_of_a_request_not_running_is_ignored(worker: WireWorker) -> None:
     assert_ping_ok(worker.call("ping", {}), ping_id + 1)
 
 
+async def _peak_in_flight(pool: Pool, peaks: dict[str, int]) -> None:
+    """Record each worker's most requests in flight, every turn of the loop, until cancelled."""
+    while True:
+        for worker in pool.workers.values():
+            peaks[worker.id] = max(peaks.get(worker.id, 0), worker.in_flight)
+        await asyncio.sleep(0)
+
+
 @in_loop
-async def test_a_pool_of_it_serves_and_stops_cleanly(adapter: Adapter) -> None:
-    pool = Pool(adapter, pool_size=2)
-    async with pool:
+async def test_a_pool_of_it_serves_and_stops_cleanly(
+    adapter: Adapter, new_pool: PoolFactory
+) -> None:
+    """Two workers serve 50 concurrent pings, each taking as many at once as it negotiated (one
+    unless its handshake answered protocol 2, whatever ``worker_concurrency`` asked for), and
+    stopping the pool leaves no process."""
+    async with new_pool(pool_size=2) as pool:
         assert len(pool.workers) == 2
         if adapter.commands is not None:
             assert "ping" in adapter.commands, "declared commands must include ping"
-        answers = await asyncio.gather(*(pool.execute("ping", {}) for _ in range(50)))
+        for figures in pool.stats()["per_worker"].values():
+            limit = 1 if figures["protocol"] == 1 else pool.config.worker_concurrency
+            assert 1 <= figures["capacity"] <= limit, figures
+        peaks: dict[str, int] = {}
+        sampler = asyncio.ensure_future(_peak_in_flight(pool, peaks))
+        try:
+            answers = await asyncio.gather(*(pool.execute("ping", {}) for _ in range(50)))
+        finally:
+            sampler.cancel()
         assert all(answer["status"] == "ok" for answer in answers)
+        for worker in pool.workers.values():
+            assert peaks.get(worker.id, 0) <= worker.capacity, (peaks, pool.stats())
         with pytest.raises((UnknownCommand, CommandError)):
             await pool.execute(NO_SUCH_COMMAND, {})
         assert pool.stats()["restarts"] == 0

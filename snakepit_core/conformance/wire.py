@@ -17,7 +17,7 @@ import struct
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +87,12 @@ def capabilities_of(handshake: Frame) -> frozenset[str]:
     return frozenset(c for c in found if isinstance(c, str))
 
 
+def protocol_of(handshake: Frame) -> int:
+    """The protocol a handshake answer declares: 2 if it says ``"protocol": 2``, else 1."""
+    result = handshake.data.get("result")
+    return 2 if isinstance(result, dict) and result.get("protocol") == 2 else 1
+
+
 def encode(message: Mapping[str, Any]) -> bytes:
     """One frame: a 4-byte big-endian length, then compact UTF-8 JSON."""
     body = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode()
@@ -122,6 +128,10 @@ class WireWorker:
             start_new_session=True,
         )
         self._next_id = 0
+        #: Requests it takes at once, as a pool negotiates it: 1 unless :meth:`handshake`
+        #: offered ``max_in_flight`` N and the answer was protocol 2 with ``max_concurrency`` M
+        #: (then ``min(N, M)``).
+        self.capacity = 1
 
     # -- sending ----------------------------------------------------------------------------
 
@@ -208,13 +218,35 @@ class WireWorker:
         assert set(data) <= SUCCESS_KEYS and "result" in data, data
         return data["result"]
 
-    def handshake(self) -> Frame:
-        """The pool's first request; the answer must have ``status: "ok"``."""
-        frame = self.call("ping", {"worker_id": self.worker_id, "initialization": True})
+    def handshake(self, max_in_flight: int | None = None) -> Frame:
+        """The pool's first request; the answer must have ``status: "ok"``.
+
+        With ``max_in_flight`` it is the handshake of a pool of that ``worker_concurrency``
+        (protocol 2 offered); without, that of a protocol-1 pool, which every bridge accepts.
+        """
+        args: dict[str, Any] = {"worker_id": self.worker_id, "initialization": True}
+        if max_in_flight is not None:
+            args["max_in_flight"] = max_in_flight
+        frame = self.call("ping", args)
         result = frame.data.get("result")
         assert frame.data.get("success") is True, frame.data
         assert isinstance(result, dict) and result.get("status") == "ok", frame.data
+        offered = result.get("max_concurrency")
+        if max_in_flight is not None and protocol_of(frame) == 2 and type(offered) is int:
+            self.capacity = max(1, min(max_in_flight, offered))
         return frame
+
+    def receive_answers(self, ids: Collection[int], timeout: float = 10.0) -> dict[int, Frame]:
+        """One answer to each of ``ids``, in the order they came (any order is allowed): an
+        answer to an id not asked, or to one already answered, fails."""
+        answers: dict[int, Frame] = {}
+        deadline = time.monotonic() + timeout
+        while len(answers) < len(ids):
+            frame = self.receive(max(deadline - time.monotonic(), 0.01))
+            assert frame.id in ids, f"answered id {frame.id!r}, not in flight: {frame.data}"
+            assert frame.id not in answers, f"id {frame.id} answered twice: {frame.data}"
+            answers[frame.id] = frame
+        return answers
 
     def silent_for(self, seconds: float) -> bool:
         """Whether stdout stays silent (no byte at all) for ``seconds``."""
