@@ -339,6 +339,7 @@ def test_exit_0_on_sigterm(bridge: RawWorker, busy: bool) -> None:
     time.sleep(0.1)
     os.kill(bridge.proc.pid, signal.SIGTERM)
     assert bridge.wait(5) == 0
+    assert bridge.stderr_text() == ""  # not even asyncio's note of a task left pending
 
 
 @pytest.mark.parametrize(

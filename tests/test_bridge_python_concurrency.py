@@ -259,6 +259,19 @@ def test_cancel_of_a_running_thread_handler_answers_its_real_result(
     assert concurrent.result("ping")["status"] == "ok"  # a stray "cancelled" would come first
 
 
+def test_cancel_of_the_bundled_sleep(bridge: RawWorker) -> None:
+    """The bundled ``sleep`` is async, so a cancel stops it at any concurrency (the bundled
+    conformance level cancels it)."""
+    request_id = bridge.send("sleep", {"seconds": 30})
+    other = bridge.send("sleep", {"seconds": 0.3})
+    time.sleep(0.1)
+    sent = time.monotonic()
+    bridge.send("$cancel", id=request_id)
+    assert bridge.receive() == cancelled(request_id)
+    assert time.monotonic() - sent < PROMPT
+    assert bridge.receive() == {"id": other, "success": True, "result": {"slept": 0.3}}
+
+
 def test_a_cancel_leaves_the_other_requests_alone(concurrent: RawWorker) -> None:
     task = concurrent.send("wait", {"seconds": 0.5})
     thread = concurrent.send("nap", {"seconds": 0.5})

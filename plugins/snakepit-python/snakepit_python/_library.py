@@ -622,6 +622,9 @@ class _Worker:
             loop = self._loop = asyncio.new_event_loop()
             asyncio.set_event_loop(loop)
         task = self._task = loop.create_task(coro)
+        # SIGTERM's SystemExit leaves the task pending: say nothing of it at exit, as
+        # run_until_complete does for a task it creates itself.
+        task._log_destroy_pending = False  # type: ignore[attr-defined]
         try:
             self._arm(request_id)
             return loop.run_until_complete(task)

@@ -16,7 +16,6 @@ import math
 import operator
 import os
 import sys
-import time
 
 import snakepit_python
 
@@ -139,12 +138,16 @@ def _rss_bytes() -> int:
 
 
 @command
-def sleep(args: dict[str, Any]) -> dict[str, Any]:
-    """Sleep; a ``$cancel`` interrupts it (the library raises into ``time.sleep``)."""
+async def sleep(args: dict[str, Any]) -> dict[str, Any]:
+    """Sleep, as a task: a ``$cancel`` stops it however many requests are in flight (a sync
+    handler on a concurrent worker's thread could not be stopped), and sleeping requests hold
+    no thread. ``asyncio`` is imported on the first call, not at the worker's start-up."""
+    import asyncio
+
     seconds = args.get("seconds")
     if not _is_number(seconds) or not 0 <= seconds <= _MAX_SLEEP:
         raise CommandError(f"'seconds' must be a number from 0 to {_MAX_SLEEP}")
-    time.sleep(seconds)
+    await asyncio.sleep(seconds)
     return {"slept": seconds}
 
 
