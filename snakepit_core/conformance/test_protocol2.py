@@ -10,7 +10,8 @@ reason in the collection report. Every case asks for that many requests in fligh
   ``$cancel`` among them fails no other request; a pool keeps that many in flight on a worker.
 * Bundled level (the shared commands, so ``sleep``): answers in the order requests finish,
   matched by id; eight one-second calls on one worker take about one second; a cancelled or
-  timed-out request fails its caller at once and no other, and the pool is whole after it.
+  timed-out request fails its caller at once and no other, and the pool is whole after it; a
+  health-check ping after the handshake has ping's documented keys.
 
 Deadlines: the pool sends every request's time budget as ``meta.deadline_ms``, and the bundled
 bridge libraries hand it to handlers as ``ctx.deadline``, but no shared command reveals it, so
@@ -35,6 +36,7 @@ from snakepit_core.conformance.levels import (
     needs_protocol,
 )
 from snakepit_core.conformance.polling import eventually
+from snakepit_core.conformance.test_bundled import assert_keys_in_order
 from snakepit_core.conformance.test_protocol import (
     META,
     NO_SUCH_COMMAND,
@@ -158,7 +160,7 @@ def test_answers_come_as_requests_finish_matched_by_id(concurrent_worker: WireWo
     """Three sleeps written together, longest first: answered shortest first, each on its own
     id with its own result (one at a time would answer them in the order sent)."""
     worker = concurrent_worker
-    seconds = dict(zip(ids_for(worker, 3), (0.6, 0.05, 0.3), strict=False))
+    seconds = dict(zip(ids_for(worker, 3), (0.4, 0.02, 0.2), strict=False))
     assert len(seconds) == 3, "the worker takes fewer than three requests at once"
     worker.send_raw(b"".join(request("sleep", i, {"seconds": s}) for i, s in seconds.items()))
     answers = worker.receive_answers(seconds)
@@ -243,8 +245,8 @@ def test_a_cancel_of_a_running_sleep_fails_no_other(concurrent_worker: WireWorke
     ``$cancel`` itself gets no answer."""
     worker = concurrent_worker
     target, *others = ids_for(worker, PROTOCOL_2_IN_FLIGHT)
-    frames = [request("sleep", target, {"seconds": 0.8})]
-    frames += [request("sleep", i, {"seconds": 0.3}) for i in others]
+    frames = [request("sleep", target, {"seconds": 0.6})]
+    frames += [request("sleep", i, {"seconds": 0.2}) for i in others]
     worker.send_raw(b"".join(frames))
     time.sleep(0.1)
     worker.cancel(target)
@@ -254,10 +256,20 @@ def test_a_cancel_of_a_running_sleep_fails_no_other(concurrent_worker: WireWorke
         assert cancelled.get("error") == "cancelled", cancelled
         assert set(cancelled) <= FAILURE_KEYS, cancelled
     else:
-        assert cancelled.get("result") == {"slept": 0.8}, cancelled
+        assert cancelled.get("result") == {"slept": 0.6}, cancelled
     for request_id in others:
         frame = answers[request_id]
         assert frame.data.get("success") is True, frame.data
-        assert frame.data["result"] == {"slept": 0.3}, frame.data
+        assert frame.data["result"] == {"slept": 0.2}, frame.data
     assert worker.silent_for(0.2), "the $cancel frame itself got an answer"
     assert worker.result("ping", {})["status"] == "ok"
+
+
+@level(BUNDLED)
+def test_a_health_check_ping_after_the_handshake_has_the_documented_keys(
+    concurrent_worker: WireWorker,
+) -> None:
+    """``protocol`` and ``max_concurrency`` belong to the handshake's answer; a later ``ping {}``
+    (the pool's health check, and a caller's ``execute("ping")``) answers ping's documented
+    keys in their order, as at protocol 1."""
+    assert_keys_in_order("ping", concurrent_worker.result("ping", {}))
