@@ -729,7 +729,8 @@ module Snakepit
     def ping(args, _ctx)
       negotiate(args["max_in_flight"]) if @requests_handled == 1 && args.key?("max_in_flight")
       @worker_id = args["worker_id"] if args["worker_id"].is_a?(String)
-      v2 = @protocol == PROTOCOL
+      # Only the handshake's answer names protocol 2; a health check gets the plain answer.
+      v2 = @protocol == PROTOCOL && args.key?("max_in_flight")
       result = {
         "status" => "ok", "uptime" => uptime, "requests_handled" => @requests_handled,
         "worker_id" => @worker_id, "runtime" => RUNTIME,
