@@ -33,9 +33,9 @@ Which level applies follows from what the adapter declares: the bundled level if
 the capability, the protocol-2 cases if its workers answer a handshake offering
 ``max_in_flight`` 8 with ``"protocol": 2``. What does not apply is deselected, not skipped, and
 the collection report says why (``snakepit conformance: mine: 7 protocol, 0 bundled level tests
-selected; 31 deselected (bundled level not applicable: ...); 4 deselected (the worker does not
-answer the handshake with "protocol": 2); 1 deselected (the worker does not declare the
-'cancel' capability)``). ``--conformance-level protocol`` runs the protocol level only;
+selected; 32 deselected (bundled level not applicable: ...); 1 deselected (the worker does not
+declare the 'cancel' capability); 4 deselected (the worker does not answer the handshake with
+"protocol": 2)``). ``--conformance-level protocol`` runs the protocol level only;
 ``--conformance-level bundled`` demands both levels of every adapter, so an adapter meant to
 follow the bundled contract fails on a missing command (or capability, or protocol 2) instead
 of being let off. (The ``snakepit conformance`` command uses the automatic choice; pass the
