@@ -16,6 +16,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 
+def frame(message: bytes | Mapping[str, Any]) -> bytes:
+    """One wire frame: a message (JSON-encoded here) or a body exactly as given."""
+    body = message if isinstance(message, bytes) else json.dumps(message).encode()
+    return struct.pack(">I", len(body)) + body
+
+
 class RawWorker:
     """One worker process driven frame by frame."""
 
@@ -48,11 +54,10 @@ class RawWorker:
         if id is None:
             self._next_id += 1
             id = self._next_id
-        frame: dict[str, Any] = {"id": id, "command": command, "args": dict(args or {})}
+        message: dict[str, Any] = {"id": id, "command": command, "args": dict(args or {})}
         if meta is not None:
-            frame["meta"] = dict(meta)
-        body = json.dumps(frame).encode()
-        self.send_raw(struct.pack(">I", len(body)) + body)
+            message["meta"] = dict(meta)
+        self.send_raw(frame(message))
         return id
 
     def _read_exactly(self, n: int, timeout: float) -> bytes:

@@ -28,7 +28,7 @@ from snakepit_node.plugin import LIBRARY_DIR, node_adapter, snakepit_adapters
 
 from snakepit_core import Adapter
 
-from raw_worker import RawWorker
+from raw_worker import RawWorker, frame
 
 BUILTINS = [
     "clear_session",
@@ -169,10 +169,6 @@ def custom(start_custom: Callable[..., RawWorker]) -> RawWorker:
     worker = start_custom()
     worker.handshake()
     return worker
-
-
-def frame(body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + body
 
 
 def finish(worker: RawWorker) -> tuple[int, str]:

@@ -10,7 +10,6 @@ has given up), and the start-up contract (duplicate or ``$`` command names, a ba
 from __future__ import annotations
 
 import json
-import struct
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 import pytest
 from snakepit_node.plugin import node_adapter, snakepit_adapters
 
-from raw_worker import RawWorker
+from raw_worker import RawWorker, frame
 
 WORKER = Path(__file__).parent / "bridges" / "node_concurrency.js"
 PING_KEYS = ["status", "uptime", "requests_handled", "worker_id", "runtime", "capabilities", "pid"]
@@ -56,11 +55,6 @@ def handshake(worker: RawWorker, max_in_flight: Any = None) -> dict[str, Any]:
     assert response["success"] is True, response
     result: dict[str, Any] = response["result"]
     return result
-
-
-def frame(request: Mapping[str, Any]) -> bytes:
-    body = json.dumps(request).encode()
-    return struct.pack(">I", len(body)) + body
 
 
 def send_together(worker: RawWorker, requests: list[tuple[int, str, dict[str, Any]]]) -> None:

@@ -7,7 +7,6 @@ for a worker written with ``snakepit_python`` (``command``/``run``).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -25,7 +24,7 @@ from snakepit_python import plugin
 
 from snakepit_core.schemas import shared_command_schemas
 
-from raw_worker import RawWorker
+from raw_worker import RawWorker, frame
 
 BRIDGE = [sys.executable, str(plugin.BRIDGE_PATH)]
 BUILTINS = sorted(shared_command_schemas())
@@ -128,11 +127,6 @@ command("scaled")(functools.partial(lambda factor, args: args["n"] * factor, 3))
 if __name__ == "__main__":
     run()
 """
-
-
-def frame(obj: Any) -> bytes:
-    body = json.dumps(obj).encode()
-    return struct.pack(">I", len(body)) + body
 
 
 def compute(worker: RawWorker, operation: str, a: Any, b: Any) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import pytest
 import snakepit_ruby
 from snakepit_ruby.plugin import LIBRARY_DIR, ruby_adapter, snakepit_adapters
 
-from raw_worker import RawWorker
+from raw_worker import RawWorker, frame
 
 CANCEL_BOUND = 0.5  # seconds from $cancel to the "cancelled" answer
 
@@ -58,10 +58,6 @@ Snakepit.run({ "args_only" => ->(args) { { "got" => args } } }) do |s|
   end
 end
 """
-
-
-def frame(body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + body
 
 
 def bridge_argv() -> list[str]:

@@ -11,10 +11,8 @@ protocol 2 each handler runs on a pool thread, and the same must hold for every 
 
 from __future__ import annotations
 
-import json
 import random
 import select
-import struct
 import subprocess
 import time
 from collections.abc import Iterator
@@ -24,7 +22,7 @@ from typing import Any
 import pytest
 from snakepit_ruby.plugin import ruby_adapter, snakepit_adapters
 
-from raw_worker import RawWorker
+from raw_worker import RawWorker, frame
 
 #: The bridge's watcher looks at the input this often while a handler runs (Inbox::POLL_SECONDS).
 WATCHER_POLL = 0.05
@@ -54,8 +52,7 @@ def bridge() -> Iterator[RawWorker]:
 
 
 def cancel_frame(request_id: int) -> bytes:
-    body = json.dumps({"id": request_id, "command": "$cancel"}).encode()
-    return struct.pack(">I", len(body)) + body
+    return frame({"id": request_id, "command": "$cancel"})
 
 
 def receive(worker: RawWorker) -> dict[str, Any]:
