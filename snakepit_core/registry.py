@@ -19,6 +19,11 @@ this user (made 0600, so no one else reads the run ids). Anything else disables 
 for this process: one warning, a line in ``snakepit doctor``, and pools run without it. A
 corrupt database in that private directory is ours: it is moved aside
 (``workers.sqlite3.corrupt-TIME-PID``) and a new one is created. No method raises.
+
+The same file carries the bugs a pool's background tasks hit (:meth:`Registry.record_problem`,
+the last :data:`PROBLEMS_PER_RUN` of each run), so that ``snakepit doctor``, another process,
+can show the failures of pools that are still running. Like the workers, they are looked at
+only for runs that are alive, and forgotten when the run is reaped.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from .runinfo import current_run_id, process_start_time, run_is_dead
 
 __all__ = [
     "REGISTRY_DIR_ENV",
+    "BackgroundProblem",
     "ReapReport",
     "Registry",
     "RegistryDisabled",
@@ -61,6 +67,11 @@ DB_NAME = "workers.sqlite3"
 COMPANIONS = ("-wal", "-shm")
 #: SQLite's primary result codes for a file that is not, or no longer, a sound database.
 CORRUPT_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+#: How many background problems are kept per run: a bug that recurs every round of a loop
+#: would otherwise grow the file for as long as the pool runs.
+PROBLEMS_PER_RUN = 20
+#: The longest error text kept (a repr can be as long as the data it shows).
+MAX_ERROR_CHARS = 500
 
 
 def registry_dir() -> Path:
@@ -129,6 +140,22 @@ def kill_run(run_id: str) -> list[int]:
 class ReapReport:
     runs: int
     killed: list[int]
+
+
+@dataclass(frozen=True)
+class BackgroundProblem:
+    """A bug a pool's background task hit, as recorded by the process that runs the pool."""
+
+    run_id: str
+    owner_pid: int
+    #: Whose task it was, e.g. ``"pool python"``.
+    owner: str
+    #: Which task failed, e.g. ``"refill"``.
+    what: str
+    #: The error's repr, at most :data:`MAX_ERROR_CHARS` long.
+    error: str
+    #: When it failed (``time.time()``: the reader is another process).
+    at: float
 
 
 # -- opening the database safely -----------------------------------------------------------
@@ -243,6 +270,10 @@ def _connect(path: Path) -> sqlite3.Connection:
             " owner_pid INTEGER, owner_start INTEGER, worker_id TEXT,"
             " PRIMARY KEY (pid, start_time))"
         )
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS problems (run_id TEXT NOT NULL, owner_pid INTEGER NOT"
+            " NULL, owner TEXT NOT NULL, what TEXT NOT NULL, error TEXT NOT NULL, at REAL NOT NULL)"
+        )
         if db.execute("PRAGMA quick_check").fetchone() != ("ok",):
             raise _Corrupt("quick_check failed")
     except sqlite3.DatabaseError as exc:
@@ -307,7 +338,8 @@ def _open_database(path: Path) -> sqlite3.Connection:
 
 
 class Registry:
-    """The on-disk record of this user's workers (one per process, thread-safe, never raises).
+    """The on-disk record of this user's workers and of the bugs their pools' background tasks
+    hit (one per process, thread-safe, never raises).
 
     :attr:`disabled` says why it is off, if it is: then every method does nothing.
     """
@@ -370,12 +402,50 @@ class Registry:
             except sqlite3.Error as exc:
                 self._failed(exc)
 
+    def record_problem(self, owner: str, what: str, error: str) -> None:
+        """Remember that ``owner``'s background task ``what`` failed with ``error`` (a repr).
+
+        Only the run's last :data:`PROBLEMS_PER_RUN` are kept.
+        """
+        row = (current_run_id(), os.getpid(), owner, what, error[:MAX_ERROR_CHARS], time.time())
+        with self._lock:
+            if self._db is None:
+                return
+            try:
+                self._db.execute("INSERT INTO problems VALUES (?, ?, ?, ?, ?, ?)", row)
+                self._db.execute(
+                    "DELETE FROM problems WHERE run_id = ?1 AND rowid NOT IN (SELECT rowid FROM"
+                    " problems WHERE run_id = ?1 ORDER BY rowid DESC LIMIT ?2)",
+                    (row[0], PROBLEMS_PER_RUN),
+                )
+            except sqlite3.Error as exc:
+                self._failed(exc)
+
+    def live_problems(self) -> list[BackgroundProblem]:
+        """The recorded problems of runs whose owner is alive, oldest first.
+
+        A dead run's are not shown: its pools are gone, and the next reaping forgets them.
+        """
+        with self._lock:
+            if self._db is None:
+                return []
+            try:
+                rows = self._db.execute(
+                    "SELECT run_id, owner_pid, owner, what, error, at FROM problems ORDER BY rowid"
+                ).fetchall()
+            except sqlite3.Error as exc:
+                self._failed(exc)
+                return []
+        problems = [BackgroundProblem(*row) for row in rows]
+        return [problem for problem in problems if not run_is_dead(problem.run_id)]
+
     def reap_dead_runs(self) -> ReapReport:
-        """Kill what is left of runs whose owner died; forget them."""
+        """Kill what is left of runs whose owner died; forget them and their problems."""
         with self._lock:
             if self._db is None:
                 return ReapReport(0, [])
             try:
+                self._forget_dead_problems(self._db)
                 return self._reap(self._db)
             except sqlite3.Error as exc:
                 self._failed(exc)
@@ -398,6 +468,13 @@ class Registry:
                 killed,
             )
         return ReapReport(len(dead), killed)
+
+    @staticmethod
+    def _forget_dead_problems(db: sqlite3.Connection) -> None:
+        run_ids = [row[0] for row in db.execute("SELECT DISTINCT run_id FROM problems")]
+        for run_id in run_ids:
+            if run_is_dead(run_id):
+                db.execute("DELETE FROM problems WHERE run_id = ?", (run_id,))
 
     def _close_in_fork_child(self) -> None:
         """Close this (inherited) connection in a fork child; the parent's stays intact.
