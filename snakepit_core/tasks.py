@@ -4,7 +4,8 @@ Refill, health checks, recycling, stopping a retired worker, telling workers to 
 session: each runs as a task of the pool's :class:`BackgroundTasks`, so ``stop()`` cancels and
 awaits every one of them (nothing outlives the pool), and a task that fails with a bug is logged
 as an error and remembered for ``stats()`` instead of vanishing into asyncio's
-"exception was never retrieved".
+"exception was never retrieved". It is also written to the process registry, so that
+``snakepit doctor``, run from another shell, shows it while the pool's process lives.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import asyncio
 import logging
 from collections.abc import Coroutine
 from typing import Any
+
+from .registry import get_registry
 
 log = logging.getLogger("snakepit.pool")
 
@@ -38,12 +41,17 @@ class BackgroundTasks:
             return
         error = task.exception()
         if error is not None:
-            self.record(task.get_name(), error)
+            self.record(task.get_name().removeprefix(f"{self._owner}: "), error)
 
     def record(self, what: str, error: BaseException) -> None:
-        """Log a bug in background work and remember it (the work itself goes on or ends)."""
+        """Log a bug in background work and remember it (the work itself goes on or ends).
+
+        ``what`` names the work within this owner (``"refill"``): the log line, ``stats()``'s
+        caller and the registry's reader each know, or are told, whose it is.
+        """
         self.last_error = f"{what}: {error!r}"
-        log.error("%s failed", what, exc_info=error)
+        log.error("%s: %s failed", self._owner, what, exc_info=error)
+        get_registry().record_problem(self._owner, what, repr(error))
 
     def cancel_all(self) -> list[asyncio.Task[Any]]:
         """Cancel every task; the caller awaits what is returned."""
