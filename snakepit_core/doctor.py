@@ -4,12 +4,18 @@ Every problem comes with a remedy: on the next line (``  remedy: ...``), or at t
 registry's one-line message. What an adapter's runtime
 needs (the minimum version, how to install it, the variable that picks another executable)
 comes from the adapter, so this module names no runtime.
+
+Pools run in other processes, so what their background tasks (refill, health checks,
+recycling) failed with is read from the process registry: one line per failure of a pool whose
+process is still running. Such a failure is a bug that is still there, so it makes doctor exit
+non-zero, as a broken adapter or plugin does; a pool whose process has ended is not shown.
 """
 
 from __future__ import annotations
 
 import platform
 import sys
+import time
 from importlib.metadata import PackageNotFoundError, metadata
 
 from rich.console import Console
@@ -19,7 +25,7 @@ from .config_sources import load_config
 from .launcher import pdeathsig_available
 from .plugins import get_plugin_manager
 from .protocol import get_codec
-from .registry import get_registry
+from .registry import PROBLEMS_PER_RUN, get_registry
 from .runtimes import check_runtime
 
 OK = "[green]ok[/green]"
@@ -27,7 +33,7 @@ OK = "[green]ok[/green]"
 
 def run_doctor(console: Console) -> bool:
     """Print one line per check (and a remedy under each problem); False if an installed
-    adapter cannot run or a plugin is broken."""
+    adapter cannot run, a plugin is broken or a running pool's background task hit a bug."""
     healthy = True
     print_host(console)
     manager = get_plugin_manager()
@@ -57,6 +63,7 @@ def run_doctor(console: Console) -> bool:
         )
         print_remedy(console, "install setpriv: apt-get install -y util-linux")
     print_registry(console)
+    healthy = print_background_problems(console) and healthy
     console.print(f"JSON codec: {escape(get_codec(load_config(None, {}).json_codec).name)}")
     try:
         import uvloop  # noqa: F401
@@ -100,3 +107,51 @@ def print_registry(console: Console) -> None:
         f"Remedy: {escape(registry.disabled.remedy)}",
         highlight=False,
     )
+
+
+def print_background_problems(console: Console) -> bool:
+    """A line for each bug the background tasks of a running pool hit; False if there is one.
+
+    The same failure recurring (a refill loop retries every round) is one line with its count.
+    The run id is not shown: it is a secret of the run (see :mod:`.runinfo`), the pid says
+    which process it is.
+    """
+    registry = get_registry()
+    if registry.disabled is not None:
+        console.print("pool background tasks: [yellow]unknown[/yellow] (no process registry)")
+        return True
+    failures: dict[tuple[str, int, str, str], list[float]] = {}
+    for problem in registry.live_problems():
+        key = (problem.owner, problem.owner_pid, problem.what, problem.error)
+        failures.setdefault(key, []).append(problem.at)
+    if not failures:
+        console.print(f"pool background tasks: {OK} (no failures recorded by running pools)")
+        return True
+    for (owner, pid, what, error), times in failures.items():
+        failed = escape(f"{what} failed {_when(times)}: {error}")
+        console.print(f"{escape(owner)} (pid {pid}): [yellow]{failed}[/yellow]", highlight=False)
+        print_remedy(
+            console,
+            "this pool's self-healing hit a bug: see its log for the traceback; restarting the"
+            " process clears it",
+        )
+    return False
+
+
+def _when(times: list[float]) -> str:
+    """``12 s ago``, ``3 times, last 12 s ago``, or ``20 or more times, ...`` when older ones
+    may have been dropped (the registry keeps a run's last few)."""
+    ago = _ago(max(times))
+    if len(times) == 1:
+        return ago
+    more = " or more" if len(times) >= PROBLEMS_PER_RUN else ""
+    return f"{len(times)}{more} times, last {ago}"
+
+
+def _ago(at: float) -> str:
+    seconds = max(0, round(time.time() - at))
+    if seconds < 120:
+        return f"{seconds} s ago"
+    if seconds < 7200:
+        return f"{seconds // 60} min ago"
+    return f"{seconds // 3600} h ago"
