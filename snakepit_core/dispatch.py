@@ -1,12 +1,15 @@
-"""Dispatch: which worker takes a request, and who waits while none has a free slot.
+"""Dispatch: which worker takes a request, and what waits while none has a free slot.
 
 A worker in service has ``capacity`` slots (1 for a protocol-1 bridge, up to
-``worker_concurrency`` for a protocol-2 one). A caller takes a slot with :meth:`acquire`; the
-slot comes back with :meth:`release` when the worker answers. Callers that find no free slot
-wait in a bounded FIFO queue, or, for a strict session, in the queue of the one worker the
-session is bound to; a freed slot serves that worker's own waiters first, then the head of the
-general queue. Every operation is a handful of dict and deque operations: nothing grows with the
-number of requests in flight.
+``worker_concurrency`` for a protocol-2 one). A caller takes a slot with :meth:`take`; the
+slot comes back with :meth:`release` when the worker answers. When no slot is free, an
+:class:`Entry` waits in a bounded FIFO queue, or, for a strict session, in the queue of the one
+worker the session is bound to; a freed slot serves that worker's own queue first, then the
+head of the general queue. An entry is usually the request itself, which the freed slot sends
+at once (its caller sleeps once, until the answer); a caller that must do something between
+getting its worker and sending (a session records its worker) waits with :meth:`wait`. Every
+operation is a handful of dict and deque operations: nothing grows with the number of requests
+in flight.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import AffinityBusy, PoolSaturated, QueueTimeout, SnakepitError
 
@@ -24,18 +27,34 @@ if TYPE_CHECKING:
     from .worker import Worker
 
 
+class Entry(Protocol):
+    """Something queued for a slot: a caller waiting for a worker, or a whole request.
+
+    ``give(worker)`` hands it a slot already taken for it; ``future`` done means it left the
+    queue by other means (cancelled, timed out, failed) and is skipped.
+    """
+
+    future: asyncio.Future[Any]
+    #: Loop time at which it leaves the queue with ``QueueTimeout`` (set by the dispatcher).
+    deadline: float
+    #: The queue it waits in (set by the dispatcher).
+    queue: deque[Entry]
+
+    def give(self, worker: Worker) -> None: ...
+
+
 class _Waiter:
-    """A caller waiting for a slot; ``future`` receives the worker."""
+    """A caller waiting for a slot of its own; ``future`` receives the worker."""
 
     __slots__ = ("deadline", "future", "queue")
 
-    def __init__(
-        self, future: asyncio.Future[Worker], queue: deque[_Waiter], deadline: float
-    ) -> None:
+    def __init__(self, future: asyncio.Future[Any]) -> None:
         self.future = future
-        self.queue = queue
-        #: Loop time at which it leaves the queue with ``QueueTimeout``.
-        self.deadline = deadline
+        self.deadline = 0.0
+        self.queue: deque[Entry] = deque()
+
+    def give(self, worker: Worker) -> None:
+        self.future.set_result(worker)
 
 
 class Dispatcher:
@@ -57,8 +76,8 @@ class Dispatcher:
         self._watch_deadline = watch_deadline
         #: Workers in service with at least one free slot, most recently freed last.
         self._free: dict[Worker, None] = {}
-        self._waiters: deque[_Waiter] = deque()
-        self._bound: dict[str, deque[_Waiter]] = {}
+        self._general: deque[Entry] = deque()
+        self._bound: dict[str, deque[Entry]] = {}
         #: Callers waiting, in every queue.
         self.queued = 0
 
@@ -88,7 +107,7 @@ class Dispatcher:
         return True
 
     def release(self, worker: Worker) -> None:
-        """One slot of ``worker`` is free again: hand it to a waiter, or keep it free."""
+        """One slot of ``worker`` is free again: hand it to the next entry, or keep it free."""
         worker.reserved -= 1
         if worker.alive and not worker.retiring:
             self._offer(worker)
@@ -99,14 +118,14 @@ class Dispatcher:
             self._free.pop(worker, None)
 
     def _offer(self, worker: Worker) -> bool:
-        """Give one free slot to the first waiter; ``False`` if nobody took it."""
-        for queue in (self._bound.get(worker.id), self._waiters):
+        """Give one free slot to the first entry waiting; ``False`` if nobody took it."""
+        for queue in (self._bound.get(worker.id), self._general):
             while queue:
-                waiter = queue.popleft()
+                entry = queue.popleft()
                 self.queued -= 1
-                if not waiter.future.done():
+                if not entry.future.done():
                     self._take(worker)
-                    waiter.future.set_result(worker)
+                    entry.give(worker)
                     return True
         if worker.reserved < worker.capacity:
             self._free[worker] = None
@@ -114,22 +133,13 @@ class Dispatcher:
 
     # -- callers ------------------------------------------------------------------------------
 
-    async def acquire(
-        self,
-        preferred: Worker | None,
-        strict: bool,
-        fail_fast: bool,
-        unavailable: Callable[[], SnakepitError] | None = None,
-    ) -> Worker:
-        """A worker with a slot taken for the caller, waiting in a queue if needed.
+    def take(self, preferred: Worker | None, strict: bool, fail_fast: bool) -> Worker | None:
+        """A worker with a slot taken for the caller, or None if it must queue.
 
         ``preferred`` (a session's worker) is taken while it has a free slot; ``strict`` waits
-        for it; ``fail_fast`` raises ``AffinityBusy`` instead. ``unavailable``: no worker can
-        come (the crash-loop breaker is open and none is in service): raise ``unavailable()``
-        rather than wait.
+        for it (None); ``fail_fast`` raises ``AffinityBusy`` instead.
         """
-        free = self._free
-        if preferred is not None and preferred in free and preferred.alive:
+        if preferred is not None and preferred in self._free and preferred.alive:
             self._take(preferred)
             return preferred
         if strict:
@@ -141,15 +151,18 @@ class Dispatcher:
                     adapter=self.adapter,
                     worker_id=preferred.id,
                 )
-            queue = self._bound.setdefault(preferred.id, deque())
-        else:
-            worker = self._least_loaded()
-            if worker is not None:
-                self._take(worker)
-                return worker
-            queue = self._waiters
-        if unavailable is not None:
-            raise unavailable()
+            return None
+        worker = self._least_loaded()
+        if worker is not None:
+            self._take(worker)
+        return worker
+
+    def enqueue(self, entry: Entry, bound_to: Worker | None = None) -> None:
+        """Queue ``entry`` until a slot (of ``bound_to`` only, if given) is free for it.
+
+        Raises ``PoolSaturated`` when the queue is full. A request queued as itself (not a
+        caller) is sent by the freed slot at once, so its caller wakes once, for the answer.
+        """
         if self.queued >= self._max_queue:
             self._counters.pool_saturated += 1
             raise PoolSaturated(
@@ -158,19 +171,25 @@ class Dispatcher:
                 adapter=self.adapter,
                 queued=self.queued,
             )
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._queue_timeout
-        waiter = _Waiter(loop.create_future(), queue, deadline)
+        queue = self._general if bound_to is None else self._bound.setdefault(bound_to.id, deque())
+        entry.queue = queue
+        entry.deadline = deadline = entry.future.get_loop().time() + self._queue_timeout
         self._watch_deadline(deadline)
-        queue.append(waiter)
+        queue.append(entry)
         self.queued += 1
+
+    async def wait(self, bound_to: Worker | None = None) -> Worker:
+        """Wait in the queue for a worker with a slot taken for the caller."""
+        waiter = _Waiter(asyncio.get_running_loop().create_future())
+        self.enqueue(waiter, bound_to)
         try:
-            return await waiter.future
+            worker: Worker = await waiter.future
         except asyncio.CancelledError:
-            self._leave(waiter)
+            self.leave(waiter)
             if waiter.future.done() and not waiter.future.cancelled():
                 self.release(waiter.future.result())
             raise
+        return worker
 
     def _least_loaded(self) -> Worker | None:
         free = self._free
@@ -185,9 +204,10 @@ class Dispatcher:
             del free[worker]  # a worker whose process just exited may still be listed
         return None
 
-    def _leave(self, waiter: _Waiter) -> None:
+    def leave(self, entry: Entry) -> None:
+        """``entry`` gave up waiting (its caller was cancelled): it leaves its queue."""
         with contextlib.suppress(ValueError):
-            waiter.queue.remove(waiter)
+            entry.queue.remove(entry)
             self.queued -= 1
 
     def expire_due(self, now: float) -> float | None:
@@ -196,18 +216,18 @@ class Dispatcher:
         Queues are first-in first-out with one timeout, so only their heads need a look.
         """
         following: float | None = None
-        for queue in [self._waiters, *self._bound.values()]:
+        for queue in [self._general, *self._bound.values()]:
             while queue and queue[0].deadline <= now:
                 self._expire(queue[0])
             if queue and (following is None or queue[0].deadline < following):
                 following = queue[0].deadline
         return following
 
-    def _expire(self, waiter: _Waiter) -> None:
-        self._leave(waiter)
-        if not waiter.future.done():
+    def _expire(self, entry: Entry) -> None:
+        self.leave(entry)
+        if not entry.future.done():
             self._counters.queue_timeouts += 1
-            waiter.future.set_exception(
+            entry.future.set_exception(
                 QueueTimeout(
                     f"adapter {self.adapter!r}: no worker became free within "
                     f"pool_queue_timeout={self._queue_timeout}s",
@@ -217,15 +237,15 @@ class Dispatcher:
 
     def fail_all(self, error: Callable[[], SnakepitError]) -> None:
         """Fail every queued caller with ``error()`` (the pool stops, or cannot serve)."""
-        for queue in [self._waiters, *self._bound.values()]:
+        for queue in [self._general, *self._bound.values()]:
             self._fail(queue, error)
 
-    def _fail(self, queue: deque[_Waiter], error: Callable[[], SnakepitError]) -> None:
+    def _fail(self, queue: deque[Entry], error: Callable[[], SnakepitError]) -> None:
         while queue:
-            waiter = queue.popleft()
+            entry = queue.popleft()
             self.queued -= 1
-            if not waiter.future.done():
-                waiter.future.set_exception(error())
+            if not entry.future.done():
+                entry.future.set_exception(error())
 
     # -- figures ------------------------------------------------------------------------------
 

@@ -12,7 +12,9 @@ Every hook is called through pluggy, so ``firstresult``, wrappers and ``enable_t
   adapter's own plugin answers before them. For one adapter, hooks are called through subset
   callers that leave out the *other* adapter plugins: an adapter plugin shapes and observes
   its own adapters' requests only.
-* Shaping hooks (validation, arguments, response, timeout) are one pluggy call each. A
+* Shaping hooks (validation, arguments, response, timeout) are one pluggy call each (but when
+  the core's schema validation is an adapter's only validator and nobody monitors hook calls,
+  it is called directly: pluggy's call costs more than validating a ``ping``). A
   ``SnakepitError`` raised by a hook (``ValidationError``...) reaches the caller unchanged; any
   other exception becomes :class:`~snakepit_core.errors.PluginError` naming the plugin and the
   hook, so a request is never sent half-shaped or unvalidated.
@@ -102,6 +104,47 @@ def _plugin_callers(
     )
 
 
+class _MonitoredPluginManager(pluggy.PluginManager):
+    """pluggy's manager, counting the hook-call monitors (``enable_tracing`` is one) and
+    telling snakepit when that changes, so that no hook call bypasses pluggy while someone
+    watches them."""
+
+    def __init__(self, project_name: str, on_change: Callable[[], None]) -> None:
+        super().__init__(project_name)
+        self._on_change = on_change
+        self.monitors = 0
+
+    def add_hookcall_monitoring(
+        self, before: Callable[..., None], after: Callable[..., None]
+    ) -> Callable[[], None]:
+        undo = super().add_hookcall_monitoring(before, after)
+        self.monitors += 1
+        self._on_change()
+
+        def undo_and_tell() -> None:
+            undo()
+            self.monitors -= 1
+            self._on_change()
+
+        return undo_and_tell
+
+
+def _only_core_validator(
+    pm: pluggy.PluginManager, caller: pluggy.HookCaller
+) -> Callable[..., object] | None:
+    """The core's validation function if it is the only ``snakepit_validate_command`` and no
+    one monitors the hook calls."""
+    if getattr(pm, "monitors", 0):
+        return None
+    impls = caller.get_hookimpls()
+    if len(impls) != 1:
+        return None
+    impl = impls[0]
+    if impl.plugin_name != CORE_PLUGIN_NAME or impl.wrapper or impl.hookwrapper:
+        return None
+    return impl.function
+
+
 class AdapterHooks:
     """The hooks as they apply to one adapter, from :meth:`PluginManager.hooks_for`.
 
@@ -121,6 +164,7 @@ class AdapterHooks:
         self.version = version
         self._on_error = on_error
         self._validate = pm.subset_hook_caller("snakepit_validate_command", left_out)
+        self._core_validator_only = _only_core_validator(pm, self._validate)
         self._prepare = pm.subset_hook_caller("snakepit_prepare_args", left_out)
         self._process = pm.subset_hook_caller("snakepit_process_response", left_out)
         self._timeout = pm.subset_hook_caller("snakepit_command_timeout", left_out)
@@ -138,8 +182,16 @@ class AdapterHooks:
     # method has its own ``try`` (free until something raises): no helper call on the hot path.
 
     def validate_command(self, command: str, args: dict[str, Any]) -> None:
-        """Run the validators; the first ``SnakepitError`` one raises reaches the caller."""
+        """Run the validators; the first ``SnakepitError`` one raises reaches the caller.
+
+        When the core's schema validation is the only validator (the common case), it is called
+        directly: pluggy's per-call machinery costs more than validating ``ping({})`` itself.
+        While hook calls are monitored (``pm.enable_tracing()``) it goes through pluggy.
+        """
         try:
+            if self._core_validator_only is not None:
+                self._core_validator_only(self.adapter, command, args)
+                return
             self._validate(adapter=self.adapter, command=command, args=args)
         except SnakepitError:
             raise
@@ -281,7 +333,7 @@ class PluginManager:
     """The process-wide registry of plugins and adapters (see :func:`get_plugin_manager`)."""
 
     def __init__(self, *, discover: bool = True) -> None:
-        self._pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+        self._pm = _MonitoredPluginManager(hookspecs.PROJECT_NAME, self._monitoring_changed)
         self._pm.add_hookspecs(hookspecs)
         self._discover = discover
         self._loaded = False
@@ -409,6 +461,9 @@ class PluginManager:
     def _changed(self) -> None:
         self._adapters = None
         self._version += 1
+
+    def _monitoring_changed(self) -> None:
+        self._version += 1  # hook callers are rebuilt; the plugins are the same
 
     # -- adapters -----------------------------------------------------------------------------
 

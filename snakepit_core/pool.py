@@ -100,6 +100,58 @@ def _seconds(value: Any, what: str, adapter: str, command: str) -> float:
     )
 
 
+class _Call:
+    """One ``execute`` from validation to answer. When no slot is free it waits in the
+    dispatcher's queue as itself, so a freed slot sends it at once (:meth:`give`) and the
+    caller wakes once, for the answer."""
+
+    __slots__ = (
+        "args",
+        "command",
+        "deadline",
+        "exact",
+        "future",
+        "hooks",
+        "pool",
+        "queue",
+        "queue_wait",
+        "request_id",
+        "session_id",
+        "span",
+        "started",
+        "timeout",
+        "worker",
+    )
+
+    def __init__(
+        self,
+        pool: Pool,
+        loop: asyncio.AbstractEventLoop,
+        hooks: AdapterHooks,
+        command: str,
+        session_id: str | None,
+    ) -> None:
+        self.pool = pool
+        self.hooks = hooks
+        self.command = command
+        self.session_id = session_id
+        self.started = time.monotonic()
+        self.future: asyncio.Future[Any] = loop.create_future()
+        self.span: trace.Span | None = None
+        self.args: dict[str, Any] = {}
+        self.timeout = 0.0
+        self.exact = False
+        self.worker: Worker | None = None
+        self.request_id = 0
+        self.queue_wait = 0.0
+        #: Set by the dispatcher while queued.
+        self.deadline = 0.0
+        self.queue: deque[Any] = deque()
+
+    def give(self, worker: Worker) -> None:
+        self.pool._send_queued(self, worker)
+
+
 class Pool:
     """A pool of worker processes of one adapter. Use ``async with Pool("my-adapter") as pool``."""
 
@@ -465,64 +517,62 @@ class Pool:
         strict: bool,
         fail_fast: bool,
     ) -> Any:
-        self._check_running()
+        if self._state != "running":
+            self._check_running()
         hooks = self._hooks
         if hooks.version != self._plugins.version:
             hooks = self._hooks = self._plugins.hooks_for(self.adapter, self._count_hook_error)
         counters = self.counters
         counters.requests += 1
         telemetry = self.telemetry
-        span: trace.Span | None = None
+        assert self._loop is not None
+        call = _Call(self, self._loop, hooks, command, session_id)
         token: Token[Context] | None = None
         if telemetry.tracing:
-            span = telemetry.start_request(command, session_id)
-            token = telemetry.activate(span)  # hooks' own spans nest under the request's
-        started = time.monotonic()
-        worker: Worker | None = None
-        request_id = 0
-        queue_wait = 0.0
+            call.span = telemetry.start_request(command, session_id)
+            token = telemetry.activate(call.span)  # hooks' own spans nest under the request's
         error: BaseException | None = None
         try:
-            args, timeout, exact = self._checked_request(hooks, command, args, timeout, session_id)
-            unavailable = (
-                self.supervisor.unavailable_error
-                if self.supervisor.breaker_open and not self.workers
-                else None
+            call.args, call.timeout, call.exact = self._checked_request(
+                hooks, command, args, timeout, session_id
             )
-            worker = await self.dispatch.acquire(preferred, strict, fail_fast, unavailable)
-            try:
-                dispatched = time.monotonic()
-                queue_wait = dispatched - started
-                meta = None
-                if span is not None:
-                    telemetry.set_worker(span, worker.id, worker.pid, queue_wait)
-                    meta = telemetry.inject(span)
-                if session_id is not None:
+            dispatch = self.dispatch
+            worker = dispatch.take(preferred, strict, fail_fast)
+            if worker is None and self.supervisor.breaker_open and not self.workers:
+                raise self.supervisor.unavailable_error()
+            bound_to = preferred if strict else None
+            if session_id is not None:
+                # The session records its worker before the request is sent.
+                if worker is None:
+                    worker = await dispatch.wait(bound_to)
+                try:
                     await self.sessions.note_worker(session_id, worker.id)
-                future = worker.send(command, args, timeout=timeout, meta=meta, exact=exact)
-            except BaseException:
-                # Nothing was sent: the slot goes back whatever went wrong.
-                self.dispatch.release(worker)
-                raise
-            request_id = worker.last_request_id
-            if hooks.has_request_telemetry:
-                hooks.request_started(
-                    command=command,
-                    request_id=request_id,
-                    worker_id=worker.id,
-                    session_id=session_id,
-                )
+                except BaseException:
+                    dispatch.release(worker)
+                    raise
+            if worker is None:
+                dispatch.enqueue(call, bound_to)
+            else:
+                try:
+                    self._send(call, worker)
+                except BaseException:
+                    dispatch.release(worker)  # nothing was sent: the slot goes back
+                    raise
             try:
-                result = await future
+                result = await call.future
             except asyncio.CancelledError:
-                worker.abandon(request_id)
+                if call.worker is None:
+                    dispatch.leave(call)
+                else:
+                    call.worker.abandon(call.request_id)
                 raise
             except _CommandFailure as failure:
+                assert call.worker is not None
                 raise CommandError(
-                    f"adapter {self.adapter.name!r}: worker {worker.id}: command {command!r} "
-                    f"failed: {failure.error}",
+                    f"adapter {self.adapter.name!r}: worker {call.worker.id}: command "
+                    f"{command!r} failed: {failure.error}",
                     adapter=self.adapter.name,
-                    worker_id=worker.id,
+                    worker_id=call.worker.id,
                     command=command,
                     error=failure.error,
                 ) from None
@@ -535,25 +585,69 @@ class Pool:
                 counters.errors += 1
             raise
         finally:
-            finished = time.monotonic()
-            duration = finished - started
-            counters.record_latency(duration)
-            if hooks.has_request_telemetry:
-                hooks.request_finished(
-                    command=command,
-                    request_id=request_id,
-                    worker_id=worker.id if worker else None,
-                    session_id=session_id,
-                    duration=duration,
-                    queue_wait=queue_wait,
-                    error=error,
-                )
-            if telemetry.metering:
-                telemetry.record_metrics(command, duration, error)
-            if span is not None:
-                telemetry.end_request(span, finished - started - queue_wait, error)
+            self._finish(call, error)
             if token is not None:
                 telemetry.deactivate(token)
+
+    def _send(self, call: _Call, worker: Worker) -> None:
+        """Send ``call`` on ``worker``, whose slot is taken for it; raises if it cannot."""
+        call.worker = worker
+        call.queue_wait = time.monotonic() - call.started
+        meta = None
+        span = call.span
+        if span is not None:
+            self.telemetry.set_worker(span, worker.id, worker.pid, call.queue_wait)
+            meta = self.telemetry.inject(span)
+        worker.send(
+            call.command,
+            call.args,
+            timeout=call.timeout,
+            meta=meta,
+            exact=call.exact,
+            future=call.future,
+        )
+        call.request_id = worker.last_request_id
+        hooks = call.hooks
+        if hooks.has_request_telemetry:
+            hooks.request_started(
+                command=call.command,
+                request_id=call.request_id,
+                worker_id=worker.id,
+                session_id=call.session_id,
+            )
+
+    def _send_queued(self, call: _Call, worker: Worker) -> None:
+        """A freed slot of ``worker`` sends the queued ``call``. If it cannot be sent, its
+        caller gets the error, and the slot goes to the next entry on the next loop
+        iteration (not recursively: a queue of unsendable calls must not nest)."""
+        try:
+            self._send(call, worker)
+        except BaseException as exc:
+            call.worker = None
+            if not call.future.done():
+                call.future.set_exception(exc)
+            call.future.get_loop().call_soon(self.dispatch.release, worker)
+
+    def _finish(self, call: _Call, error: BaseException | None) -> None:
+        """Account for a finished call: latency, the observer hooks, metrics, its span."""
+        duration = time.monotonic() - call.started
+        self.counters.record_latency(duration)
+        worker = call.worker
+        if call.hooks.has_request_telemetry:
+            call.hooks.request_finished(
+                command=call.command,
+                request_id=call.request_id,
+                worker_id=worker.id if worker else None,
+                session_id=call.session_id,
+                duration=duration,
+                queue_wait=call.queue_wait,
+                error=error,
+            )
+        telemetry = self.telemetry
+        if telemetry.metering:
+            telemetry.record_metrics(call.command, duration, error)
+        if call.span is not None:
+            telemetry.end_request(call.span, duration - call.queue_wait, error)
 
     async def map(
         self,

@@ -313,8 +313,10 @@ class Worker:
         timeout: float,
         meta: dict[str, Any] | None = None,
         exact: bool = False,
+        future: asyncio.Future[Any] | None = None,
     ) -> asyncio.Future[Any]:
-        """Send one request; the returned future gets the result or a ``SnakepitError``.
+        """Send one request; the future (``future``, or a new one) gets the result or a
+        ``SnakepitError``. Its id is :attr:`last_request_id` afterwards.
 
         Raises ``ValidationError`` (and sends nothing) if the request cannot be encoded.
         ``exact`` asks for the stdlib encoder (see :func:`~snakepit_core.json_values.
@@ -322,16 +324,22 @@ class Worker:
         fail happens before the request is registered, so a failed send leaves no trace.
         """
         request_id = self._next_id + 1
-        budget = {"deadline_ms": max(1, round(timeout * 1000))}
-        message: dict[str, Any] = {
-            "id": request_id,
-            "command": command,
-            "args": args,
-            "meta": {**meta, **budget} if meta else budget,
-        }
-        frame = encode_frame(message, self.config.max_frame_bytes, self._codec, exact)
-        deadline = self._loop.time() + timeout
-        future: asyncio.Future[Any] = self._loop.create_future()
+        budget = max(1, round(timeout * 1000))
+        frame = encode_frame(
+            {
+                "id": request_id,
+                "command": command,
+                "args": args,
+                "meta": {**meta, "deadline_ms": budget} if meta else {"deadline_ms": budget},
+            },
+            self.config.max_frame_bytes,
+            self._codec,
+            exact,
+        )
+        loop = self._loop
+        if future is None:
+            future = loop.create_future()
+        deadline = loop.time() + timeout
         self._queue_frame(frame)
         self._next_id = self.last_request_id = request_id
         self._requests[request_id] = _Request(command, deadline, timeout, future)

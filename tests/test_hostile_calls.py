@@ -155,3 +155,22 @@ async def test_a_deep_frame_from_a_worker_fails_the_call_at_once(misbehaving, co
         assert loop.time() - started < 10, "the call waited for its timeout"
         assert len(str(info.value)) < 1000
         assert await pool.execute("echo", {"after": 1}) == {"after": 1}
+
+
+async def test_queued_calls_too_big_to_send_fail_alone_and_lose_no_slot():
+    """A queued request is sent by the slot that frees for it; one that cannot be encoded
+    fails its own caller, and the slot goes on to the next queued request (hundreds of them
+    in a row must not nest calls)."""
+    async with Pool("python", pool_size=1, max_frame_bytes=4096) as pool:
+        holder = asyncio.ensure_future(pool.execute("sleep", {"seconds": 0.3}))
+        await asyncio.sleep(0.05)  # the only slot is taken: what follows queues
+        too_big = [pool.execute("echo", {"blob": "x" * 5000}) for _ in range(600)]
+        fine = [pool.execute("echo", {"n": n}) for n in range(5)]
+        results = await asyncio.gather(*too_big, *fine, return_exceptions=True)
+        await holder
+        refused = results[:600]
+        assert all(isinstance(r, ValidationError) for r in refused), {type(r) for r in refused}
+        assert "over the maximum frame size" in str(refused[0])
+        assert results[600:] == [{"echoed": {"n": n}} for n in range(5)]
+        await all_free(pool)
+        assert pool.stats()["queued"] == 0
