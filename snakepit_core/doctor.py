@@ -8,7 +8,8 @@ comes from the adapter, so this module names no runtime.
 Pools run in other processes, so what their background tasks (refill, health checks,
 recycling) failed with is read from the process registry: one line per failure of a pool whose
 process is still running. Such a failure is a bug that is still there, so it makes doctor exit
-non-zero, as a broken adapter or plugin does; a pool whose process has ended is not shown.
+non-zero, as a broken adapter or plugin does. A pool that has stopped, or whose process has
+ended, is not shown.
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ def print_background_problems(console: Console) -> bool:
         print_remedy(
             console,
             "this pool's self-healing hit a bug: see its log for the traceback; restarting the"
-            " process clears it",
+            " pool or its process clears it",
         )
     return False
 

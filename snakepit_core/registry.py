@@ -23,7 +23,7 @@ corrupt database in that private directory is ours: it is moved aside
 The same file carries the bugs a pool's background tasks hit (:meth:`Registry.record_problem`,
 the last :data:`PROBLEMS_PER_RUN` of each run), so that ``snakepit doctor``, another process,
 can show the failures of pools that are still running. Like the workers, they are looked at
-only for runs that are alive, and forgotten when the run is reaped.
+only for runs that are alive; they are forgotten when their pool stops or the run is reaped.
 """
 
 from __future__ import annotations
@@ -271,8 +271,9 @@ def _connect(path: Path) -> sqlite3.Connection:
             " PRIMARY KEY (pid, start_time))"
         )
         db.execute(
-            "CREATE TABLE IF NOT EXISTS problems (run_id TEXT NOT NULL, owner_pid INTEGER NOT"
-            " NULL, owner TEXT NOT NULL, what TEXT NOT NULL, error TEXT NOT NULL, at REAL NOT NULL)"
+            "CREATE TABLE IF NOT EXISTS background_problems (run_id TEXT NOT NULL, owner_pid"
+            " INTEGER NOT NULL, owner_id INTEGER NOT NULL, owner TEXT NOT NULL, what TEXT NOT"
+            " NULL, error TEXT NOT NULL, at REAL NOT NULL)"
         )
         if db.execute("PRAGMA quick_check").fetchone() != ("ok",):
             raise _Corrupt("quick_check failed")
@@ -402,21 +403,40 @@ class Registry:
             except sqlite3.Error as exc:
                 self._failed(exc)
 
-    def record_problem(self, owner: str, what: str, error: str) -> None:
+    def record_problem(self, owner_id: int, owner: str, what: str, error: str) -> None:
         """Remember that ``owner``'s background task ``what`` failed with ``error`` (a repr).
 
-        Only the run's last :data:`PROBLEMS_PER_RUN` are kept.
+        ``owner_id`` tells apart owners of one run that share a name (two pools of one
+        adapter), for :meth:`forget_problems`. Only the run's last :data:`PROBLEMS_PER_RUN`
+        are kept.
         """
-        row = (current_run_id(), os.getpid(), owner, what, error[:MAX_ERROR_CHARS], time.time())
+        run_id = current_run_id()
+        row = (run_id, os.getpid(), owner_id, owner, what, error[:MAX_ERROR_CHARS], time.time())
         with self._lock:
             if self._db is None:
                 return
             try:
-                self._db.execute("INSERT INTO problems VALUES (?, ?, ?, ?, ?, ?)", row)
                 self._db.execute(
-                    "DELETE FROM problems WHERE run_id = ?1 AND rowid NOT IN (SELECT rowid FROM"
-                    " problems WHERE run_id = ?1 ORDER BY rowid DESC LIMIT ?2)",
-                    (row[0], PROBLEMS_PER_RUN),
+                    "INSERT INTO background_problems VALUES (?, ?, ?, ?, ?, ?, ?)", row
+                )
+                self._db.execute(
+                    "DELETE FROM background_problems WHERE run_id = ?1 AND rowid NOT IN (SELECT"
+                    " rowid FROM background_problems WHERE run_id = ?1 ORDER BY rowid DESC"
+                    " LIMIT ?2)",
+                    (run_id, PROBLEMS_PER_RUN),
+                )
+            except sqlite3.Error as exc:
+                self._failed(exc)
+
+    def forget_problems(self, owner_id: int) -> None:
+        """Forget what this run's ``owner_id`` recorded: it has stopped, its bugs are gone."""
+        with self._lock:
+            if self._db is None:
+                return
+            try:
+                self._db.execute(
+                    "DELETE FROM background_problems WHERE run_id = ? AND owner_id = ?",
+                    (current_run_id(), owner_id),
                 )
             except sqlite3.Error as exc:
                 self._failed(exc)
@@ -431,7 +451,8 @@ class Registry:
                 return []
             try:
                 rows = self._db.execute(
-                    "SELECT run_id, owner_pid, owner, what, error, at FROM problems ORDER BY rowid"
+                    "SELECT run_id, owner_pid, owner, what, error, at FROM background_problems"
+                    " ORDER BY rowid"
                 ).fetchall()
             except sqlite3.Error as exc:
                 self._failed(exc)
@@ -471,10 +492,10 @@ class Registry:
 
     @staticmethod
     def _forget_dead_problems(db: sqlite3.Connection) -> None:
-        run_ids = [row[0] for row in db.execute("SELECT DISTINCT run_id FROM problems")]
+        run_ids = [row[0] for row in db.execute("SELECT DISTINCT run_id FROM background_problems")]
         for run_id in run_ids:
             if run_is_dead(run_id):
-                db.execute("DELETE FROM problems WHERE run_id = ?", (run_id,))
+                db.execute("DELETE FROM background_problems WHERE run_id = ?", (run_id,))
 
     def _close_in_fork_child(self) -> None:
         """Close this (inherited) connection in a fork child; the parent's stays intact.

@@ -5,12 +5,13 @@ session: each runs as a task of the pool's :class:`BackgroundTasks`, so ``stop()
 awaits every one of them (nothing outlives the pool), and a task that fails with a bug is logged
 as an error and remembered for ``stats()`` instead of vanishing into asyncio's
 "exception was never retrieved". It is also written to the process registry, so that
-``snakepit doctor``, run from another shell, shows it while the pool's process lives.
+``snakepit doctor``, run from another shell, shows it until the pool stops.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Coroutine
 from typing import Any
@@ -19,12 +20,16 @@ from .registry import get_registry
 
 log = logging.getLogger("snakepit.pool")
 
+#: Tells apart, in the registry, owners of this process that share a name.
+_owner_ids = itertools.count(1)
+
 
 class BackgroundTasks:
     """A set of tasks with one owner: spawned here, cancelled and awaited together."""
 
     def __init__(self, owner: str) -> None:
         self._owner = owner
+        self._owner_id = next(_owner_ids)
         self._tasks: set[asyncio.Task[Any]] = set()
         #: The last unexpected failure of a background task (shown by ``stats()``).
         self.last_error: str | None = None
@@ -51,10 +56,16 @@ class BackgroundTasks:
         """
         self.last_error = f"{what}: {error!r}"
         log.error("%s: %s failed", self._owner, what, exc_info=error)
-        get_registry().record_problem(self._owner, what, repr(error))
+        get_registry().record_problem(self._owner_id, self._owner, what, repr(error))
 
     def cancel_all(self) -> list[asyncio.Task[Any]]:
-        """Cancel every task; the caller awaits what is returned."""
+        """Cancel every task (the owner stops); the caller awaits what is returned.
+
+        What was recorded in the registry goes: ``snakepit doctor`` shows the bugs of pools
+        that run (``stats()`` keeps the last one).
+        """
+        if self.last_error is not None:
+            get_registry().forget_problems(self._owner_id)
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
