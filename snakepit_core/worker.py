@@ -107,6 +107,46 @@ class _WorkerProtocol(asyncio.SubprocessProtocol):
         self.worker._finish()
 
 
+class _DirectStdout(asyncio.Protocol):
+    """The stdout pipe's protocol: each read reaches the worker in the read's own callback.
+
+    asyncio's subprocess transport defers every read by a loop iteration (``call_soon``),
+    one iteration per answer at one request in flight; the rest of the pipe's events still go
+    to asyncio's own pipe protocol, which tracks the pipe for the transport.
+    """
+
+    def __init__(self, worker: Worker, inner: asyncio.BaseProtocol) -> None:
+        self.worker = worker
+        self.inner = inner
+
+    def data_received(self, data: bytes) -> None:
+        self.worker._on_stdout(data)
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
+def _read_stdout_directly(worker: Worker, transport: asyncio.SubprocessTransport) -> None:
+    """Give ``transport``'s stdout pipe a :class:`_DirectStdout`. Called from the subprocess
+    protocol's ``connection_made``, which runs before any read of the pipe is delivered, so
+    no read can overtake one still deferred. A loop whose pipes cannot change protocol keeps
+    its own delivery."""
+    pipe = transport.get_pipe_transport(1)
+    if not isinstance(pipe, asyncio.ReadTransport):
+        return
+    with contextlib.suppress(AttributeError, NotImplementedError):
+        pipe.set_protocol(_DirectStdout(worker, pipe.get_protocol()))
+
+
 class Worker:
     """A started (or starting) worker process. Created and driven by the pool."""
 
@@ -175,6 +215,8 @@ class Worker:
         self._requests: dict[int, _Request] = {}
         self._out: list[bytes] = []
         self._flush_handle: asyncio.Handle | None = None
+        #: Handling a read of its answers (see :meth:`_queue_frame`).
+        self._reading = False
         self._drain_timer: asyncio.TimerHandle | None = None
         self._protocol_error: ProtocolError | None = None
 
@@ -240,6 +282,7 @@ class Worker:
     def _on_connected(self, transport: asyncio.SubprocessTransport) -> None:
         self._transport = transport
         self.pid = transport.get_pid()
+        _read_stdout_directly(self, transport)
         # Recorded before the handshake, so no moment exists where a parent's death leaves it.
         get_registry().add(self.pid, self.run_id, self.id)
         get_watchdog().watch(self.pid)
@@ -348,13 +391,21 @@ class Worker:
         return future
 
     def _queue_frame(self, frame: bytes) -> None:
-        """Frames queued in one loop iteration leave in one write (one system call)."""
+        """Frames queued in one loop iteration leave in one write (one system call).
+
+        While a read of this worker's answers is handled, the slots those answers free send
+        the next requests here too: they are written once the read is handled, without a
+        trip through the loop.
+        """
         self._out.append(frame)
-        if self._flush_handle is None:
-            self._flush_handle = self._loop.call_soon(self._flush)
+        if self._flush_handle is None and not self._reading:
+            self._flush_handle = self._loop.call_soon(self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self._flush_handle = None
+        self._flush()
 
     def _flush(self) -> None:
-        self._flush_handle = None
         out = self._out
         if not out:
             return
@@ -442,6 +493,7 @@ class Worker:
     def _on_stdout(self, data: bytes) -> None:
         if self._protocol_error is not None:
             return
+        self._reading = True
         try:
             messages = self._decoder.feed(data)
             for message in messages:
@@ -453,6 +505,10 @@ class Worker:
             self._on_protocol_error(
                 ProtocolError(f"its output could not be handled ({exc!r})", cause="internal")
             )
+        finally:
+            self._reading = False
+        if self._out and self._flush_handle is None:
+            self._flush()
 
     def _on_message(self, message: dict[str, Any]) -> None:
         try:
