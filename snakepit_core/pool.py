@@ -42,7 +42,7 @@ from .json_values import check_arguments
 from .plugins import AdapterHooks, get_plugin_manager, resolve_adapter
 from .runinfo import current_run_id, next_worker_id
 from .stats import PoolCounters
-from .supervisor import Supervisor
+from .supervisor import PoolControls, Supervisor
 from .tasks import BackgroundTasks
 from .telemetry import PoolTelemetry
 from .worker import Worker, _CommandFailure, terminate_process_groups
@@ -201,7 +201,20 @@ class Pool:
         self._deadlines: Deadlines  # created by start(), on the pool's loop
         #: Every background task of the pool (refill, health, recycling, stops, clean-ups).
         self.tasks = BackgroundTasks(f"pool {self.adapter.name}")
-        self.supervisor = Supervisor(self)
+        self.supervisor = Supervisor(
+            self.adapter.name,
+            self.config,
+            workers=self.workers,
+            dispatch=self.dispatch,
+            tasks=self.tasks,
+            telemetry=self.telemetry,
+            controls=PoolControls(
+                start_worker=self._start_worker,
+                retire=self._retire,
+                hooks=self._current_hooks,
+                running=lambda: self.running,
+            ),
+        )
         self._session_store = session_store
         self._sessions: SessionStore | None = None
 
@@ -519,9 +532,7 @@ class Pool:
     ) -> Any:
         if self._state != "running":
             self._check_running()
-        hooks = self._hooks
-        if hooks.version != self._plugins.version:
-            hooks = self._hooks = self._plugins.hooks_for(self.adapter, self._count_hook_error)
+        hooks = self._current_hooks()
         counters = self.counters
         counters.requests += 1
         telemetry = self.telemetry
@@ -780,6 +791,13 @@ class Pool:
             return
         with contextlib.suppress(SnakepitError):
             await self._execute("clear_session", {}, 5.0, session_id, worker, True, False)
+
+    def _current_hooks(self) -> AdapterHooks:
+        """The adapter's hooks, rebuilt when a plugin came or went since they were built."""
+        hooks = self._hooks
+        if hooks.version != self._plugins.version:
+            hooks = self._hooks = self._plugins.hooks_for(self.adapter, self._count_hook_error)
+        return hooks
 
     def _count_hook_error(self, _hook: str, _plugin: str) -> None:
         self._hook_errors += 1

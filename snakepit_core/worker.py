@@ -193,13 +193,8 @@ class Worker:
         #: Requests answered after the handshake (the crash-loop breaker and recycling use it).
         self.completed = 0
         self.errors = 0
-        self.health_ping: asyncio.Future[Any] | None = None
-        self.health_misses = 0
         #: Takes no new requests; leaves service once the ones in flight are answered.
         self.retiring = False
-        #: A replacement is starting for it (recycling); it serves meanwhile.
-        self.recycling = False
-        self.next_memory_check = 0.0
         #: The id of the request :meth:`send` sent last (for telemetry hooks).
         self.last_request_id = 0
         self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
