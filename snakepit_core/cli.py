@@ -129,7 +129,12 @@ def demo(only: tuple[str, ...], pool_size: int) -> None:
 @main.command()
 @click.argument("adapters", nargs=-1)
 @click.option("-x", "--exitfirst", is_flag=True, help="Stop at the first failure.")
-def conformance(adapters: tuple[str, ...], exitfirst: bool) -> None:
+@click.option(
+    "--worker-concurrency",
+    type=click.IntRange(min=1),
+    help="Run every case with pools of this worker_concurrency (protocol 2).",
+)
+def conformance(adapters: tuple[str, ...], exitfirst: bool, worker_concurrency: int | None) -> None:
     """Run the conformance suite against ADAPTERS (default: every installed adapter).
 
     An ADAPTER is an installed adapter's name, or module:NAME or path/to/file.py:NAME naming
@@ -141,7 +146,10 @@ def conformance(adapters: tuple[str, ...], exitfirst: bool) -> None:
     if problem:
         click.echo(problem, err=True)
         sys.exit(2)
-    sys.exit(run(list(adapters), ["-x"] if exitfirst else []))
+    extra = ["-x"] if exitfirst else []
+    if worker_concurrency is not None:
+        extra.append(f"--worker-concurrency={worker_concurrency}")
+    sys.exit(run(list(adapters), extra))
 
 
 @main.command()

@@ -351,3 +351,37 @@ def test_the_protocol_2_cases_pass_on_a_bundled_adapter(tmp_path, name):
         f"{name}: {len(protocol_2[PROTOCOL])} protocol, {len(protocol_2[BUNDLED])} bundled level"
         in done.stdout
     )
+
+
+def test_snakepit_conformance_passes_worker_concurrency_on():
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakepit_core.cli",
+            "conformance",
+            "--worker-concurrency=8",
+            PERL_ADAPTER,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "pools run with worker_concurrency=8" in done.stdout
+    assert " passed" in done.stdout and "failed" not in done.stdout
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakepit_core.cli",
+            "conformance",
+            "--worker-concurrency=0",
+            PERL_ADAPTER,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2
+    assert "--worker-concurrency" in refused.stderr

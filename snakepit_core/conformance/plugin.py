@@ -182,6 +182,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     config.stash[_report] = [
         _summary(name, selected[name], reasons[name]) for name in {**selected, **reasons}
     ]
+    concurrency = config.getoption("worker_concurrency")
+    if concurrency is not None and config.stash[_report]:
+        config.stash[_report].append(
+            f"snakepit conformance: pools run with worker_concurrency={concurrency}"
+        )
 
 
 def _summary(name: str, selected: Counter[str], reasons: Counter[str]) -> str:
