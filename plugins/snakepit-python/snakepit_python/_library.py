@@ -341,6 +341,9 @@ class _Worker:
             **_COMMANDS,
         }
         self._decoder = json.JSONDecoder(parse_constant=_refuse_constant)
+        #: The decoder's C scanner: one call decodes a frame that is nothing but its value.
+        self._scan: Callable[[str, int], tuple[Any, int]]
+        self._scan = self._decoder.scan_once  # type: ignore[attr-defined]
         self._encoder = json.JSONEncoder(allow_nan=False)
         self._buf = b""  # input read but not yet served
         #: How the serving loop reads: ``os.read``, or the concurrent server's, which also
@@ -444,8 +447,17 @@ class _Worker:
         return frame
 
     def _decode(self, body: bytes | bytearray) -> dict[str, Any]:
+        """The request a frame holds. The scanner alone decodes a frame without whitespace
+        around its value (every frame a pool writes); ``decode`` takes any other, and gives
+        the reason a bad frame is refused."""
         try:
-            request = self._decoder.decode(body.decode())
+            text = body.decode()
+            try:
+                request, end = self._scan(text, 0)
+            except StopIteration:  # leading whitespace, or no JSON value at all
+                end = -1
+            if end != len(text):
+                request = self._decoder.decode(text)
         except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
             raise _StreamError(f"undecodable frame: {exc}") from None
         if type(request) is not dict:
