@@ -299,6 +299,15 @@ def _protect_stdio() -> tuple[int, int]:
     return input_fd, output_fd
 
 
+class _JSONText(str):
+    """A result that is already JSON text (``ping``'s answer): it goes into the envelope as is."""
+
+
+_json_string = json.encoder.encode_basestring_ascii  # how the encoder writes a string
+_CAPABILITIES_JSON = json.dumps(list(CAPABILITIES))
+_PROTOCOL_2_CAPABILITIES_JSON = json.dumps(list(PROTOCOL_2_CAPABILITIES))
+
+
 def _frame(body: bytes) -> bytes:
     return len(body).to_bytes(4, "big") + body
 
@@ -540,7 +549,10 @@ class _Worker:
 
     def _success_frame(self, request_id: int, name: str, result: Any) -> bytes:
         try:
-            body = self._encoder.encode({"id": request_id, "success": True, "result": result})
+            if type(result) is _JSONText:
+                body = f'{{"id": {request_id}, "success": true, "result": {result}}}'
+            else:
+                body = self._encoder.encode({"id": request_id, "success": True, "result": result})
         except (TypeError, ValueError, RecursionError) as exc:
             return self._failure_frame(request_id, f"{name}: result cannot be sent as JSON ({exc})")
         data = body.encode()
@@ -570,13 +582,16 @@ class _Worker:
 
     # -- built-in: the handshake -------------------------------------------
 
-    def ping(self, args: dict[str, Any]) -> dict[str, Any]:
+    def ping(self, args: dict[str, Any]) -> _JSONText:
         """The handshake and liveness check; records the worker id the pool assigns.
 
         A first ping (the handshake) with ``max_in_flight`` comes from a protocol-2 pool: the
         answer says protocol 2 and how many requests this worker takes, and the worker then
         serves that many at once. A ping without it (a protocol-1 handshake, the pool's health
         check) gets protocol 1's answer, key for key, as docs/PROTOCOL.md lists them.
+
+        The pool pings often, so the answer is written as JSON text here, exactly as the
+        encoder would write the same object, instead of being built as a dict and encoded.
         """
         worker_id = args.get("worker_id")
         if isinstance(worker_id, str):
@@ -584,21 +599,18 @@ class _Worker:
         asks = "max_in_flight" in args
         if asks and self.handled == 0:
             self._negotiate(args["max_in_flight"])
-        answer = {
-            "status": "ok",
-            "uptime": time.monotonic() - self.started,
-            # Counts this request too, as every bundled bridge does.
-            "requests_handled": self.handled + 1,
-            "worker_id": self.worker_id,
-            "runtime": RUNTIME,
-            "capabilities": list(CAPABILITIES),
-            "pid": self.pid,
-        }
-        if asks and self.protocol == 2:
-            answer["capabilities"] = list(PROTOCOL_2_CAPABILITIES)
-            answer["protocol"] = 2
-            answer["max_concurrency"] = MAX_CONCURRENCY
-        return answer
+        protocol_2 = asks and self.protocol == 2
+        capabilities = _PROTOCOL_2_CAPABILITIES_JSON if protocol_2 else _CAPABILITIES_JSON
+        # requests_handled counts this request too, as every bundled bridge does.
+        text = (
+            f'{{"status": "ok", "uptime": {time.monotonic() - self.started!r}, '
+            f'"requests_handled": {self.handled + 1}, '
+            f'"worker_id": {_json_string(self.worker_id)}, "runtime": "{RUNTIME}", '
+            f'"capabilities": {capabilities}, "pid": {self.pid}'
+        )
+        if protocol_2:
+            text += f', "protocol": 2, "max_concurrency": {MAX_CONCURRENCY}'
+        return _JSONText(text + "}")
 
     def _negotiate(self, max_in_flight: object) -> None:
         if type(max_in_flight) is not int or max_in_flight < 1:
