@@ -33,7 +33,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import asyncio
     import select
-    from collections.abc import Callable, Coroutine, Sequence
+    from collections.abc import Callable, Coroutine
     from types import FrameType
     from typing import Any, NoReturn, TypeVar, overload
 
@@ -440,6 +440,31 @@ class _Worker:
                     raise _StreamError(f"input ended inside a frame ({size} bytes pending)")
                 return None
             buf = buf + data if buf else data
+
+    def _next_frames(self) -> list[bytes | bytearray] | None:
+        """Every complete frame buffered, reading once if there is none; ``None`` at a clean
+        end of input.
+
+        A concurrent worker serves a whole read at once: its frames are sliced from the chunk
+        once each, instead of the rest of the chunk being copied after every frame. A frame
+        over the limit or not complete yet stays buffered for the next call.
+        """
+        first = self._next_frame()
+        if first is None:
+            return None
+        frames = [first]
+        buf, limit = self._buf, self.max_frame
+        pos, size = 0, len(buf)
+        while size - pos >= 4:
+            length = int.from_bytes(buf[pos : pos + 4], "big")
+            end = pos + 4 + length
+            if length > limit or end > size:
+                break
+            frames.append(buf[pos + 4 : end])
+            pos = end
+        if pos:
+            self._buf = buf[pos:]
+        return frames
 
     def _read_rest(self, head: bytes, end: int) -> bytearray:
         """Read exactly the rest of a frame into one buffer (no quadratic concatenation)."""
@@ -850,10 +875,11 @@ class _ConcurrentServer:
         worker._read = self._read
         try:
             while True:
-                body = worker._next_frame()
-                if body is None:
+                frames = worker._next_frames()
+                if frames is None:
                     return self._drain()
-                self._dispatch(worker._decode(body))
+                for body in frames:
+                    self._dispatch(worker._decode(body))
         except _OutputLost:
             return self._lost or 0
 
@@ -882,7 +908,7 @@ class _ConcurrentServer:
             return self._start_async(_Request(request_id, name, func, call_args), None)
         if cancellable:
             return self._enqueue(_Request(request_id, name, func, call_args))
-        return self._run_sync(_Request(request_id, name, func, call_args))
+        return self._run_inline(request_id, name, func, call_args)
 
     def _drain(self) -> int:
         """End of input: answer what is in flight or queued, write it all, then exit 0."""
@@ -907,7 +933,7 @@ class _ConcurrentServer:
             request.cancel_requested = True
             if request.state == _QUEUED:
                 self._queue.remove(request)
-                self._post([(request, self.worker._failure_frame(request_id, "cancelled"))])
+                self._post(request, self.worker._failure_frame(request_id, "cancelled"))
                 return
             if request.state != _ASYNC or self._loop is None:
                 return
@@ -943,24 +969,47 @@ class _ConcurrentServer:
                 request = self._queue.popleft()
                 request.state = _RUNNING
             try:
-                self._run_sync(request)
+                self._run_queued(request)
             except BaseException as exc:  # SystemExit and the like: a thread must still answer
                 self._answer(request, self.worker._exception_frame(request.id, request.name, exc))
 
-    def _run_sync(self, request: _Request) -> None:
-        """Call a sync handler and answer; a returned coroutine continues as a task.
+    def _run_queued(self, request: _Request) -> None:
+        """On a handler thread: run a queued request and answer it."""
+        outcome = self._call_sync(request.id, request.name, request.func, request.call_args)
+        if type(outcome) is CoroutineType:
+            return self._start_async(request, outcome)
+        self._answer(request, outcome)
+
+    def _run_inline(
+        self, request_id: int, name: str, func: Handler, call_args: tuple[Any, ...]
+    ) -> None:
+        """On the reading thread: run a quick (``cancellable=False``) handler and answer it.
+
+        No ``$cancel`` can reach it (this thread reads them), so it needs no :class:`_Request`
+        in flight, unless it returns a coroutine.
+        """
+        outcome = self._call_sync(request_id, name, func, call_args)
+        if type(outcome) is CoroutineType:
+            return self._start_async(_Request(request_id, name, func, call_args), outcome)
+        self._answer(None, outcome)
+
+    def _call_sync(
+        self, request_id: int, name: str, func: Handler, call_args: tuple[Any, ...]
+    ) -> bytes | CoroutineType[Any, Any, Any]:
+        """Call a sync handler: its answer, or the coroutine a sync wrapper around an async
+        function returned (it continues as a task).
 
         Only ``Exception`` is answered here: on the main thread, SIGTERM's ``SystemExit`` must
         end the worker.
         """
         worker = self.worker
         try:
-            result = request.func(*request.call_args)
+            result = func(*call_args)
         except Exception as exc:
-            return self._answer(request, worker._exception_frame(request.id, request.name, exc))
+            return worker._exception_frame(request_id, name, exc)
         if type(result) is CoroutineType:  # a sync wrapper around an async function
-            return self._start_async(request, result)
-        self._answer(request, worker._success_frame(request.id, request.name, result))
+            return result
+        return worker._success_frame(request_id, name, result)
 
     # -- async handlers ---------------------------------------------------
 
@@ -1032,23 +1081,28 @@ class _ConcurrentServer:
     def _flush_batch(self) -> None:
         batch, self._loop_batch = self._loop_batch, []
         with self._lock:
-            self._post(batch)
+            for request, frame in batch:
+                self._post(request, frame)
 
     # -- replies ----------------------------------------------------------
 
     def _answer(self, request: _Request | None, frame: bytes) -> None:
         with self._lock:
-            self._post([(request, frame)])
+            self._post(request, frame)
 
-    def _post(self, replies: Sequence[tuple[_Request | None, bytes]]) -> None:
-        """With the lock held: the requests are no longer in flight; wake the writer."""
-        inflight = self._inflight
-        for request, frame in replies:
-            if request is not None and inflight.get(request.id) is request:
-                del inflight[request.id]
-            self._outbox.append(frame)
-        self.worker.handled += len(replies)
-        self._output.notify()
+    def _post(self, request: _Request | None, frame: bytes) -> None:
+        """With the lock held: ``request`` is no longer in flight; its reply goes to the outbox.
+
+        The writer waits only while the outbox is empty, so only the first reply put there
+        wakes it; the others join it. Until the writer gets the GIL (when the reading thread
+        waits for input, usually), every reply of that read joins the same write.
+        """
+        if request is not None and self._inflight.get(request.id) is request:
+            del self._inflight[request.id]
+        if not self._outbox:
+            self._output.notify()
+        self._outbox.append(frame)
+        self.worker.handled += 1
 
     def _write_replies(self) -> None:
         """The writer thread: everything in the outbox goes out with one write."""
