@@ -51,8 +51,8 @@ class BackgroundTasks:
     def record(self, what: str, error: BaseException) -> None:
         """Log a bug in background work and remember it (the work itself goes on or ends).
 
-        ``what`` names the work within this owner (``"refill"``): the log line, ``stats()``'s
-        caller and the registry's reader each know, or are told, whose it is.
+        ``what`` names the work without its owner (``"refill"``): the log line and the
+        registry add the owner, and ``stats()`` is the owner's own.
         """
         self.last_error = f"{what}: {error!r}"
         log.error("%s: %s failed", self._owner, what, exc_info=error)
@@ -61,8 +61,8 @@ class BackgroundTasks:
     def cancel_all(self) -> list[asyncio.Task[Any]]:
         """Cancel every task (the owner stops); the caller awaits what is returned.
 
-        What was recorded in the registry goes: ``snakepit doctor`` shows the bugs of pools
-        that run (``stats()`` keeps the last one).
+        What the owner recorded in the registry goes with it: ``snakepit doctor`` shows the
+        bugs of running pools (``stats()`` keeps the last one).
         """
         if self.last_error is not None:
             get_registry().forget_problems(self._owner_id)
