@@ -19,11 +19,9 @@ import warnings
 import weakref
 from collections import deque
 from collections.abc import AsyncGenerator, Coroutine, Iterable
-from contextvars import Token
 from typing import TYPE_CHECKING, Any, Unpack
 
 from opentelemetry import metrics, trace
-from opentelemetry.context import Context
 
 from .adapter import Adapter
 from .config import AFFINITY_MODES, PoolConfig, PoolOptions
@@ -530,75 +528,106 @@ class Pool:
         strict: bool,
         fail_fast: bool,
     ) -> Any:
-        if self._state != "running":
-            self._check_running()
-        hooks = self._current_hooks()
-        counters = self.counters
-        counters.requests += 1
+        call = self._new_call(command, session_id)
         telemetry = self.telemetry
-        assert self._loop is not None
-        call = _Call(self, self._loop, hooks, command, session_id)
-        token: Token[Context] | None = None
-        if telemetry.tracing:
-            call.span = telemetry.start_request(command, session_id)
-            token = telemetry.activate(call.span)  # hooks' own spans nest under the request's
+        # Hooks' own spans nest under the request's.
+        token = telemetry.activate(call.span) if call.span is not None else None
         error: BaseException | None = None
         try:
-            call.args, call.timeout, call.exact = self._checked_request(
-                hooks, command, args, timeout, session_id
-            )
-            dispatch = self.dispatch
-            worker = dispatch.take(preferred, strict, fail_fast)
-            if worker is None and self.supervisor.breaker_open and not self.workers:
-                raise self.supervisor.unavailable_error()
-            bound_to = preferred if strict else None
-            if session_id is not None:
-                # The session records its worker before the request is sent.
-                if worker is None:
-                    worker = await dispatch.wait(bound_to)
-                try:
-                    await self.sessions.note_worker(session_id, worker.id)
-                except BaseException:
-                    dispatch.release(worker)
-                    raise
-            if worker is None:
-                dispatch.enqueue(call, bound_to)
-            else:
-                try:
-                    self._send(call, worker)
-                except BaseException:
-                    dispatch.release(worker)  # nothing was sent: the slot goes back
-                    raise
-            try:
-                result = await call.future
-            except asyncio.CancelledError:
-                if call.worker is None:
-                    dispatch.leave(call)
-                else:
-                    call.worker.abandon(call.request_id)
-                raise
-            except _CommandFailure as failure:
-                assert call.worker is not None
-                raise CommandError(
-                    f"adapter {self.adapter.name!r}: worker {call.worker.id}: command "
-                    f"{command!r} failed: {failure.error}",
-                    adapter=self.adapter.name,
-                    worker_id=call.worker.id,
-                    command=command,
-                    error=failure.error,
-                ) from None
-            if hooks.has_process:
-                result = hooks.process_response(command, result)
+            await self._dispatch(call, args, timeout, preferred, strict, fail_fast)
+            result = await self._answer(call)
+            if call.hooks.has_process:
+                result = call.hooks.process_response(command, result)
             return result
         except BaseException as exc:
             error = exc
-            if isinstance(exc, SnakepitError) or not isinstance(exc, asyncio.CancelledError):
-                counters.errors += 1
+            self._count_error(exc)
             raise
         finally:
             self._finish(call, error)
             if token is not None:
                 telemetry.deactivate(token)
+
+    def _new_call(self, command: str, session_id: str | None) -> _Call:
+        """A call of ``command``, counted and (when tracing) with its span started."""
+        if self._state != "running":
+            self._check_running()
+        assert self._loop is not None
+        hooks = self._current_hooks()
+        self.counters.requests += 1
+        call = _Call(self, self._loop, hooks, command, session_id)
+        if self.telemetry.tracing:
+            call.span = self.telemetry.start_request(command, session_id)
+        return call
+
+    async def _dispatch(
+        self,
+        call: _Call,
+        args: dict[str, Any] | None,
+        timeout: float | None,
+        preferred: Worker | None,
+        strict: bool,
+        fail_fast: bool,
+    ) -> None:
+        """Validate ``call`` and send it, or queue it to be sent by the next free slot."""
+        call.args, call.timeout, call.exact = self._checked_request(
+            call.hooks, call.command, args, timeout, call.session_id
+        )
+        dispatch = self.dispatch
+        worker = dispatch.take(preferred, strict, fail_fast)
+        if worker is None and self.supervisor.breaker_open and not self.workers:
+            raise self.supervisor.unavailable_error()
+        bound_to = preferred if strict else None
+        if call.session_id is not None:
+            # The session records its worker before the request is sent.
+            if worker is None:
+                worker = await dispatch.wait(bound_to)
+            try:
+                await self.sessions.note_worker(call.session_id, worker.id)
+            except BaseException:
+                dispatch.release(worker)
+                raise
+        if worker is None:
+            dispatch.enqueue(call, bound_to)
+            return
+        try:
+            self._send(call, worker)
+        except BaseException:
+            dispatch.release(worker)  # nothing was sent: the slot goes back
+            raise
+
+    async def _answer(self, call: _Call) -> Any:
+        """The worker's answer to ``call``; a caller cancelled meanwhile abandons it."""
+        try:
+            return await call.future
+        except asyncio.CancelledError:
+            self._abandon(call)
+            raise
+        except _CommandFailure as failure:
+            raise self._command_error(call, failure) from None
+
+    def _abandon(self, call: _Call) -> None:
+        """``call``'s caller gave up: it leaves the queue, or is cancelled on its worker (whose
+        slot comes back when the worker lets go)."""
+        if call.worker is None:
+            self.dispatch.leave(call)
+        else:
+            call.worker.abandon(call.request_id)
+
+    def _command_error(self, call: _Call, failure: _CommandFailure) -> CommandError:
+        worker_id = call.worker.id if call.worker is not None else None
+        return CommandError(
+            f"adapter {self.adapter.name!r}: worker {worker_id}: command {call.command!r} "
+            f"failed: {failure.error}",
+            adapter=self.adapter.name,
+            worker_id=worker_id,
+            command=call.command,
+            error=failure.error,
+        )
+
+    def _count_error(self, error: BaseException) -> None:
+        if isinstance(error, SnakepitError) or not isinstance(error, asyncio.CancelledError):
+            self.counters.errors += 1
 
     def _send(self, call: _Call, worker: Worker) -> None:
         """Send ``call`` on ``worker``, whose slot is taken for it; raises if it cannot."""
