@@ -40,6 +40,8 @@ class PoolConfig:
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     #: Requests in flight per worker (protocol 2 bridges; protocol-1 bridges take one).
     worker_concurrency: int = 1
+    #: Items a worker may stream ahead of the consumer (``execute_stream``'s backpressure).
+    stream_window: int = 64
     #: ``auto`` (orjson when installed), ``orjson`` or ``json``; both accept the same values.
     json_codec: str = "auto"
     #: Where workers' stderr goes: ``stderr`` (the parent's, each line prefixed ``[worker-id]``)
@@ -92,6 +94,7 @@ class PoolOptions(TypedDict, total=False):
     cleanup_max_retries: int
     max_frame_bytes: int
     worker_concurrency: int
+    stream_window: int
     json_codec: str
     worker_output: str
     cancel_grace_period: float
@@ -113,6 +116,7 @@ FIELD_TYPES: dict[str, str] = {f.name: str(f.type) for f in fields(PoolConfig)}
 _POSITIVE_INTS = (
     "pool_size",
     "worker_concurrency",
+    "stream_window",
     "cleanup_max_retries",
     "worker_health_check_misses",
     "crash_loop_threshold",

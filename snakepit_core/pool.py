@@ -40,6 +40,7 @@ from .json_values import check_arguments
 from .plugins import AdapterHooks, get_plugin_manager, resolve_adapter
 from .runinfo import current_run_id, next_worker_id
 from .stats import PoolCounters
+from .streams import Stream, StreamItems
 from .supervisor import PoolControls, Supervisor
 from .tasks import BackgroundTasks
 from .telemetry import PoolTelemetry
@@ -108,8 +109,10 @@ class _Call:
         "command",
         "deadline",
         "exact",
+        "finished",
         "future",
         "hooks",
+        "items",
         "pool",
         "queue",
         "queue_wait",
@@ -142,6 +145,9 @@ class _Call:
         self.worker: Worker | None = None
         self.request_id = 0
         self.queue_wait = 0.0
+        #: A streaming call's items (None: an ordinary call).
+        self.items: StreamItems | None = None
+        self.finished = False
         #: Set by the dispatcher while queued.
         self.deadline = 0.0
         self.queue: deque[Any] = deque()
@@ -645,6 +651,7 @@ class Pool:
             meta=meta,
             exact=call.exact,
             future=call.future,
+            stream=call.items,
         )
         call.request_id = worker.last_request_id
         hooks = call.hooks
@@ -670,6 +677,7 @@ class Pool:
 
     def _finish(self, call: _Call, error: BaseException | None) -> None:
         """Account for a finished call: latency, the observer hooks, metrics, its span."""
+        call.finished = True
         duration = time.monotonic() - call.started
         self.counters.record_latency(duration)
         worker = call.worker
@@ -749,6 +757,12 @@ class Pool:
         that worker, waiting for it. ``strict_fail_fast``: that worker or ``AffinityBusy``.
         ``session_id`` is added to ``args`` after validation.
         """
+        mode = self._affinity(session_id, affinity)
+        route = await self._route(session_id, mode)
+        return await self._execute(command, args, timeout, session_id, *route)
+
+    def _affinity(self, session_id: str, affinity: str | None) -> str:
+        """The affinity mode of a session call, checked with its session id."""
         from .sessions import check_session_id
 
         self._check_running()
@@ -758,6 +772,11 @@ class Pool:
             raise ValidationError(
                 f"affinity must be one of {', '.join(AFFINITY_MODES)}, not {mode!r}"
             )
+        return mode
+
+    async def _route(self, session_id: str, mode: str) -> tuple[Worker | None, bool, bool]:
+        """``(preferred worker, strict, fail fast)`` for a call of the session (created when
+        absent); ``SessionLost`` if a strict session's worker died."""
         store = self.sessions
         session = await store.get_or_create_session(session_id)
         bound_id = session.last_worker_id
@@ -772,15 +791,81 @@ class Pool:
                 worker_id=bound_id,
                 session_id=session_id,
             )
-        return await self._execute(
-            command,
-            args,
-            timeout,
-            session_id,
-            preferred,
-            strict and preferred is not None,
-            mode == "strict_fail_fast",
-        )
+        return preferred, strict and preferred is not None, mode == "strict_fail_fast"
+
+    # -- streams ------------------------------------------------------------------------------
+
+    def execute_stream(
+        self, command: str, args: dict[str, Any] | None = None, *, timeout: float | None = None
+    ) -> Stream:
+        """Run ``command`` and iterate over the items it produces, as they come.
+
+        ``async with pool.execute_stream("generate", {...}) as items: async for item in
+        items: ...``. Nothing is sent before the first item is asked for; ``timeout`` bounds
+        the whole stream, the consumer's time included. A handler that does not stream gives
+        its result as the one item. Stopping early cancels the handler (see
+        :class:`~snakepit_core.streams.Stream`).
+        """
+
+        async def start(items: StreamItems) -> _Call:
+            return await self._start_stream(items, command, args, timeout, None, None)
+
+        return Stream(self, command, start)
+
+    def execute_stream_in_session(
+        self,
+        session_id: str,
+        command: str,
+        args: dict[str, Any] | None = None,
+        *,
+        affinity: str | None = None,
+        timeout: float | None = None,
+    ) -> Stream:
+        """:meth:`execute_stream` for ``session_id``, routed as :meth:`execute_in_session`."""
+        mode = self._affinity(session_id, affinity)
+
+        async def start(items: StreamItems) -> _Call:
+            route = await self._route(session_id, mode)
+            return await self._start_stream(items, command, args, timeout, session_id, route)
+
+        return Stream(self, command, start)
+
+    async def _start_stream(
+        self,
+        items: StreamItems,
+        command: str,
+        args: dict[str, Any] | None,
+        timeout: float | None,
+        session_id: str | None,
+        route: tuple[Worker | None, bool, bool] | None,
+    ) -> _Call:
+        """Send a streaming call (or queue it); the stream consumes what it produces."""
+        call = self._new_call(command, session_id)
+        call.items = items
+        self.counters.streams += 1
+        token = self.telemetry.activate(call.span) if call.span is not None else None
+        try:
+            await self._dispatch(call, args, timeout, *(route or (None, False, False)))
+        except BaseException as exc:
+            self._count_error(exc)
+            self._finish(call, exc)
+            raise
+        finally:
+            if token is not None:
+                self.telemetry.deactivate(token)
+        return call
+
+    def _finish_stream(self, call: _Call, items: StreamItems, error: BaseException | None) -> None:
+        """Account for a stream that ended, failed or was stopped by its consumer."""
+        if call.finished:
+            return
+        self.counters.stream_items += items.taken
+        if error is not None:
+            self._count_error(error)
+        if call.span is not None:
+            first = items.first_at - call.started - call.queue_wait if items.first_at else None
+            self.telemetry.set_stream(call.span, items.taken, first)
+        self._finish(call, error)
 
     async def execute_program_command(
         self,

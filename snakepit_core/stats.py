@@ -9,10 +9,21 @@ from typing import Any
 class PoolCounters:
     """Totals since start plus the durations of the most recent requests."""
 
-    __slots__ = ("_latencies", "errors", "pool_saturated", "queue_timeouts", "requests")
+    __slots__ = (
+        "_latencies",
+        "errors",
+        "pool_saturated",
+        "queue_timeouts",
+        "requests",
+        "stream_items",
+        "streams",
+    )
 
     def __init__(self, window: int) -> None:
         self.requests = 0
+        #: Streaming calls started (counted in ``requests`` too) and the items they delivered.
+        self.streams = 0
+        self.stream_items = 0
         self.errors = 0
         self.queue_timeouts = 0
         self.pool_saturated = 0
@@ -28,6 +39,8 @@ class PoolCounters:
             "errors": self.errors,
             "queue_timeouts": self.queue_timeouts,
             "pool_saturated": self.pool_saturated,
+            "streams": self.streams,
+            "stream_items": self.stream_items,
             "latency_p50": _percentile(ordered, 0.50),
             "latency_p99": _percentile(ordered, 0.99),
         }

@@ -14,7 +14,7 @@ import os
 import threading
 import warnings
 import weakref
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
 from typing import Any, Protocol, TypeVar, Unpack
 
 from opentelemetry import metrics, trace
@@ -104,6 +104,16 @@ class LoopThread:
         self.thread.join(timeout=10)
         if not self.thread.is_alive():
             self.loop.close()
+
+
+class _Closable(Protocol):
+    """What a blocking generator drives on the loop: ``map``'s results or a stream."""
+
+    def __aiter__(self) -> AsyncIterator[Any]: ...
+
+    def __anext__(self) -> Awaitable[Any]: ...
+
+    def aclose(self) -> Coroutine[Any, Any, None]: ...
 
 
 class BlockingCall(Protocol):
@@ -267,16 +277,49 @@ class SyncPool:
         Closing the iterator early (``break``) cancels the calls still in flight.
         """
         self._check_open()
-        results = self.pool.map(command, args_iterable, timeout=timeout)
+        yield from self._items(self.pool.map(command, args_iterable, timeout=timeout))
+
+    def execute_stream(
+        self, command: str, args: dict[str, Any] | None = None, *, timeout: float | None = None
+    ) -> Iterator[Any]:
+        """Blocking :meth:`Pool.execute_stream`: a generator of the items as they come.
+
+        Closing it (``break`` out of a ``for`` over it, ``close()``, or dropping it) cancels
+        the handler if it still runs.
+        """
+        self._check_open()
+        return self._items(self.pool.execute_stream(command, args, timeout=timeout))
+
+    def execute_stream_in_session(
+        self,
+        session_id: str,
+        command: str,
+        args: dict[str, Any] | None = None,
+        *,
+        affinity: str | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[Any]:
+        """Blocking :meth:`Pool.execute_stream_in_session`: a generator, as
+        :meth:`execute_stream`."""
+        self._check_open()
+        return self._items(
+            self.pool.execute_stream_in_session(
+                session_id, command, args, affinity=affinity, timeout=timeout
+            )
+        )
+
+    def _items(self, stream: _Closable) -> Iterator[Any]:
+        """Drive ``stream`` (map's results, a stream's items) on the loop, one item per next();
+        closing the generator closes it there."""
         try:
             while True:
                 try:
-                    yield self._call(_next(results))
+                    yield self._call(_next(stream))
                 except StopAsyncIteration:
                     return
         finally:
             if not self._runner.inherited and not self._runner.loop.is_closed():
-                self._call(results.aclose())
+                self._call(stream.aclose())
 
     def execute_in_session(
         self,
@@ -362,7 +405,7 @@ async def _close_store(store: SessionStore) -> None:
     store.close()  # on the store's loop, which owns its cleanup task
 
 
-async def _next(results: AsyncIterator[Any]) -> Any:
+async def _next(results: _Closable) -> Any:
     return await anext(results)
 
 
@@ -443,6 +486,25 @@ def execute_in_session(
     timeout: float | None = None,
 ) -> Any:
     return get_pool().execute_in_session(
+        session_id, command, args, affinity=affinity, timeout=timeout
+    )
+
+
+def execute_stream(
+    command: str, args: dict[str, Any] | None = None, *, timeout: float | None = None
+) -> Iterator[Any]:
+    return get_pool().execute_stream(command, args, timeout=timeout)
+
+
+def execute_stream_in_session(
+    session_id: str,
+    command: str,
+    args: dict[str, Any] | None = None,
+    *,
+    affinity: str | None = None,
+    timeout: float | None = None,
+) -> Iterator[Any]:
+    return get_pool().execute_stream_in_session(
         session_id, command, args, affinity=affinity, timeout=timeout
     )
 

@@ -74,6 +74,8 @@ class Attr:
     SESSION_ID = "snakepit.session.id"
     QUEUE_WAIT = "snakepit.queue_wait"
     EXECUTION_TIME = "snakepit.execution_time"
+    STREAM_ITEMS = "snakepit.stream.items"
+    STREAM_FIRST_ITEM = "snakepit.stream.time_to_first_item"
     PROCESS_PID = "process.pid"
     PROCESS_EXIT_CODE = "process.exit.code"
     EXIT_REASON = "snakepit.worker.exit_reason"
@@ -209,6 +211,13 @@ class PoolTelemetry:
         if pid is not None:
             span.set_attribute(Attr.WORKER_PID, pid)
         span.set_attribute(Attr.QUEUE_WAIT, queue_wait)
+
+    @staticmethod
+    def set_stream(span: trace.Span, items: int, time_to_first_item: float | None) -> None:
+        """A stream's item count, and the seconds from its sending to its first item."""
+        span.set_attribute(Attr.STREAM_ITEMS, items)
+        if time_to_first_item is not None:
+            span.set_attribute(Attr.STREAM_FIRST_ITEM, time_to_first_item)
 
     @staticmethod
     def end_request(span: trace.Span, execution_time: float, error: BaseException | None) -> None:

@@ -22,7 +22,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .adapter import Adapter
 from .config import PoolConfig
@@ -37,6 +37,9 @@ from .launcher import launch_argv
 from .protocol import FrameDecoder, check_response, encode_frame, get_codec
 from .registry import get_registry
 from .watchdog import get_watchdog
+
+if TYPE_CHECKING:
+    from .streams import StreamItems
 
 log = logging.getLogger("snakepit.worker")
 stderr_log = logging.getLogger("snakepit.worker.stderr")
@@ -352,9 +355,11 @@ class Worker:
         meta: dict[str, Any] | None = None,
         exact: bool = False,
         future: asyncio.Future[Any] | None = None,
+        stream: StreamItems | None = None,
     ) -> asyncio.Future[Any]:
         """Send one request; the future (``future``, or a new one) gets the result or a
-        ``SnakepitError``. Its id is :attr:`last_request_id` afterwards.
+        ``SnakepitError``. Its id is :attr:`last_request_id` afterwards. With ``stream``, a
+        worker that can stream sends its items there (else its result is the one item).
 
         Raises ``ValidationError`` (and sends nothing) if the request cannot be encoded.
         ``exact`` asks for the stdlib encoder (see :func:`~snakepit_core.json_values.
@@ -363,13 +368,15 @@ class Worker:
         """
         request_id = self._next_id + 1
         budget = max(1, round(timeout * 1000))
+        meta = {**meta, "deadline_ms": budget} if meta else {"deadline_ms": budget}
+        if stream is not None:
+            stream.streaming = "stream" in self.capabilities
+            if stream.streaming:
+                meta["stream"] = {"window": stream.window}
+            else:
+                stream = None
         frame = encode_frame(
-            {
-                "id": request_id,
-                "command": command,
-                "args": args,
-                "meta": {**meta, "deadline_ms": budget} if meta else {"deadline_ms": budget},
-            },
+            {"id": request_id, "command": command, "args": args, "meta": meta},
             self.config.max_frame_bytes,
             self._codec,
             exact,
@@ -380,7 +387,7 @@ class Worker:
         deadline = loop.time() + timeout
         self._queue_frame(frame)
         self._next_id = self.last_request_id = request_id
-        self._requests[request_id] = _Request(command, deadline, timeout, future)
+        self._requests[request_id] = _Request(command, deadline, timeout, future, stream)
         self._watch_deadline(deadline)
         self.requests += 1
         return future
@@ -395,6 +402,20 @@ class Worker:
         self._out.append(frame)
         if self._flush_handle is None and not self._reading:
             self._flush_handle = self._loop.call_soon(self._flush_soon)
+
+    def grant(self, request_id: int, items: int) -> None:
+        """The consumer of stream ``request_id`` took ``items`` more: the worker may send as
+        many more (``$credit``)."""
+        request = self._requests.get(request_id)
+        if request is None or request.abandoned or not self.alive:
+            return
+        self._queue_frame(
+            encode_frame(
+                {"id": request_id, "command": "$credit", "args": {"items": items}},
+                self.config.max_frame_bytes,
+                self._codec,
+            )
+        )
 
     def _flush_soon(self) -> None:
         self._flush_handle = None
@@ -506,6 +527,9 @@ class Worker:
             self._flush()
 
     def _on_message(self, message: dict[str, Any]) -> None:
+        if "item" in message and "success" not in message:
+            self._on_item(message)
+            return
         try:
             request_id, success, payload = check_response(message)
             request = self._requests.pop(request_id, None)
@@ -531,6 +555,26 @@ class Worker:
         if self.state == "ready":
             self.completed += 1
             self._on_answer(self)
+
+    def _on_item(self, message: dict[str, Any]) -> None:
+        """An item of a stream in flight (dropped if its consumer gave up)."""
+        request_id = message.get("id")
+        request = self._requests.get(request_id) if type(request_id) is int else None
+        if request is None or request.stream is None:
+            self._on_protocol_error(
+                ProtocolError(
+                    f"item for id {request_id!r}, which is not a stream in flight",
+                    cause="wrong_id",
+                )
+            )
+        elif not request.abandoned and not request.stream.put(message["item"]):
+            self._on_protocol_error(
+                ProtocolError(
+                    f"stream {request_id} sent more items than its window of "
+                    f"{request.stream.window} allows before credit",
+                    cause="stream_credit",
+                )
+            )
 
     def _on_protocol_error(self, exc: ProtocolError) -> None:
         during = f" during {self._in_flight_commands()}" if self._requests else ""
@@ -708,15 +752,31 @@ _warned_concurrency: set[str] = set()
 class _Request:
     """One request in flight: what the caller waits on, and what its cancellation did."""
 
-    __slots__ = ("abandoned", "cancel_timer", "command", "deadline", "future", "stuck", "timeout")
+    __slots__ = (
+        "abandoned",
+        "cancel_timer",
+        "command",
+        "deadline",
+        "future",
+        "stream",
+        "stuck",
+        "timeout",
+    )
 
     def __init__(
-        self, command: str, deadline: float, timeout: float, future: asyncio.Future[Any]
+        self,
+        command: str,
+        deadline: float,
+        timeout: float,
+        future: asyncio.Future[Any],
+        stream: StreamItems | None = None,
     ) -> None:
         self.command = command
         self.deadline = deadline
         self.timeout = timeout
         self.future = future
+        #: Where the items of a streaming request go.
+        self.stream = stream
         #: The caller gave up; ``cancel_timer`` bounds how long the worker may take to let go.
         self.abandoned = False
         self.cancel_timer: asyncio.TimerHandle | None = None
