@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +13,11 @@ import pytest
 # Test helpers (raw_worker, ...) live beside the tests; importlib mode needs them on the path.
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
+
+# A process registry of this run's own (the tests' subprocesses inherit it): the background
+# bugs some tests cause on purpose never reach another run's `snakepit doctor`, nor the
+# developer's, and theirs never reach these tests.
+os.environ.setdefault("SNAKEPIT_REGISTRY_DIR", tempfile.mkdtemp(prefix="snakepit-registry-"))
 
 from snakepit_core import Adapter, ScriptAdapter  # noqa: E402
 
