@@ -21,21 +21,32 @@
  * only.
  *
  * Protocol 2. The handshake `ping` may carry `max_in_flight: N`; the library then answers
- * `protocol: 2, max_concurrency: 4096` and capabilities ["cancel", "deadline"], and runs up to
- * min(N, 4096) requests at once: each starts as its frame arrives (input is read ahead while
- * handlers run), responses go out as handlers settle, in any order. Without `max_in_flight`
- * (a protocol-1 pool) the answer is the protocol-1 one and requests run one at a time. Requests
- * beyond the limit wait in arrival order; the built-in `ping` never waits. Responses that become
- * ready together leave in one write (see *Output*).
+ * `protocol: 2, max_concurrency: 4096` and capabilities ["cancel", "deadline", "stream"], and
+ * runs up to min(N, 4096) requests at once: each starts as its frame arrives (input is read
+ * ahead while handlers run), responses go out as handlers settle, in any order. Without
+ * `max_in_flight` (a protocol-1 pool) the answer is the protocol-1 one and requests run one at
+ * a time. Requests beyond the limit wait in arrival order; the built-in `ping` never waits.
+ * Responses that become ready together leave in one write (see *Output*).
+ *
+ * Streams. A handler that is a generator function (`async function*` or `function*`) streams:
+ *
+ *     run({ count: async function* (args, ctx) { for (let i = 0; i < args.n; i++) yield i; } });
+ *
+ * Asked for a stream (`meta.stream.window` W), each item it yields goes out as an item frame,
+ * the generator is not resumed while W items are unacknowledged (`$credit` acknowledges them),
+ * and its return value, unless undefined or null, is the last item; `$cancel` closes it, so
+ * its `finally` blocks run. Called without `meta.stream`, it answers the array of its items. A
+ * plain handler asked for a stream answers its result as the one item.
  */
 
 const fs = require("fs");
+const { setImmediate: nextTurn } = require("timers/promises");
 const { inspect } = require("util");
 
 const VERSION = "0.2.0";
 const RUNTIME = "node";
 const CAPABILITIES_V1 = Object.freeze(["cancel"]);
-const CAPABILITIES_V2 = Object.freeze(["cancel", "deadline"]);
+const CAPABILITIES_V2 = Object.freeze(["cancel", "deadline", "stream"]);
 const PROTOCOL = 2;
 /** What one worker takes at once: `max_concurrency` of the protocol-2 handshake answer. */
 const MAX_CONCURRENCY = 4096;
@@ -66,6 +77,8 @@ const state = {
   active: 0,
   /** Async requests still running, by id: what `$cancel` can reach. */
   running: new Map(),
+  /** Generators streaming their items, by id: what `$credit` can reach. */
+  streams: new Map(),
   /** Requests waiting for a free slot, by id, in arrival order (a Map keeps insertion order). */
   queued: new Map(),
   maxFrameBytes: DEFAULT_MAX_FRAME_BYTES,
@@ -399,6 +412,7 @@ function cancelledError() {
 function receive(request, receivedAt) {
   const { id, command } = request;
   if (command === "$cancel") return cancel(id);
+  if (command === "$credit") return credit(id, request.args);
   state.requestsHandled += 1;
   const handler = state.handlers.get(command);
   if (handler === undefined) {
@@ -406,30 +420,48 @@ function receive(request, receivedAt) {
   }
   const args = request.args === undefined ? {} : request.args;
   if (!isPlainObject(args)) return sendError(id, `${command}: args must be a JSON object`);
-  // The health check answers at once even when every slot is taken (it is sync and cheap).
-  if (state.active < state.limit || handler === ping) {
-    return start(id, command, handler, args, request.meta, receivedAt);
+  const window = streamWindow(request.meta);
+  if (window === INVALID_WINDOW) {
+    return sendError(id, `${command}: meta.stream.window must be an integer >= 1`);
   }
+  const job = { id, command, handler, args, meta: request.meta, receivedAt, window };
+  // The health check answers at once even when every slot is taken (it is sync and cheap).
+  if (state.active < state.limit || handler === ping) return start(job);
   // Ids are unique per worker (PROTOCOL.md), so they key the queue, as `$cancel` finds them.
-  state.queued.set(id, { command, handler, args, meta: request.meta, receivedAt });
+  state.queued.set(id, job);
 }
 
-function start(id, command, handler, args, meta, receivedAt) {
+const INVALID_WINDOW = -1;
+
+/** `meta.stream.window` of a stream request; null for an ordinary request. */
+function streamWindow(meta) {
+  const stream = isPlainObject(meta) ? meta.stream : undefined;
+  if (stream === undefined || stream === null) return null;
+  const window = isPlainObject(stream) ? stream.window : undefined;
+  return Number.isSafeInteger(window) && window >= 1 ? window : INVALID_WINDOW;
+}
+
+/**
+ * Runs a request's handler. What it returns decides how it is answered: a generator (of an
+ * `async function*` or `function*`, or of a function that returns one) is driven by produce;
+ * a promise is awaited (track); anything else is the result.
+ */
+function start(job) {
   state.active += 1;
-  const ctx = new Context(id, meta, receivedAt);
+  const ctx = new Context(job.id, job.meta, job.receivedAt);
   let result;
-  let async;
   try {
-    result = handler(args, ctx);
-    async = result !== null && typeof result === "object" && typeof result.then === "function";
+    result = job.handler(job.args, ctx);
   } catch (err) {
-    fail(id, command, err);
+    fail(job.id, job.command, err);
     return finish();
   }
-  if (async) {
-    track(id, command, ctx, result);
+  if (isGenerator(result)) {
+    drive(job, ctx, result);
+  } else if (result !== null && typeof result === "object" && typeof result.then === "function") {
+    track(job, ctx, result);
   } else {
-    sendResult(id, command, result);
+    answer(job, result);
     finish();
   }
 }
@@ -439,7 +471,8 @@ function start(id, command, handler, args, meta, receivedAt) {
  * request's signal is answered "cancelled"; a promise that resolves anyway is answered with
  * its result, as the handler did finish.
  */
-function track(id, command, ctx, promise) {
+function track(job, ctx, promise) {
+  const { id, command } = job;
   state.running.set(id, ctx);
   const settled = () => {
     if (state.running.get(id) === ctx) state.running.delete(id);
@@ -448,7 +481,7 @@ function track(id, command, ctx, promise) {
   Promise.resolve(promise).then(
     (result) => {
       settled();
-      sendResult(id, command, result);
+      answer(job, result);
       finish();
     },
     (err) => {
@@ -458,6 +491,14 @@ function track(id, command, ctx, promise) {
       finish();
     },
   );
+}
+
+/** A plain handler's result: the response, or, asked for a stream, its one item and the end. */
+function answer(job, result) {
+  if (job.window === null) return sendResult(job.id, job.command, result);
+  const refusal = sendItem(job.id, result);
+  if (refusal === null) sendResult(job.id, job.command, null);
+  else sendError(job.id, `${job.command}: ${refusal}`);
 }
 
 /** A request was answered: its slot goes to the next one waiting. */
@@ -474,9 +515,9 @@ function drain() {
   draining = true;
   try {
     while (state.active < state.limit && state.queued.size !== 0) {
-      const [id, next] = state.queued.entries().next().value;
+      const [id, job] = state.queued.entries().next().value;
       state.queued.delete(id);
-      start(id, next.command, next.handler, next.args, next.meta, next.receivedAt);
+      start(job);
     }
   } finally {
     draining = false;
@@ -485,13 +526,161 @@ function drain() {
 
 /**
  * `$cancel`: a request still waiting for a slot is dropped and answered "cancelled" at once; a
- * running one has its signal aborted and is answered when its handler settles (see track). A
- * sync handler has returned before a `$cancel` can be read. Anything else is ignored.
+ * running one has its signal aborted and is answered when its handler settles (see track), or,
+ * for a generator, once it is closed (see produce). A sync handler has returned before a
+ * `$cancel` can be read. Anything else is ignored.
  */
 function cancel(id) {
   if (state.queued.delete(id)) return sendError(id, "cancelled");
   const ctx = state.running.get(id);
-  if (ctx !== undefined) Context.cancel(ctx);
+  if (ctx === undefined) return;
+  Context.cancel(ctx);
+  const stream = state.streams.get(id);
+  if (stream !== undefined) stream.wake(); // it may be waiting for credit
+}
+
+/** `$credit`: the pool has taken `args.items` more items of a stream. No answer. */
+function credit(id, args) {
+  const items = isPlainObject(args) ? args.items : undefined;
+  if (!Number.isSafeInteger(items) || items < 1) {
+    const shown = JSON.stringify(items);
+    return log(`ignoring $credit for request ${id}: items=${shown} is not an integer >= 1`);
+  }
+  const stream = state.streams.get(id);
+  if (stream === undefined) return; // it has ended (or never was a stream): nothing to credit
+  stream.credit += items;
+  stream.wake();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Streams
+// ---------------------------------------------------------------------------------------------
+
+/** Items a generator may produce in a row before the driver lets the event loop turn. */
+const ITEMS_PER_TURN = 1024;
+
+/** Generator objects, async or not: what generator functions return. */
+function isGenerator(value) {
+  const tag = Object.prototype.toString.call(value);
+  return tag === "[object AsyncGenerator]" || tag === "[object Generator]";
+}
+
+/**
+ * One generator being driven. Streamed (`window` not null), it starts with `window` credit
+ * and its items go out as frames; otherwise (`execute`) its credit is endless and its items are
+ * collected into the result.
+ */
+class Stream {
+  #resume = null;
+
+  constructor(job, generator) {
+    this.job = job;
+    this.generator = generator;
+    this.async = Object.prototype.toString.call(generator) === "[object AsyncGenerator]";
+    this.credit = job.window === null ? Infinity : job.window;
+    this.items = job.window === null ? [] : null;
+  }
+
+  /** Resolves once credit arrives or the request is cancelled (whoever calls wake). */
+  waitForCredit() {
+    return new Promise((resolve) => {
+      this.#resume = resolve;
+    });
+  }
+
+  wake() {
+    const resume = this.#resume;
+    this.#resume = null;
+    if (resume !== null) resume();
+  }
+}
+
+/**
+ * Drives a handler's generator to its answer, holding the request's slot until then. As in
+ * track, a generator that throws after `$cancel` is answered "cancelled".
+ */
+function drive(job, ctx, generator) {
+  const { id, command } = job;
+  const stream = new Stream(job, generator);
+  state.running.set(id, ctx);
+  if (job.window !== null) state.streams.set(id, stream);
+  const settled = () => {
+    if (state.running.get(id) === ctx) state.running.delete(id);
+    if (state.streams.get(id) === stream) state.streams.delete(id);
+  };
+  produce(stream, ctx).then(
+    (value) => {
+      settled();
+      end(stream, value);
+      finish();
+    },
+    (err) => {
+      settled();
+      if (Context.isCancelled(ctx)) sendError(id, "cancelled");
+      else fail(id, command, err);
+      finish();
+    },
+  );
+}
+
+/**
+ * Takes the generator's items while it has credit, never asking for one more without (so the
+ * producer is at most `window` items ahead of the consumer), and resolves to its return value.
+ * A cancel is seen between items: the generator is closed (its `finally` blocks run) and only
+ * then is the request answered; an item it made after the cancel is dropped. Every
+ * ITEMS_PER_TURN items, or once a buffer's worth of frames waits, the event loop gets a turn:
+ * the frames leave in one write, and `$credit`, `$cancel` and other requests are read even
+ * while a generator never waits. No timer per item.
+ */
+async function produce(stream, ctx) {
+  const { generator } = stream;
+  for (let inTurn = 1; ; inTurn += 1) {
+    while (stream.credit === 0 && !Context.isCancelled(ctx)) await stream.waitForCredit();
+    if (Context.isCancelled(ctx)) break;
+    const step = stream.async ? await generator.next() : generator.next();
+    if (Context.isCancelled(ctx)) break;
+    if (step.done) return step.value;
+    const refusal = take(stream, step.value);
+    if (refusal !== null) {
+      await generator.return(undefined);
+      throw new CommandError(refusal);
+    }
+    if (inTurn >= ITEMS_PER_TURN || output.length >= SCRATCH_BYTES) {
+      await nextTurn();
+      inTurn = 0;
+    }
+  }
+  await generator.return(undefined);
+  throw cancelledError();
+}
+
+/** Sends the item or collects it; the reason if it cannot be sent, else null. */
+function take(stream, item) {
+  stream.credit -= 1;
+  if (stream.items === null) return sendItem(stream.job.id, item);
+  stream.items.push(item);
+  return null;
+}
+
+/** The answer of a generator that returned `value`: one last item unless undefined or null. */
+function end(stream, value) {
+  const { id, command } = stream.job;
+  if (stream.items === null) return sendResult(id, command, value);
+  if (value !== undefined && value !== null) stream.items.push(value);
+  sendResult(id, command, stream.items);
+}
+
+/** Queues an item frame; the reason it cannot be sent, or null. */
+function sendItem(id, item) {
+  let json;
+  try {
+    json = JSON.stringify(item);
+  } catch (err) {
+    return `item is not JSON-serializable: ${describe(err)}`;
+  }
+  // As for a result, undefined (no JSON form) goes as null.
+  if (queueFrame(`{"id":${id},"item":${json === undefined ? "null" : json}}`)) return null;
+  return `item exceeds the frame limit of ${state.maxFrameBytes} bytes`;
 }
 
 function sendResult(id, command, result) {
