@@ -9,6 +9,7 @@
 // The library first: requiring it moves the protocol pipes aside before anything can write.
 const { run, status, version, CommandError } = require("./snakepit");
 const { randomBytes } = require("crypto");
+const fs = require("fs");
 const { setTimeout: delay } = require("timers/promises");
 
 const MAX_SAFE = "integer beyond 2^53 cannot be represented exactly in JavaScript";
@@ -131,6 +132,72 @@ async function sleep(args, ctx) {
   }
   await delay(seconds * 1000, undefined, { signal: ctx.signal });
   return { slept: seconds };
+}
+
+// ---------------------------------------------------------------------------------------------
+// stream
+// ---------------------------------------------------------------------------------------------
+
+const MAX_STREAM_COUNT = 1_000_000;
+/** How often `wait_for` looks for its file. */
+const POLL_MS = 10;
+
+/**
+ * Yields {"i": 0} ... {"i": count - 1}, then returns `final` (the last item unless null): a
+ * producer for tests of streaming, backpressure and cancellation (PROTOCOL.md, *The stream
+ * command*). Before item i: the `delay`, then the `fail_at` check, then `progress` = i + 1.
+ * Its arguments are checked on the first step, so a bad one fails before any item.
+ */
+async function* stream(args, ctx) {
+  const { count, seconds, failAt, waitFor, progress, final } = streamArgs(args);
+  for (let i = 0; i < count; i += 1) {
+    if (seconds > 0) await delay(seconds * 1000, undefined, { signal: ctx.signal });
+    if (i === failAt) throw new CommandError(`failed at item ${i}`);
+    if (progress !== null) writeAtomically(progress, String(i + 1));
+    yield { i };
+    // Resumed only when the driver asks for item 1, so item 0 is already on its way out.
+    if (i === 0 && waitFor !== null && count > 1) await waitForFile(waitFor, ctx.signal);
+  }
+  return final;
+}
+
+/** The checked arguments of `stream`; null (or absent) optional ones are not given. */
+function streamArgs(args) {
+  const { count } = args;
+  const seconds = args.delay ?? 0;
+  const failAt = args.fail_at ?? null;
+  if (!Number.isSafeInteger(count) || count < 0 || count > MAX_STREAM_COUNT) {
+    throw new CommandError(`'count' must be an integer from 0 to ${MAX_STREAM_COUNT}`);
+  }
+  if (typeof seconds !== "number" || !(seconds >= 0 && seconds <= 3600)) {
+    throw new CommandError("'delay' must be a number from 0 to 3600");
+  }
+  if (failAt !== null && !Number.isSafeInteger(failAt)) {
+    throw new CommandError("'fail_at' must be an integer");
+  }
+  const waitFor = optionalPath(args, "wait_for");
+  const progress = optionalPath(args, "progress");
+  return { count, seconds, failAt, waitFor, progress, final: args.final ?? null };
+}
+
+function optionalPath(args, name) {
+  const path = args[name] ?? null;
+  if (path === null) return null;
+  if (typeof path !== "string" || path === "") {
+    throw new CommandError(`'${name}' must be a non-empty string (a file path)`);
+  }
+  return path;
+}
+
+/** A reader of `path` sees the old text or the new, never half of it: rename is atomic. */
+function writeAtomically(path, text) {
+  const temporary = `${path}.${process.pid}.tmp`;
+  fs.writeFileSync(temporary, text);
+  fs.renameSync(temporary, path);
+}
+
+async function waitForFile(path, signal) {
+  while (!fs.existsSync(path)) await delay(POLL_MS, undefined, { signal });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -259,6 +326,7 @@ run({
   random,
   info,
   sleep,
+  stream,
   store,
   retrieve,
   clear_session: clearSession,
