@@ -69,6 +69,10 @@ _F_OWNER_TID = 0
 #: Sync handlers of a concurrent worker run on at most this many threads (fewer if N is less);
 #: more requests wait in a queue, where a ``$cancel`` can still drop them.
 _MAX_HANDLER_THREADS = 32
+#: Linux: ``os.pwritev`` with this flag writes only what the output takes at once, so a
+#: concurrent worker's reading thread can write replies itself and never block on a pool that
+#: is not reading (0 where it does not exist: the writer thread writes every reply).
+_RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
 
 
 class CommandError(Exception):
@@ -833,12 +837,16 @@ class _ConcurrentServer:
       taking requests from a queue in arrival order;
     - async handlers run as tasks on an event loop in a daemon thread of its own, created with
       the first one (a worker with only sync handlers never imports ``asyncio``);
-    - one daemon writer thread writes the replies. Whoever finishes a request appends its frame
-      to the outbox; the writer takes everything there when it wakes and writes it with one
-      ``os.write``. The loop batches on its own side too: the replies of one loop turn reach
-      the outbox together.
+    - whoever finishes a request appends its frame to the outbox, and everything there leaves
+      with one write. The main thread writes the replies of a read itself once it has served
+      the read, when it can write without blocking (:meth:`_write_ready`): waking another
+      thread costs more than the write. Other replies, and whatever the output does not take
+      at once, are written by a daemon writer thread, which takes everything there when it
+      wakes. The loop batches on its own side too: the replies of one loop turn reach the
+      outbox together. One thread at a time writes (``_writing``).
 
-    One lock guards the requests in flight, the queue, the outbox and the ``handled`` counter.
+    One lock guards the requests in flight, the queue, the outbox, ``_writing`` and the
+    ``handled`` counter.
     """
 
     def __init__(self, worker: _Worker, max_in_flight: int) -> None:
@@ -858,6 +866,9 @@ class _ConcurrentServer:
         self._idle_threads = 0
         self._outbox: list[bytes] = []
         self._writing = False
+        #: Whether the reading thread writes replies itself (until the output refuses a
+        #: non-blocking write other than by being full).
+        self._nowait = bool(_RWF_NOWAIT)
         self._loop_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_batch: list[tuple[_Request, bytes]] = []
@@ -878,10 +889,19 @@ class _ConcurrentServer:
                 frames = worker._next_frames()
                 if frames is None:
                     return self._drain()
-                for body in frames:
-                    self._dispatch(worker._decode(body))
+                self._serve_read(frames)
         except _OutputLost:
             return self._lost or 0
+
+    def _serve_read(self, frames: list[bytes | bytearray]) -> None:
+        """Dispatch the frames of one read, then write the replies that are ready, also when
+        a frame cannot be decoded (the replies to the frames before it)."""
+        try:
+            for body in frames:
+                self._dispatch(self.worker._decode(body))
+        finally:
+            if self._nowait and self._outbox:  # other threads' replies wake the writer
+                self._write_ready()
 
     def _read(self, fd: int, size: int) -> bytes:
         """``os.read`` that also returns (raising ``_OutputLost``) when the writer gives up.
@@ -900,7 +920,9 @@ class _ConcurrentServer:
         try:
             request_id, name, entry, call_args = worker._route(request)
         except _Refused as refusal:
-            return self._answer(None, worker._failure_frame(refusal.request_id, refusal.message))
+            return self._reply_here(
+                None, worker._failure_frame(refusal.request_id, refusal.message)
+            )
         if entry is None:
             return self._cancel(request_id)
         func, _, is_async, cancellable = entry
@@ -934,6 +956,8 @@ class _ConcurrentServer:
             if request.state == _QUEUED:
                 self._queue.remove(request)
                 self._post(request, self.worker._failure_frame(request_id, "cancelled"))
+                if not self._nowait:
+                    self._output.notify()
                 return
             if request.state != _ASYNC or self._loop is None:
                 return
@@ -991,7 +1015,7 @@ class _ConcurrentServer:
         outcome = self._call_sync(request_id, name, func, call_args)
         if type(outcome) is CoroutineType:
             return self._start_async(_Request(request_id, name, func, call_args), outcome)
-        self._answer(None, outcome)
+        self._reply_here(None, outcome)
 
     def _call_sync(
         self, request_id: int, name: str, func: Handler, call_args: tuple[Any, ...]
@@ -1083,42 +1107,82 @@ class _ConcurrentServer:
         with self._lock:
             for request, frame in batch:
                 self._post(request, frame)
+            self._output.notify()
 
     # -- replies ----------------------------------------------------------
 
     def _answer(self, request: _Request | None, frame: bytes) -> None:
+        """Another thread's reply: the writer thread writes it."""
         with self._lock:
             self._post(request, frame)
+            self._output.notify()
+
+    def _reply_here(self, request: _Request | None, frame: bytes) -> None:
+        """A reply made on the reading thread. It leaves with the other replies of the read
+        being served, once that read is served (:meth:`_serve_read`), without waking the
+        writer thread; the handlers run here are quick by their contract. Without
+        non-blocking writes, the writer thread writes it."""
+        with self._lock:
+            self._post(request, frame)
+            if not self._nowait:
+                self._output.notify()
 
     def _post(self, request: _Request | None, frame: bytes) -> None:
-        """With the lock held: ``request`` is no longer in flight; its reply goes to the outbox.
-
-        The writer waits only while the outbox is empty, so only the first reply put there
-        wakes it; the others join it. Until the writer gets the GIL (when the reading thread
-        waits for input, usually), every reply of that read joins the same write.
-        """
+        """With the lock held: ``request`` is no longer in flight; its reply goes to the outbox."""
         if request is not None and self._inflight.get(request.id) is request:
             del self._inflight[request.id]
-        if not self._outbox:
-            self._output.notify()
         self._outbox.append(frame)
         self.worker.handled += 1
+
+    def _write_ready(self) -> None:
+        """On the reading thread, before it waits for input: write what the outbox holds with
+        one non-blocking write, unless the writer thread is writing (it takes the outbox when
+        done). What the output does not take at once is left to the writer thread, which
+        also reports a broken output; an output that refuses ``RWF_NOWAIT`` (an older kernel)
+        leaves every later reply to it too."""
+        with self._lock:
+            if self._writing or not self._outbox:
+                return
+            frames, self._outbox = self._outbox, []
+            self._writing = True
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        try:
+            written = os.pwritev(self.worker.output_fd, [data], -1, _RWF_NOWAIT)
+        except BlockingIOError:  # the pipe is full: the pool reads it soon, or never
+            written = 0
+        except OSError:
+            self._nowait = False
+            written = 0
+        with self._lock:
+            if written < len(data):
+                self._outbox.insert(0, data[written:])
+            self._writing = False
+            if self._outbox:
+                self._output.notify()
 
     def _write_replies(self) -> None:
         """The writer thread: everything in the outbox goes out with one write."""
         fd = self.worker.output_fd
         while True:
-            with self._lock:
-                while not self._outbox:
-                    self._writing = False
-                    self._settled.notify_all()
-                    self._output.wait()
-                frames, self._outbox = self._outbox, []
-                self._writing = True
+            frames = self._take_replies()
             try:
                 _write_all(fd, frames[0] if len(frames) == 1 else b"".join(frames))
             except OSError as exc:
                 return self._output_lost(exc)
+            with self._lock:
+                self._writing = False
+
+    def _take_replies(self) -> list[bytes]:
+        """The writer thread: wait until the outbox holds replies and no other thread writes,
+        then take them."""
+        with self._lock:
+            while not self._outbox or self._writing:
+                if not self._writing:
+                    self._settled.notify_all()  # idle: end of input may wait for this
+                self._output.wait()
+            frames, self._outbox = self._outbox, []
+            self._writing = True
+            return frames
 
     def _output_lost(self, exc: OSError) -> None:
         """No reply can arrive any more, so the worker exits instead of finishing handlers
