@@ -2,7 +2,7 @@
 
 # snakepit's Ruby bridge library: an author writes handlers, this speaks the wire protocol of
 # docs/PROTOCOL.md (frames, the ping handshake, protocol 2's concurrent requests, $cancel,
-# deadlines, error mapping, stdout protection).
+# deadlines, streams, error mapping, stdout protection).
 #
 #   require "snakepit"
 #   Snakepit.run({ "shout" => ->(args, ctx) { { "text" => args["text"].upcase } } })
@@ -16,6 +16,14 @@
 # max_in_flight N > 1), handlers run concurrently, each request on a thread of a pool of up to
 # min(N, 64): state they share needs a Mutex. ctx.deadline is the seconds left, or nil.
 #
+# A handler streams by calling ctx.emit(item) (from its own thread), once per item; the block's
+# value, unless nil, is the last item. Asked for a stream, emit sends each item at once and does
+# not return while the pool's window is full; called by a plain request, the handler answers the
+# list of its items. A handler that may emit nothing registers with `stream: true`, so that it is
+# still a stream (of no items, not of its value) and answers [] to a plain request:
+#
+#   s.command("numbers", stream: true) { |args, ctx| args["n"].times { |i| ctx.emit(i) } }
+#
 # Only Ruby's standard library is used, so a worker may start with `ruby --disable-gems`.
 
 require "json"
@@ -28,11 +36,12 @@ module Snakepit
   # how many requests this bridge takes at once).
   CAPABILITIES = ["cancel"].freeze
   PROTOCOL = 2
-  PROTOCOL_CAPABILITIES = ["cancel", "deadline"].freeze
+  PROTOCOL_CAPABILITIES = ["cancel", "deadline", "stream"].freeze
   MAX_CONCURRENCY = 4096
   # Threads that run handlers at most, under protocol 2; more requests wait in arrival order.
   MAX_THREADS = 64
   CANCEL = "$cancel"
+  CREDIT = "$credit"
   DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
   # Python's json gives up near 1000 levels; JSON's default of 100 would refuse real data.
   MAX_NESTING = 1000
@@ -61,10 +70,14 @@ module Snakepit
   # What a handler knows about its request besides the args (from the request's `meta`).
   # `deadline` is the seconds left of the request's time budget (`meta.deadline_ms`, counted from
   # when the bridge read the request, on a monotonic clock; negative once past), nil without one.
+  # `emit` sends one item of a stream (see Stream), or collects it when no stream was asked for.
   Context = Struct.new(:request_id, :worker_id, :traceparent, :tracestate, :deadline_ms) do
-    def initialize(request_id, worker_id, traceparent, tracestate, deadline_ms, received = nil)
+    # `emitter`: the request's Stream or Collector; without one, the first emit makes a Collector.
+    def initialize(request_id, worker_id, traceparent, tracestate, deadline_ms, received = nil,
+                   emitter = nil)
       super(request_id, worker_id, traceparent, tracestate, deadline_ms)
       @received = received || Snakepit.monotonic
+      @emitter = emitter
     end
 
     def deadline
@@ -72,6 +85,16 @@ module Snakepit
       return nil unless budget.is_a?(Numeric)
 
       @received + (budget / 1000.0) - Snakepit.monotonic
+    end
+
+    def emit(item)
+      (@emitter ||= Collector.new).emit(item)
+      nil
+    end
+
+    # The library's: the request's result, given what the handler returned.
+    def conclude(value)
+      @emitter ? @emitter.conclude(value) : value
     end
   end
 
@@ -145,6 +168,17 @@ module Snakepit
     rescue Cancelled
       next # the handler finished first; its result stands
     end
+  end
+
+  # The items a $credit frame grants (an integer >= 1), or nil, logged, for anything else.
+  def self.credit_items(frame)
+    args = frame["args"]
+    items = args["items"] if args.is_a?(Hash)
+    return items if items.is_a?(Integer) && items.positive?
+
+    log("ignoring $credit for request #{frame['id']}: args.items must be an integer >= 1, " \
+        "got #{items.inspect}")
+    nil
   end
 
   # Frames over the protocol's private descriptors (PROTOCOL.md, "Frames").
@@ -253,7 +287,8 @@ module Snakepit
   # through, a watcher thread looks at the input every POLL_SECONDS while a handler runs, reads
   # what arrived, and stops the handler with Thread#raise when it is a $cancel for it. The main
   # thread reads only while no handler runs, the watcher only while one does, so they never
-  # read at the same time.
+  # read at the same time. A handler streaming its items (Stream) that runs out of credit reads
+  # the frames itself (#refill), so that credit does not wait for the watcher's next look.
   class Inbox
     POLL_SECONDS = 0.05
 
@@ -262,6 +297,7 @@ module Snakepit
       @main = main
       @lock = Mutex.new
       @running = nil # id of the request whose handler runs; guarded by @lock
+      @stream = nil # its Stream, if it is one; guarded by @lock
       @raised = false # whether Cancelled was raised into that handler; guarded by @lock
       @early = [] # [request, time read] the watcher read while a handler ran
       @ended = false # the watcher reached the end of input
@@ -280,14 +316,28 @@ module Snakepit
       request && [request, Snakepit.monotonic]
     end
 
-    # Runs the block as the handler of request `id`; a $cancel for `id` raises Cancelled in it.
-    # The caller masks Cancelled (Thread.handle_interrupt) everywhere else, so that it can
-    # only interrupt a handler, never a write.
-    def running(id)
-      @lock.synchronize { @running = id }
+    # Runs the block as the handler of `job`; a $cancel for it raises Cancelled in it, a $credit
+    # for it credits its stream. The caller masks Cancelled (Thread.handle_interrupt) everywhere
+    # else, so that it can only interrupt a handler, never a write.
+    def running(job)
+      @lock.synchronize do
+        @running = job.id
+        @stream = job.stream
+      end
       Thread.handle_interrupt(CANCELLABLE) { yield }
     ensure
       Snakepit.discard_late_cancels if finish
+    end
+
+    # Called by the running handler's `stream` when it has no credit left: reads frames until a
+    # $credit grants some. Raises Cancelled if a $cancel for it comes instead (raised into this
+    # thread while masked, so it is delivered as the mask ends) or the input ends (no credit
+    # can come).
+    def refill(stream)
+      Thread.handle_interrupt(UNCANCELLABLE) do
+        @lock.synchronize { read_during_handler until stream.credit? || @raised || @ended }
+      end
+      raise Cancelled, "no credit can come" unless stream.credit?
     end
 
     # Ends the watcher, for protocol 2's reader to take over (called while no handler runs),
@@ -310,6 +360,7 @@ module Snakepit
       @lock.synchronize do
         raised = @raised
         @running = nil
+        @stream = nil
         @raised = false
         raised
       end
@@ -328,32 +379,138 @@ module Snakepit
     def read_during_handler
       frame = @channel.read
       if frame.nil? then @ended = true
+      elsif frame["command"] == CREDIT then credit(frame)
       elsif frame["command"] != CANCEL then @early << [frame, Snakepit.monotonic]
       elsif frame["id"] == @running && !@raised # once: a second cancel must not stop its cleanup
         @raised = true
         @main.raise(Cancelled)
       end
     end
+
+    def credit(frame)
+      items = Snakepit.credit_items(frame)
+      @stream.credit(items) if items && @stream && frame["id"] == @running
+    end
   end
 
-  # One request on its way through the bridge. Under protocol 2 the Pool's lock guards `thread`
-  # (the thread running it, nil while it waits) and `raised` (Cancelled was raised into it).
+  # One request on its way through the bridge; `stream` is its Stream if it asked for one. Under
+  # protocol 2 the Pool's lock guards `thread` (the thread running it, nil while it waits) and
+  # `raised` (Cancelled was raised into it).
   class Job
-    attr_reader :id, :command, :handler
+    attr_reader :id, :command, :handler, :stream
     attr_accessor :thread, :raised
 
-    def initialize(id, command, handler, args, ctx)
+    def initialize(id, command, handler, args, ctx, stream = nil)
       @id = id
       @command = command
       @handler = handler
       @args = args
       @ctx = ctx
+      @stream = stream
       @thread = nil
       @raised = false
     end
 
+    # The handler's result, as the answer carries it.
     def call
-      @handler.call(@args, @ctx)
+      @ctx.conclude(@handler.call(@args, @ctx))
+    end
+  end
+
+  # The items a handler emits when its request asked for no stream: the answer is their list,
+  # and the handler's value after them unless it is nil.
+  class Collector
+    def initialize
+      @items = []
+    end
+
+    def emit(item)
+      @items << item
+    end
+
+    def conclude(value)
+      value.nil? ? @items : @items << value
+    end
+  end
+
+  # The items of a request that asked for a stream with a window of W items (PROTOCOL.md,
+  # "Streaming"). Each emit sends its item frame at once and spends a credit; with none left it
+  # returns only once the pool grants more ($credit), so the handler is never more than W items
+  # ahead of the consumer. Frames go out through `output` (the channel's write when requests run
+  # one at a time, the Writer's push under protocol 2). Credit comes from the thread that reads
+  # the input: under protocol 2 the main thread calls #credit while the handler waits here; one
+  # at a time, the handler runs on the main thread and reads it itself (`inbox`, Inbox#refill).
+  class Stream
+    # `streaming`: the handler was registered with `stream: true`, so it streams even if it
+    # emits nothing.
+    def initialize(id, window, channel, output, inbox, streaming: false)
+      @id = id
+      @channel = channel
+      @output = output
+      @inbox = inbox
+      @streaming = streaming # or it emitted an item
+      @lock = Mutex.new
+      @credited = ConditionVariable.new
+      @credit = window # guarded by @lock
+      @closed = false # the input ended, so no credit can come; guarded by @lock
+    end
+
+    def emit(item)
+      send_item(item)
+      wait_for_credit unless spend.positive?
+    end
+
+    # The end answer's result: the handler's value, the last item unless nil. A handler that
+    # does not stream is a plain one: its value, even nil, is the one item.
+    def conclude(value)
+      return value if @streaming
+
+      send_item(value)
+      nil
+    end
+
+    def credit(items)
+      @lock.synchronize do
+        @credit += items
+        @credited.signal
+      end
+    end
+
+    def credit?
+      @lock.synchronize { @credit.positive? }
+    end
+
+    # The input ended: a handler waiting for credit, or that runs out of it, is cancelled.
+    def close
+      @lock.synchronize do
+        @closed = true
+        @credited.signal
+      end
+    end
+
+    private
+
+    # Masked, so that a $cancel stops the handler between two items, never inside a write.
+    def send_item(item)
+      frame = @channel.encode({ "id" => @id, "item" => item })
+      Thread.handle_interrupt(UNCANCELLABLE) { @output.call(frame) }
+      @streaming = true
+    end
+
+    def spend
+      @lock.synchronize { @credit -= 1 }
+    end
+
+    def wait_for_credit
+      return @inbox.refill(self) if @inbox
+
+      @lock.synchronize do
+        until @credit.positive?
+          raise Cancelled, "no credit can come" if @closed
+
+          @credited.wait(@lock) # a $cancel's Thread#raise interrupts the wait
+        end
+      end
     end
   end
 
@@ -404,10 +561,18 @@ module Snakepit
       end
     end
 
-    # Lets every job finish (waiting ones too), then ends the threads.
+    # A $credit for `id`: grants `items` to its stream, if it is one in flight.
+    def credit(id, items)
+      job = @lock.synchronize { @jobs[id] }
+      job&.stream&.credit(items)
+    end
+
+    # At the end of input: lets every job finish (waiting ones too), then ends the threads. No
+    # credit can come any more, so a stream that waits for it is cancelled (Stream#close).
     def close
       @lock.synchronize do
         @closed = true
+        @jobs.each_value { |job| job.stream&.close }
         @work.broadcast
       end
       @threads.each(&:join)
@@ -551,6 +716,7 @@ module Snakepit
       @ping = method(:ping)
       @handlers = { "ping" => @ping }
       @given = {} # name => the name as registered (a String or a Symbol), for messages
+      @streaming = {} # name => true for a handler registered with `stream: true`
       @started = Snakepit.monotonic
       @worker_id = ENV["SNAKEPIT_WORKER_ID"] # until the handshake names it
       @requests_handled = 0
@@ -560,8 +726,9 @@ module Snakepit
 
     # Registers `handler` (a callable taking (args) or (args, ctx)) or the block as `name` (a
     # String or a Symbol: "shout" and :shout are the same command, and registering it twice
-    # is a SetupError, as are "ping" and names starting with "$").
-    def command(name, handler = nil, &block)
+    # is a SetupError, as are "ping" and names starting with "$"). With `stream: true` the
+    # handler streams (ctx.emit) even when it emits nothing.
+    def command(name, handler = nil, stream: false, &block)
       key = command_name(name)
       raise SetupError, "command '#{key}' is given both a handler and a block" if handler && block
       if key == "ping"
@@ -573,6 +740,7 @@ module Snakepit
 
       @handlers[key] = Handler.adapt(key, handler || block)
       @given[key] = name
+      @streaming[key] = true if stream
       self
     end
 
@@ -589,6 +757,7 @@ module Snakepit
     # frame (exit 3).
     def serve(channel)
       @channel = channel
+      @output = channel.method(:write) # where stream items go; the Writer's under protocol 2
       trap("TERM") { exit(0) }
       Thread.handle_interrupt(UNCANCELLABLE) do
         @inbox = Inbox.new(channel)
@@ -647,8 +816,14 @@ module Snakepit
     def handle(request, received)
       id = request_id(request)
       command = request["command"]
-      # The main thread reads only while no handler runs, so this cancel names none: ignore it.
+      # The main thread reads only while no handler runs, so this names none: ignore it (a
+      # malformed $credit is logged).
       return if command == CANCEL
+
+      if command == CREDIT
+        Snakepit.credit_items(request)
+        return
+      end
 
       @requests_handled += 1
       job = job(id, command, request, received)
@@ -658,12 +833,14 @@ module Snakepit
     def call_inline(job)
       return job.call if job.handler.equal?(@ping) # instant: no need to make it cancellable
 
-      @inbox.running(job.id) { job.call }
+      @inbox.running(job) { job.call }
     end
 
     # Protocol 2 with max_in_flight > 1: reads ahead while handlers run on the pool's threads.
     def serve_concurrently(early, ended)
       @writer = Writer.new(@channel)
+      @output = @writer.method(:push)
+      @inbox = nil # the watcher has stopped: a stream gets its credit from this thread's reads
       threads = [@max_in_flight, MAX_THREADS].min
       @pool = Pool.new(threads) { |job, &run| @writer.push(perform(job, &run)) }
       early.each { |request, received| dispatch(request, received) }
@@ -681,6 +858,11 @@ module Snakepit
       command = request["command"]
       if command == CANCEL
         @writer.push(failure(id, "cancelled")) if @pool.cancel(id)
+        return
+      end
+      if command == CREDIT
+        items = Snakepit.credit_items(request)
+        @pool.credit(id, items) if items
         return
       end
 
@@ -707,7 +889,26 @@ module Snakepit
       args = request["args"] || {}
       return failure(id, "#{command}: args must be a JSON object") unless args.is_a?(Hash)
 
-      Job.new(id, command, handler, args, context(id, request["meta"], received))
+      meta = request["meta"]
+      meta = NO_META unless meta.is_a?(Hash)
+      return stream_job(id, command, handler, args, meta, received) unless meta["stream"].nil?
+
+      collector = Collector.new if @streaming.key?(command) # [] even if it emits nothing
+      Job.new(id, command, handler, args, context(id, meta, received, collector))
+    end
+
+    # A request with `meta.stream`: a Job with a Stream, or the frame that refuses a malformed
+    # one (rather than answer a stream as one result, which the pool would take as one item).
+    def stream_job(id, command, handler, args, meta, received)
+      window = meta["stream"]["window"] if meta["stream"].is_a?(Hash)
+      unless window.is_a?(Integer) && window.positive?
+        return failure(id, "#{command}: meta.stream.window must be an integer >= 1, got " \
+                           "#{window.inspect}")
+      end
+
+      streaming = @streaming.key?(command)
+      stream = Stream.new(id, window, @channel, @output, @inbox, streaming: streaming)
+      Job.new(id, command, handler, args, context(id, meta, received, stream), stream)
     end
 
     def unknown_command(command)
@@ -718,10 +919,9 @@ module Snakepit
       @channel.encode({ "id" => id, "success" => false, "error" => message })
     end
 
-    def context(id, meta, received)
-      meta = NO_META unless meta.is_a?(Hash)
+    def context(id, meta, received, emitter)
       Context.new(id, @worker_id, meta["traceparent"], meta["tracestate"], meta["deadline_ms"],
-                  received)
+                  received, emitter)
     end
 
     # The handshake: records the worker id the pool assigned (PROTOCOL.md, "Handshake"), and,
