@@ -152,6 +152,74 @@ module SnakepitBridge
     end
   end
 
+  # The stream command (PROTOCOL.md, "The stream command"): items {"i" => 0} ... {"i" => count - 1}
+  # through ctx.emit, for the conformance suite's streaming, backpressure and cancel cases.
+  module StreamCommand
+    MAX_COUNT = 1_000_000
+    MAX_DELAY = 3600
+    POLL_SECONDS = 0.01 # how often wait_for looks for its file
+
+    def self.call(args, ctx)
+      count, delay, fail_at, wait_for, progress = arguments(args) # all checked before item 0
+      count.times do |i|
+        sleep(delay) if delay.positive? # Kernel#sleep yields to $cancel's Thread#raise at once
+        raise Snakepit::CommandError, "failed at item #{i}" if i == fail_at
+
+        write_progress(progress, i + 1) if progress
+        ctx.emit({ "i" => i })
+        await(wait_for) if wait_for && i.zero?
+      end
+      args["final"]
+    end
+
+    def self.arguments(args)
+      [count(args["count"]), delay(args.fetch("delay", 0)), fail_at(args["fail_at"]),
+       path(args, "wait_for"), path(args, "progress")]
+    end
+
+    def self.count(count)
+      return count if count.is_a?(Integer) && count.between?(0, MAX_COUNT)
+
+      raise Snakepit::CommandError,
+            "'count' must be an integer from 0 to #{MAX_COUNT}, got #{count.inspect}"
+    end
+
+    def self.delay(delay)
+      return delay if (delay.is_a?(Integer) || delay.is_a?(Float)) && delay.between?(0, MAX_DELAY)
+
+      raise Snakepit::CommandError,
+            "'delay' must be a number from 0 to #{MAX_DELAY}, got #{delay.inspect}"
+    end
+
+    def self.fail_at(fail_at)
+      return fail_at if fail_at.nil? || (fail_at.is_a?(Integer) && !fail_at.negative?)
+
+      raise Snakepit::CommandError, "'fail_at' must be an integer >= 0, got #{fail_at.inspect}"
+    end
+
+    # The file path of `name`, or nil when it is not given.
+    def self.path(args, name)
+      path = args[name]
+      return path if path.nil? || (path.is_a?(String) && !path.empty?)
+
+      raise Snakepit::CommandError, "'#{name}' must be a file path, got #{path.inspect}"
+    end
+
+    # Writes `produced` to a file beside `path`, then renames it over `path`, so that a reader
+    # never sees it half written. Masked: a $cancel must not leave the temporary file behind.
+    def self.write_progress(path, produced)
+      temporary = "#{path}.#{Process.pid}.#{Thread.current.object_id}.tmp"
+      Thread.handle_interrupt(Snakepit::UNCANCELLABLE) do
+        File.write(temporary, produced.to_s)
+        File.rename(temporary, path)
+      end
+    end
+
+    def self.await(path)
+      sleep(POLL_SECONDS) until File.exist?(path)
+    end
+  end
+
   module_function
 
   def info(server)
@@ -214,6 +282,7 @@ module SnakepitBridge
     server.command("compute") { |args| Compute.call(args) }
     server.command("info") { info(server) }
     server.command("sleep") { |args| sleep_for(args) }
+    server.command("stream", stream: true) { |args, ctx| StreamCommand.call(args, ctx) }
     server.command("store") { |args| sessions.store(args) }
     server.command("retrieve") { |args| sessions.retrieve(args) }
     server.command("clear_session") { |args| sessions.clear(args) }
