@@ -1,10 +1,11 @@
 """How the Python bridge reads requests and writes replies, frame by frame on real workers.
 
-A concurrent worker (protocol 2) serves every frame of a read at once and writes the replies
-that are ready together with one write; the reading thread writes them itself when it can do
-so without blocking, else the writer thread does. A client that writes all its requests before
-reading a reply must still get every reply, whichever thread writes. Frames are decoded by the
-JSON scanner alone when nothing surrounds the value, and by the full decoder otherwise.
+A concurrent worker (protocol 2) serves every frame of a read at once, hands its async requests
+to the loop together and writes the replies that are ready together with one write; the
+reading thread writes them itself when it can do so without blocking, else the writer thread
+does. A client that writes all its requests before reading a reply must still get every reply,
+whichever thread writes. Frames are decoded by the JSON scanner alone when nothing surrounds
+the value, and by the full decoder otherwise.
 """
 
 from __future__ import annotations
@@ -142,3 +143,18 @@ def test_the_frames_before_an_undecodable_one_in_the_same_read_are_answered() ->
         assert {worker.receive()["id"] for _ in range(3)} == {20, 21, 22}
         assert worker.wait() == 3
         assert "undecodable frame" in worker.stderr_text()
+
+
+@pytest.mark.parametrize("prelude", PRELUDES)
+def test_a_task_cancelled_in_the_read_that_starts_it_is_answered_cancelled(
+    tmp_path: Path, prelude: str
+) -> None:
+    with start(worker_script(tmp_path, PRELUDES[prelude])) as worker:
+        worker.send_raw(
+            frame({"id": 5, "command": "sleep", "args": {"seconds": 30}})
+            + frame({"id": 5, "command": "$cancel"})
+            + frame({"id": 6, "command": "sleep", "args": {"seconds": 0}})
+        )
+        replies = {reply["id"]: reply for reply in (worker.receive(5), worker.receive(5))}
+        assert replies[5] == {"id": 5, "success": False, "error": "cancelled"}
+        assert replies[6] == {"id": 6, "success": True, "result": {"slept": 0}}

@@ -13,9 +13,11 @@ while a cancellable handler runs is the input fd switched to non-blocking + ``O_
 ``SIGIO`` handler can read a ``$cancel`` and raise into the handler (or cancel the async task).
 
 With ``max_in_flight`` N > 1 (protocol 2) :class:`_ConcurrentServer` takes over after the
-handshake: the main thread keeps reading and dispatching, sync handlers run on up to
-``min(N, 32)`` daemon threads, async handlers as tasks on an event loop in a thread of its own,
-and one writer thread writes every reply that is ready with a single ``os.write``.
+handshake: the main thread keeps reading and dispatching every frame of a read, runs the quick
+handlers (``ping`` among them) inline and writes their replies with one non-blocking write once
+the read is served; sync handlers run on up to ``min(N, 32)`` daemon threads, async handlers as
+tasks on an event loop in a thread of its own, and a writer thread writes every other reply
+that is ready with a single ``os.write``.
 """
 
 from __future__ import annotations
@@ -872,6 +874,8 @@ class _ConcurrentServer:
         self._loop_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_batch: list[tuple[_Request, bytes]] = []
+        #: The async requests of the read being served, for the loop (reading thread only).
+        self._to_start: list[tuple[_Request, Coroutine[Any, Any, Any] | None]] = []
         #: The exit status once the writer has lost the output (None while it can write).
         self._lost: int | None = None
         self._wake_reader, self._wake_writer_end = os.pipe()
@@ -894,12 +898,14 @@ class _ConcurrentServer:
             return self._lost or 0
 
     def _serve_read(self, frames: list[bytes | bytearray]) -> None:
-        """Dispatch the frames of one read, then write the replies that are ready, also when
-        a frame cannot be decoded (the replies to the frames before it)."""
+        """Dispatch the frames of one read, then start its tasks and write the replies that
+        are ready, also when a frame cannot be decoded (the replies to the frames before it)."""
         try:
             for body in frames:
                 self._dispatch(self.worker._decode(body))
         finally:
+            if self._to_start:
+                self._start_read_tasks()
             if self._nowait and self._outbox:  # other threads' replies wake the writer
                 self._write_ready()
 
@@ -927,7 +933,7 @@ class _ConcurrentServer:
             return self._cancel(request_id)
         func, _, is_async, cancellable = entry
         if is_async:
-            return self._start_async(_Request(request_id, name, func, call_args), None)
+            return self._start_async_later(_Request(request_id, name, func, call_args), None)
         if cancellable:
             return self._enqueue(_Request(request_id, name, func, call_args))
         return self._run_inline(request_id, name, func, call_args)
@@ -1014,7 +1020,7 @@ class _ConcurrentServer:
         """
         outcome = self._call_sync(request_id, name, func, call_args)
         if type(outcome) is CoroutineType:
-            return self._start_async(_Request(request_id, name, func, call_args), outcome)
+            return self._start_async_later(_Request(request_id, name, func, call_args), outcome)
         self._reply_here(None, outcome)
 
     def _call_sync(
@@ -1038,12 +1044,35 @@ class _ConcurrentServer:
     # -- async handlers ---------------------------------------------------
 
     def _start_async(self, request: _Request, coro: Coroutine[Any, Any, Any] | None) -> None:
-        """Hand a request to the event loop; ``coro`` is ``None`` to call an async handler."""
+        """From a handler thread: hand a request to the event loop at once; ``coro`` is
+        ``None`` to call an async handler."""
+        self._as_task(request).call_soon_threadsafe(self._start_task, request, coro)
+
+    def _start_async_later(self, request: _Request, coro: Coroutine[Any, Any, Any] | None) -> None:
+        """On the reading thread: the request is in flight at once (a ``$cancel`` later in the
+        read finds it), and goes to the loop with the read's other ones once the read is
+        served (:meth:`_start_read_tasks`)."""
+        self._as_task(request)
+        self._to_start.append((request, coro))
+
+    def _as_task(self, request: _Request) -> asyncio.AbstractEventLoop:
+        """Put a request in flight as a task to come; the loop that will run it."""
         loop = self._event_loop()
         with self._lock:
             request.state = _ASYNC
             self._inflight[request.id] = request
-        loop.call_soon_threadsafe(self._start_task, request, coro)
+        return loop
+
+    def _start_read_tasks(self) -> None:
+        """On the reading thread: hand the async requests of a read to the loop with one
+        ``call_soon_threadsafe`` (one wake-up of the loop, not one per request)."""
+        starts, self._to_start = self._to_start, []
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._start_tasks, starts)
+
+    def _start_tasks(self, starts: list[tuple[_Request, Coroutine[Any, Any, Any] | None]]) -> None:
+        for request, coro in starts:
+            self._start_task(request, coro)
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         loop = self._loop
