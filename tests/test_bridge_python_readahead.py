@@ -1,10 +1,10 @@
 """How the Python bridge reads requests and writes replies, frame by frame on real workers.
 
 A concurrent worker (protocol 2) serves every frame of a read at once, hands its async requests
-to the loop together and writes the replies that are ready together with one write; the
-reading thread writes them itself when it can do so without blocking, else the writer thread
+to the loop together and writes the replies that are ready together with one write; the thread
+that made replies writes them itself when it can do so without blocking, else the writer thread
 does. A client that writes all its requests before reading a reply must still get every reply,
-whichever thread writes. Frames are decoded by the JSON scanner alone when nothing surrounds
+whichever thread made it. Frames are decoded by the JSON scanner alone when nothing surrounds
 the value, and by the full decoder otherwise.
 """
 
@@ -35,12 +35,23 @@ PRELUDES = {
 
 
 def worker_script(tmp_path: Path, prelude: str) -> list[str]:
+    """The bundled commands, and ``echo`` as a handler-thread (``echo_sync``) and an async
+    (``echo_async``) command."""
     script = tmp_path / "worker.py"
     script.write_text(
         "import errno, os\n"
         f"{prelude}"
         "import snakepit_python.builtin_commands\n"
-        "from snakepit_python import run\n"
+        "from snakepit_python import command, run\n"
+        "\n"
+        "@command\n"
+        "def echo_sync(args):\n"
+        "    return {'echoed': args}\n"
+        "\n"
+        "@command\n"
+        "async def echo_async(args):\n"
+        "    return {'echoed': args}\n"
+        "\n"
         "run()\n"
     )
     return [sys.executable, str(script)]
@@ -83,14 +94,15 @@ def test_the_replies_of_one_read_leave_in_one_write(tmp_path: Path, prelude: str
 
 
 @pytest.mark.parametrize("prelude", PRELUDES)
+@pytest.mark.parametrize("command", ["echo", "echo_sync", "echo_async"])
 def test_a_client_that_reads_only_after_writing_everything_gets_every_reply(
-    tmp_path: Path, prelude: str
+    tmp_path: Path, prelude: str, command: str
 ) -> None:
     """The replies (8 MiB) fill the output pipe long before the requests are all written: the
     worker must keep reading while they wait to be written."""
     payload = "x" * (256 * 1024)
     with start(worker_script(tmp_path, PRELUDES[prelude])) as worker:
-        data = requests(10, 32, "echo", {"payload": payload})
+        data = requests(10, 32, command, {"payload": payload})
         sender = threading.Thread(target=worker.send_raw, args=(data,), daemon=True)
         sender.start()
         sender.join(20)

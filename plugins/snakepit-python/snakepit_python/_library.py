@@ -14,10 +14,10 @@ while a cancellable handler runs is the input fd switched to non-blocking + ``O_
 
 With ``max_in_flight`` N > 1 (protocol 2) :class:`_ConcurrentServer` takes over after the
 handshake: the main thread keeps reading and dispatching every frame of a read, runs the quick
-handlers (``ping`` among them) inline and writes their replies with one non-blocking write once
-the read is served; sync handlers run on up to ``min(N, 32)`` daemon threads, async handlers as
-tasks on an event loop in a thread of its own, and a writer thread writes every other reply
-that is ready with a single ``os.write``.
+handlers (``ping`` among them) inline and writes their replies with one write once the read is
+served; sync handlers run on up to ``min(N, 32)`` daemon threads, async handlers as tasks on an
+event loop in a thread of its own. Each thread writes the replies it made without blocking; a
+writer thread writes what the output does not take at once.
 """
 
 from __future__ import annotations
@@ -840,12 +840,12 @@ class _ConcurrentServer:
     - async handlers run as tasks on an event loop in a daemon thread of its own, created with
       the first one (a worker with only sync handlers never imports ``asyncio``);
     - whoever finishes a request appends its frame to the outbox, and everything there leaves
-      with one write. The main thread writes the replies of a read itself once it has served
-      the read, when it can write without blocking (:meth:`_write_ready`): waking another
-      thread costs more than the write. Other replies, and whatever the output does not take
-      at once, are written by a daemon writer thread, which takes everything there when it
-      wakes. The loop batches on its own side too: the replies of one loop turn reach the
-      outbox together. One thread at a time writes (``_writing``).
+      with one write, made by the thread that made the replies when it can write without
+      blocking (:meth:`_write_ready`): waking another thread costs more than the write. The
+      main thread writes the replies of a read once it has served the read; the loop writes
+      the replies of one loop turn together. What the output does not take at once, and every
+      reply where non-blocking writes do not exist, is written by a daemon writer thread,
+      which takes everything there when it wakes. One thread at a time writes (``_writing``).
 
     One lock guards the requests in flight, the queue, the outbox, ``_writing`` and the
     ``handled`` counter.
@@ -1133,24 +1133,33 @@ class _ConcurrentServer:
 
     def _flush_batch(self) -> None:
         batch, self._loop_batch = self._loop_batch, []
+        nowait = self._nowait
         with self._lock:
             for request, frame in batch:
                 self._post(request, frame)
-            self._output.notify()
+            if not nowait:
+                self._output.notify()
+        if nowait:
+            self._write_ready()
 
     # -- replies ----------------------------------------------------------
 
     def _answer(self, request: _Request | None, frame: bytes) -> None:
-        """Another thread's reply: the writer thread writes it."""
+        """A handler thread's reply: it writes it itself if it can without blocking, else
+        the writer thread does."""
+        nowait = self._nowait
         with self._lock:
             self._post(request, frame)
-            self._output.notify()
+            if not nowait:
+                self._output.notify()
+        if nowait:
+            self._write_ready()
 
     def _reply_here(self, request: _Request | None, frame: bytes) -> None:
         """A reply made on the reading thread. It leaves with the other replies of the read
-        being served, once that read is served (:meth:`_serve_read`), without waking the
-        writer thread; the handlers run here are quick by their contract. Without
-        non-blocking writes, the writer thread writes it."""
+        being served, once that read is served (:meth:`_serve_read`); the handlers run here
+        are quick by their contract. Without non-blocking writes, the writer thread writes
+        it."""
         with self._lock:
             self._post(request, frame)
             if not self._nowait:
@@ -1164,30 +1173,53 @@ class _ConcurrentServer:
         self.worker.handled += 1
 
     def _write_ready(self) -> None:
-        """On the reading thread, before it waits for input: write what the outbox holds with
-        one non-blocking write, unless the writer thread is writing (it takes the outbox when
-        done). What the output does not take at once is left to the writer thread, which
+        """Write what the outbox holds without blocking, on the thread that made the replies:
+        waking the writer thread costs more than the write.
+
+        While another thread writes, this does nothing: that one also writes what came
+        meanwhile. What the output does not take at once is left to the writer thread, which
         also reports a broken output; an output that refuses ``RWF_NOWAIT`` (an older kernel)
-        leaves every later reply to it too."""
+        leaves every later reply to it too.
+        """
+        frames = self._claim_output()
+        while frames:
+            data = frames[0] if len(frames) == 1 else b"".join(frames)
+            frames = self._after_write(data, self._write_nowait(data))
+
+    def _claim_output(self) -> list[bytes]:
+        """The replies in the outbox, for the caller to write, unless another thread writes."""
         with self._lock:
             if self._writing or not self._outbox:
-                return
-            frames, self._outbox = self._outbox, []
+                return []
             self._writing = True
-        data = frames[0] if len(frames) == 1 else b"".join(frames)
+            frames, self._outbox = self._outbox, []
+            return frames
+
+    def _write_nowait(self, data: bytes) -> int:
+        """How much of ``data`` the output took without blocking."""
         try:
-            written = os.pwritev(self.worker.output_fd, [data], -1, _RWF_NOWAIT)
+            return os.pwritev(self.worker.output_fd, [data], -1, _RWF_NOWAIT)
         except BlockingIOError:  # the pipe is full: the pool reads it soon, or never
-            written = 0
+            return 0
         except OSError:
             self._nowait = False
-            written = 0
+            return 0
+
+    def _after_write(self, data: bytes, written: int) -> list[bytes]:
+        """The replies that came during a write, to write next; none when the outbox is
+        empty, or when the output did not take all of ``data``: the rest goes back to the
+        writer thread."""
         with self._lock:
+            if written == len(data) and self._outbox:
+                frames, self._outbox = self._outbox, []
+                return frames
+            self._writing = False
             if written < len(data):
                 self._outbox.insert(0, data[written:])
-            self._writing = False
-            if self._outbox:
                 self._output.notify()
+            else:
+                self._settled.notify_all()  # end of input may wait for the last reply
+            return []
 
     def _write_replies(self) -> None:
         """The writer thread: everything in the outbox goes out with one write."""
