@@ -868,7 +868,7 @@ class _ConcurrentServer:
         self._idle_threads = 0
         self._outbox: list[bytes] = []
         self._writing = False
-        #: Whether the reading thread writes replies itself (until the output refuses a
+        #: Whether threads write the replies they make themselves (until the output refuses a
         #: non-blocking write other than by being full).
         self._nowait = bool(_RWF_NOWAIT)
         self._loop_lock = threading.Lock()
@@ -906,7 +906,7 @@ class _ConcurrentServer:
         finally:
             if self._to_start:
                 self._start_read_tasks()
-            if self._nowait and self._outbox:  # other threads' replies wake the writer
+            if self._nowait and self._outbox:
                 self._write_ready()
 
     def _read(self, fd: int, size: int) -> bytes:
