@@ -315,3 +315,32 @@ async def test_stats_has_latency_percentiles_and_restarts():
         stats = pool.stats()
         assert 0 < stats["latency_p50"] <= stats["latency_p99"]
         assert stats["restarts"] == 0 and len(stats["per_worker"]) == 2
+
+
+async def test_a_streams_span_covers_it_whole_with_its_items_and_first_item_time(spans):
+    from test_streams import stream_adapter
+
+    provider, exporter = spans
+    async with Pool(
+        stream_adapter(), pool_size=1, worker_concurrency=4, tracer_provider=provider
+    ) as pool:
+        async with pool.execute_stream("count", {"n": 5}) as items:
+            received = [await anext(items)]
+            assert not client_spans(exporter), "the span ended before the stream did"
+            received += [item async for item in items]
+        stream = pool.execute_stream("count", {"n": 1000})
+        await anext(stream)
+        await stream.aclose()
+        with pytest.raises(CommandError):
+            async for _ in pool.execute_stream("count", {"n": 5, "fail_at": 2}):
+                pass
+    assert len(received) == 6
+    whole, early, failed = client_spans(exporter)
+    assert whole.attributes[Attr.STREAM_ITEMS] == 6
+    assert whole.attributes[Attr.STREAM_FIRST_ITEM] >= 0
+    assert whole.status.status_code == StatusCode.UNSET
+    assert early.attributes[Attr.STREAM_ITEMS] == 1
+    assert early.status.status_code == StatusCode.UNSET  # stopping early is not an error
+    assert failed.attributes[Attr.STREAM_ITEMS] == 2
+    assert failed.status.status_code == StatusCode.ERROR
+    assert failed.attributes[Attr.ERROR_TYPE] == "command_error"
