@@ -9,15 +9,18 @@ interpreter's recursion limit are refused with a clear message rather than a ``R
 
 The check also tells the codec whether orjson can encode the value exactly: it cannot for
 integers beyond 64 bits, non-string keys (which ``json`` turns into strings its own way),
-subclasses of the JSON types, and nesting deeper than orjson's limit.
+subclasses of the JSON types, and nesting deeper than orjson's limit. Binary values (bytes,
+bytearray, memoryview, any contiguous buffer such as a numpy array) are accepted anywhere and
+listed with their paths, for the binary frame (:mod:`.binary`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple, NoReturn
 
+from .binary import Binary, binary_view
 from .errors import ValidationError
 
 #: Arguments nested deeper than this are refused (every bundled bridge decodes this depth).
@@ -31,13 +34,29 @@ _ORJSON_MAX_INT = 2**64 - 1
 _KEY_TYPES = (str, int, float)  # bool is an int; None is checked on its own
 
 
-def check_arguments(args: dict[str, Any], *, adapter: str, command: str) -> bool:
-    """Refuse anything stdlib ``json`` would not encode; ``True`` if orjson cannot encode it.
+class CheckedArguments(NamedTuple):
+    """What :func:`check_arguments` found out about arguments it accepted."""
+
+    #: orjson cannot encode them exactly: the stdlib encoder must.
+    exact: bool
+    #: Their binary values (bytes, buffers), each with its path from ``args``, in the order
+    #: met; empty for plain JSON.
+    binary: Sequence[Binary]
+
+
+#: What empty arguments are.
+PLAIN = CheckedArguments(False, ())
+
+
+def check_arguments(args: dict[str, Any], *, adapter: str, command: str) -> CheckedArguments:
+    """Refuse anything stdlib ``json`` would not encode, binary values apart.
 
     Raises :class:`ValidationError` with ``field`` set to the path of the offending value
-    (``args.items[3].when``) and ``rule`` ``"json"``.
+    (``args.items[3].when``) and ``rule`` ``"json"``. A binary value is not walked (its size
+    does not matter here).
     """
     needs_stdlib = False
+    binary: list[Binary] = []
     # Only containers go on the stack; scalars are checked where they are met.
     stack: list[tuple[Any, tuple[Any, ...]]] = [(args, ())]
     while stack:
@@ -81,14 +100,24 @@ def check_arguments(args: dict[str, Any], *, adapter: str, command: str) -> bool
                 if isinstance(value, dict | list | tuple):
                     stack.append((value, (*path, key)))
             else:
-                _refuse(
-                    adapter,
-                    command,
-                    (*path, key),
-                    f"is a {_type_name(kind)}, which is not JSON "
-                    "(send a str, number, bool, None, list or dict)",
-                )
-    return needs_stdlib
+                view = _binary(value, adapter, command, (*path, key))
+                if view is None:
+                    _refuse(
+                        adapter,
+                        command,
+                        (*path, key),
+                        f"is a {_type_name(kind)}, which is not JSON "
+                        "(send a str, number, bool, None, list, dict or bytes)",
+                    )
+                binary.append(((*path, key), view))
+    return CheckedArguments(needs_stdlib, binary)
+
+
+def _binary(value: Any, adapter: str, command: str, path: tuple[Any, ...]) -> memoryview | None:
+    try:
+        return binary_view(value)
+    except ValueError as problem:
+        _refuse(adapter, command, path, str(problem))
 
 
 def _check_key(key: Any, adapter: str, command: str, path: tuple[Any, ...]) -> None:
@@ -121,7 +150,7 @@ def _type_name(kind: type) -> str:
     )
 
 
-def _refuse(adapter: str, command: str, path: tuple[Any, ...], problem: str) -> None:
+def _refuse(adapter: str, command: str, path: tuple[Any, ...], problem: str) -> NoReturn:
     field = format_path(path)
     shown = field if len(field) <= 100 else f"{field[:60]}...{field[-30:]}"
     raise ValidationError(

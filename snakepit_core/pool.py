@@ -36,7 +36,7 @@ from .errors import (
     ValidationError,
 )
 from .forking import detach_worker_pipes
-from .json_values import check_arguments
+from .json_values import PLAIN, CheckedArguments, check_arguments
 from .plugins import AdapterHooks, get_plugin_manager, resolve_adapter
 from .runinfo import current_run_id, next_worker_id
 from .stats import PoolCounters
@@ -106,9 +106,9 @@ class _Call:
 
     __slots__ = (
         "args",
+        "checked",
         "command",
         "deadline",
-        "exact",
         "finished",
         "future",
         "hooks",
@@ -141,7 +141,7 @@ class _Call:
         self.span: trace.Span | None = None
         self.args: dict[str, Any] = {}
         self.timeout = 0.0
-        self.exact = False
+        self.checked = PLAIN
         self.worker: Worker | None = None
         self.request_id = 0
         self.queue_wait = 0.0
@@ -490,11 +490,12 @@ class Pool:
         args: dict[str, Any] | None,
         timeout: float | None,
         session_id: str | None,
-    ) -> tuple[dict[str, Any], float, bool]:
+    ) -> tuple[dict[str, Any], float, CheckedArguments]:
         """Validate and prepare a request before any worker is taken.
 
-        Returns the arguments to send, the timeout in seconds and whether the exact (stdlib)
-        encoder is needed. Raises ``ValidationError`` naming the argument or option at fault.
+        Returns the arguments to send, the timeout in seconds and what the JSON check found
+        (the exact encoder needed, binary values). Raises ``ValidationError`` naming the
+        argument or option at fault.
         """
         adapter = self.adapter.name
         if args is None:
@@ -509,20 +510,20 @@ class Pool:
         if timeout is not None:
             timeout = _seconds(timeout, "timeout", adapter, command)
         # JSON first: the schema walk and the codecs must only ever see JSON values.
-        exact = check_arguments(args, adapter=adapter, command=command) if args else False
+        checked = check_arguments(args, adapter=adapter, command=command) if args else PLAIN
         hooks.validate_command(command, args)
         if session_id is not None:
             args = {**args, "session_id": session_id}
         if hooks.has_prepare:
             args = hooks.prepare_args(command, args)
-            exact = check_arguments(args, adapter=adapter, command=command)
+            checked = check_arguments(args, adapter=adapter, command=command)
         if timeout is None:
             if hooks.has_timeout:
                 timeout = hooks.command_timeout(command, args)
             if timeout is None:
                 timeout = self.adapter.timeout_for(command)
             timeout = _seconds(timeout, "the command timeout", adapter, command)
-        return args, timeout, exact
+        return args, timeout, checked
 
     async def _execute(
         self,
@@ -576,7 +577,7 @@ class Pool:
         fail_fast: bool,
     ) -> None:
         """Validate ``call`` and send it, or queue it to be sent by the next free slot."""
-        call.args, call.timeout, call.exact = self._checked_request(
+        call.args, call.timeout, call.checked = self._checked_request(
             call.hooks, call.command, args, timeout, call.session_id
         )
         dispatch = self.dispatch
@@ -649,7 +650,7 @@ class Pool:
             call.args,
             timeout=call.timeout,
             meta=meta,
-            exact=call.exact,
+            checked=call.checked,
             future=call.future,
             stream=call.items,
         )

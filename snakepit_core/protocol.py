@@ -14,6 +14,7 @@ import math
 import reprlib
 from typing import Any
 
+from .binary import BINARY_MARK, decode_binary_body
 from .errors import ProtocolError, ValidationError
 
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
@@ -178,6 +179,8 @@ class FrameDecoder:
         return messages
 
     def _decode(self, body: bytes) -> Any:
+        if body[:1] == BINARY_MARK:
+            return decode_binary_body(body, self._codec)
         try:
             message = self._codec.decode(body)
         except (ValueError, RecursionError) as exc:  # every codec's errors, deep nesting

@@ -25,14 +25,17 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .adapter import Adapter
+from .binary import encode_binary_frame
 from .config import PoolConfig
 from .errors import (
     ProtocolError,
     SnakepitError,
     StartupError,
+    ValidationError,
     WorkerCrashed,
     WorkerTimeout,
 )
+from .json_values import PLAIN, CheckedArguments, format_path
 from .launcher import launch_argv
 from .protocol import FrameDecoder, check_response, encode_frame, get_codec
 from .registry import get_registry
@@ -353,7 +356,7 @@ class Worker:
         *,
         timeout: float,
         meta: dict[str, Any] | None = None,
-        exact: bool = False,
+        checked: CheckedArguments = PLAIN,
         future: asyncio.Future[Any] | None = None,
         stream: StreamItems | None = None,
     ) -> asyncio.Future[Any]:
@@ -361,9 +364,10 @@ class Worker:
         ``SnakepitError``. Its id is :attr:`last_request_id` afterwards. With ``stream``, a
         worker that can stream sends its items there (else its result is the one item).
 
-        Raises ``ValidationError`` (and sends nothing) if the request cannot be encoded.
-        ``exact`` asks for the stdlib encoder (see :func:`~snakepit_core.json_values.
-        check_arguments`). ``meta`` gains ``deadline_ms``, the time budget. Everything that can
+        Raises ``ValidationError`` (and sends nothing) if the request cannot be encoded, or
+        carries binary values and the worker does not take them. ``checked`` is what
+        :func:`~snakepit_core.json_values.check_arguments` found (the exact encoder needed,
+        binary values). ``meta`` gains ``deadline_ms``, the time budget. Everything that can
         fail happens before the request is registered, so a failed send leaves no trace.
         """
         request_id = self._next_id + 1
@@ -375,12 +379,11 @@ class Worker:
                 meta["stream"] = {"window": stream.window}
             else:
                 stream = None
-        frame = encode_frame(
-            {"id": request_id, "command": command, "args": args, "meta": meta},
-            self.config.max_frame_bytes,
-            self._codec,
-            exact,
-        )
+        message = {"id": request_id, "command": command, "args": args, "meta": meta}
+        if checked.binary:
+            frame = self._binary_frame(command, message, checked)
+        else:
+            frame = encode_frame(message, self.config.max_frame_bytes, self._codec, checked.exact)
         loop = self._loop
         if future is None:
             future = loop.create_future()
@@ -391,6 +394,26 @@ class Worker:
         self._watch_deadline(deadline)
         self.requests += 1
         return future
+
+    def _binary_frame(
+        self, command: str, message: dict[str, Any], checked: CheckedArguments
+    ) -> bytes:
+        if "binary" not in self.capabilities:
+            path, _ = checked.binary[0]
+            field = format_path(path)
+            raise ValidationError(
+                f"adapter {self.adapter.name!r}: {command}: {field} is binary, and worker "
+                f"{self.id} does not take binary values (it does not declare the capability "
+                "'binary')",
+                adapter=self.adapter.name,
+                command=command,
+                field=field,
+                rule="binary",
+            )
+        binary = [(("args", *path), view) for path, view in checked.binary]
+        return encode_binary_frame(
+            message, binary, self.config.max_frame_bytes, self._codec, checked.exact
+        )
 
     def _queue_frame(self, frame: bytes) -> None:
         """Frames queued in one loop iteration leave in one write (one system call).
