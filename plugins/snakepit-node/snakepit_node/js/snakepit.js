@@ -21,7 +21,8 @@
  * only.
  *
  * Protocol 2. The handshake `ping` may carry `max_in_flight: N`; the library then answers
- * `protocol: 2, max_concurrency: 4096` and capabilities ["cancel", "deadline", "stream"], and
+ * `protocol: 2, max_concurrency: 4096` and capabilities ["cancel", "deadline", "stream",
+ * "binary"], and
  * runs up to min(N, 4096) requests at once: each starts as its frame arrives (input is read
  * ahead while handlers run), responses go out as handlers settle, in any order. Without
  * `max_in_flight` (a protocol-1 pool) the answer is the protocol-1 one and requests run one at
@@ -37,6 +38,13 @@
  * and its return value, unless undefined or null, is the last item; `$cancel` closes it, so
  * its `finally` blocks run. Called without `meta.stream`, it answers the array of its items. A
  * plain handler asked for a stream answers its result as the one item.
+ *
+ * Binary values (capability `binary`, declared at protocol 2). A binary value of a request
+ * reaches the handler as a Buffer (a view of the frame's bytes, not a copy), wherever it is in
+ * the args. A result or item may hold any Buffer, typed array, DataView or ArrayBuffer, however
+ * deep: it goes out as a binary frame (PROTOCOL.md, *Binary values*), its bytes not copied
+ * unless small. At protocol 1 results are plain JSON, a Buffer as JSON.stringify writes it.
+ * Shared-memory segments (capability `shm`) are not offered.
  */
 
 const fs = require("fs");
@@ -46,7 +54,7 @@ const { inspect } = require("util");
 const VERSION = "0.2.0";
 const RUNTIME = "node";
 const CAPABILITIES_V1 = Object.freeze(["cancel"]);
-const CAPABILITIES_V2 = Object.freeze(["cancel", "deadline", "stream"]);
+const CAPABILITIES_V2 = Object.freeze(["cancel", "deadline", "stream", "binary"]);
 const PROTOCOL = 2;
 /** What one worker takes at once: `max_concurrency` of the protocol-2 handshake answer. */
 const MAX_CONCURRENCY = 4096;
@@ -82,6 +90,8 @@ const state = {
   /** Requests waiting for a free slot, by id, in arrival order (a Map keeps insertion order). */
   queued: new Map(),
   maxFrameBytes: DEFAULT_MAX_FRAME_BYTES,
+  /** Binary values go out as binary frames: a protocol-2 handshake declared `binary`. */
+  binary: false,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -236,18 +246,112 @@ function decodeUtf8(bytes) {
 }
 
 function parseRequest(body) {
-  let request;
-  try {
-    request = JSON.parse(decodeUtf8(body));
-  } catch (err) {
-    if (err instanceof FrameError) throw err;
-    throw new FrameError(`frame is not valid JSON: ${err.message}`);
-  }
-  if (!isPlainObject(request)) throw new FrameError("frame is not a JSON object");
+  const request = body.length !== 0 && body[0] === BINARY_MARK ? parseBinary(body) : parseJson(body);
   if (!Number.isSafeInteger(request.id) || request.id < 0) {
     throw new FrameError("request has no valid 'id' (a non-negative integer)");
   }
   return request;
+}
+
+/** A JSON object, or a FrameError saying why `bytes` are not one (`what` names them). */
+function parseJson(bytes, what = "frame") {
+  let message;
+  try {
+    message = JSON.parse(decodeUtf8(bytes));
+  } catch (err) {
+    if (err instanceof FrameError) throw err;
+    throw new FrameError(`${what} is not valid JSON: ${err.message}`);
+  }
+  if (!isPlainObject(message)) throw new FrameError(`${what} is not a JSON object`);
+  return message;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Binary frames (PROTOCOL.md, *Binary values*; inline values only, no shared memory)
+// ---------------------------------------------------------------------------------------------
+
+/** The first byte of a binary frame's body: no JSON text starts with it. */
+const BINARY_MARK = 0x00;
+/** The mark and the envelope's 4-byte length. */
+const BINARY_PREFIX = 1 + 4;
+const BINARY_KEY = "$binary";
+
+/**
+ * The request of a binary frame's body: the envelope (0x00, its 4-byte length J, J bytes of
+ * JSON) with a Buffer at each place its `$binary` list names, in attachment order. Each Buffer
+ * is a view of `body`: nothing is copied. Anything that does not add up is a FrameError, and
+ * nothing beyond the body is read.
+ */
+function parseBinary(body) {
+  if (body.length < BINARY_PREFIX) throw new FrameError("binary frame is shorter than its header");
+  const end = BINARY_PREFIX + body.readUInt32BE(1);
+  if (end > body.length) {
+    throw new FrameError(
+      `binary frame's envelope of ${end - BINARY_PREFIX} bytes overruns the frame of ` +
+        `${body.length} bytes`,
+    );
+  }
+  const message = parseJson(body.subarray(BINARY_PREFIX, end), "binary frame's envelope");
+  const entries = Object.hasOwn(message, BINARY_KEY) ? message[BINARY_KEY] : undefined;
+  if (!Array.isArray(entries)) throw new FrameError("binary frame has no '$binary' list");
+  delete message[BINARY_KEY];
+  let offset = end;
+  for (const entry of entries) {
+    const { path, size } = binaryEntry(entry);
+    if (size > body.length - offset) {
+      throw new FrameError(
+        `binary value at ${JSON.stringify(path)} of ${size} bytes overruns the frame`,
+      );
+    }
+    place(message, path, body.subarray(offset, offset + size));
+    offset += size;
+  }
+  if (offset !== body.length) {
+    throw new FrameError(`binary frame has ${body.length - offset} bytes beyond its values`);
+  }
+  return message;
+}
+
+function binaryEntry(entry) {
+  const shown = () => inspect(entry, { depth: 2, breakLength: Infinity }).slice(0, 300);
+  if (!isJsonObject(entry)) throw new FrameError(`'$binary' entry ${shown()} is not an object`);
+  const { path, size } = entry;
+  if (!Array.isArray(path) || path.length === 0 || !Number.isSafeInteger(size) || size < 0) {
+    throw new FrameError(`'$binary' entry needs a non-empty 'path' and a 'size' >= 0: ${shown()}`);
+  }
+  if (Object.hasOwn(entry, "shm")) {
+    throw new FrameError(
+      "'$binary' entry names a shared-memory segment, which this worker did not offer",
+    );
+  }
+  return { path, size };
+}
+
+/** Puts `value` where `path` leads in `message`; that place must hold null. */
+function place(message, path, value) {
+  let container = message;
+  for (let i = 0; i < path.length - 1; i += 1) container = step(container, path[i], path);
+  const last = path[path.length - 1];
+  if (step(container, last, path) !== null) {
+    throw new FrameError(`binary value's path ${JSON.stringify(path)} does not lead to null`);
+  }
+  // An own key (step checked it), so even "__proto__" is set as data, never as the prototype.
+  container[last] = value;
+}
+
+/** One step along a binary value's path: an object's own key, or an array's index. */
+function step(container, key, path) {
+  if (Array.isArray(container)) {
+    if (Number.isSafeInteger(key) && key >= 0 && key < container.length) return container[key];
+  } else if (isJsonObject(container) && typeof key === "string" && Object.hasOwn(container, key)) {
+    return container[key];
+  }
+  throw new FrameError(`binary value's path ${JSON.stringify(path)} leads nowhere`);
+}
+
+/** An object of parsed JSON (a Buffer already placed is a value, not a container). */
+function isJsonObject(value) {
+  return isPlainObject(value) && !ArrayBuffer.isView(value);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -270,6 +374,14 @@ const output = {
   scheduled: false,
   /** An input chunk is being dispatched: it flushes when done, no setImmediate needed. */
   holding: false,
+  /**
+   * Set only while a binary frame is being queued: what goes out before `buffer[partStart..]`,
+   * in order (pieces of `buffer` and binary values written from where they are).
+   */
+  parts: [],
+  partStart: 0,
+  /** Bytes of binary values written from where they are, ever (see produce). */
+  directBytes: 0,
 };
 
 /** Queues one frame; false (and nothing queued) if its body is over the frame limit. */
@@ -287,11 +399,66 @@ function queueFrame(json) {
   if (length > state.maxFrameBytes) return false;
   output.buffer.writeUInt32BE(length, output.length);
   output.length = at + length;
+  scheduleFlush();
+  return true;
+}
+
+function scheduleFlush() {
   if (!output.holding && !output.scheduled) {
     output.scheduled = true;
     setImmediate(flushScheduled);
   }
-  return true;
+}
+
+/** Binary values smaller than this are copied behind their envelope, and leave with it. */
+const COPY_BELOW = 16 * 1024;
+
+/**
+ * Queues one binary frame: 0x00, the envelope's length, the envelope (`envelope`, whose
+ * `$binary` lists `views` in order), then the bytes of `views`. Small values are copied into
+ * the output buffer like any frame; a larger one is not copied at all: the frame, and every
+ * frame queued before it, is written at once with one writev, the value from where it is, so
+ * it leaves before the handler can change it. Returns null, or the frame's size if it is over
+ * the frame limit (and nothing is queued).
+ */
+function queueBinaryFrame(envelope, views) {
+  let attached = 0;
+  for (const view of views) attached += view.length;
+  const start = output.length;
+  const at = start + HEADER_BYTES + BINARY_PREFIX;
+  let length;
+  if (envelope.length * 3 <= output.buffer.length - at) {
+    length = output.buffer.write(envelope, at);
+  } else {
+    length = Buffer.byteLength(envelope);
+    if (BINARY_PREFIX + length + attached > state.maxFrameBytes) {
+      return BINARY_PREFIX + length + attached;
+    }
+    reserve(HEADER_BYTES + BINARY_PREFIX + length);
+    output.buffer.write(envelope, at);
+  }
+  const size = BINARY_PREFIX + length + attached;
+  if (size > state.maxFrameBytes) return size;
+  const { buffer } = output;
+  buffer.writeUInt32BE(size, start);
+  buffer[start + HEADER_BYTES] = BINARY_MARK;
+  buffer.writeUInt32BE(length, start + HEADER_BYTES + 1);
+  output.length = at + length;
+  let direct = false;
+  for (const view of views) {
+    if (view.length < COPY_BELOW) {
+      reserve(view.length);
+      output.length += view.copy(output.buffer, output.length);
+    } else {
+      output.parts.push(output.buffer.subarray(output.partStart, output.length), view);
+      output.partStart = output.length;
+      output.directBytes += view.length;
+      direct = true;
+    }
+  }
+  if (direct) flush();
+  else scheduleFlush();
+  return null;
 }
 
 /** Makes room for `bytes` more bytes behind what is queued. */
@@ -310,9 +477,17 @@ function flushScheduled() {
 
 /** Writes every queued frame with one write (more only if the pipe takes it in parts). */
 function flush() {
-  const length = output.length;
-  if (length === 0) return;
-  writeAll(output.buffer, length);
+  const { length, parts } = output;
+  if (parts.length !== 0) {
+    parts.push(output.buffer.subarray(output.partStart, length));
+    output.parts = [];
+    output.partStart = 0;
+    writevAll(parts);
+  } else if (length !== 0) {
+    writeAll(output.buffer, length);
+  } else {
+    return;
+  }
   output.length = 0;
   if (output.buffer.length > SHRINK_BYTES) output.buffer = Buffer.allocUnsafeSlow(SCRATCH_BYTES);
 }
@@ -329,15 +504,44 @@ function writeAll(buffer, length) {
     try {
       offset += fs.writeSync(channels.output, buffer, offset, length - offset);
     } catch (err) {
-      if (err.code === "EAGAIN") {
-        Atomics.wait(pause, 0, 0, 1); // a synchronous 1 ms back-off
-      } else if (err.code === "EPIPE") {
-        log("the pool closed the response pipe; exiting");
-        process.exit(0);
-      } else {
-        throw err;
-      }
+      writeFailed(err);
     }
+  }
+}
+
+/** writeAll for a list of buffers, with writev: `parts` in order, none copied. */
+function writevAll(parts) {
+  let index = 0;
+  let pending = parts;
+  while (index < parts.length) {
+    let written;
+    try {
+      written = fs.writevSync(channels.output, pending);
+    } catch (err) {
+      writeFailed(err);
+      continue;
+    }
+    // Skip what went out; a part written in half goes again from where it stopped.
+    while (index < parts.length && written >= parts[index].length) {
+      written -= parts[index].length;
+      index += 1;
+    }
+    if (index < parts.length) {
+      pending = parts.slice(index);
+      pending[0] = parts[index] = parts[index].subarray(written);
+    }
+  }
+}
+
+/** A write that failed: EAGAIN waits a little (the caller retries), EPIPE exits. */
+function writeFailed(err) {
+  if (err.code === "EAGAIN") {
+    Atomics.wait(pause, 0, 0, 1); // a synchronous 1 ms back-off
+  } else if (err.code === "EPIPE") {
+    log("the pool closed the response pipe; exiting");
+    process.exit(0);
+  } else {
+    throw err;
   }
 }
 
@@ -634,6 +838,7 @@ function drive(job, ctx, generator) {
  */
 async function produce(stream, ctx) {
   const { generator } = stream;
+  let directMark = output.directBytes;
   for (let inTurn = 1; ; inTurn += 1) {
     while (stream.credit === 0 && !Context.isCancelled(ctx)) await stream.waitForCredit();
     if (Context.isCancelled(ctx)) break;
@@ -645,9 +850,14 @@ async function produce(stream, ctx) {
       await generator.return(undefined);
       throw new CommandError(refusal);
     }
-    if (inTurn >= ITEMS_PER_TURN || output.length >= SCRATCH_BYTES) {
+    if (
+      inTurn >= ITEMS_PER_TURN ||
+      output.length >= SCRATCH_BYTES ||
+      output.directBytes - directMark >= SCRATCH_BYTES
+    ) {
       await nextTurn();
       inTurn = 0;
+      directMark = output.directBytes;
     }
   }
   await generator.return(undefined);
@@ -674,26 +884,44 @@ function end(stream, value) {
 function sendItem(id, item) {
   let json;
   try {
-    json = JSON.stringify(item);
+    json = JSON.stringify(state.binary ? detachBinary(item, "item") : item);
   } catch (err) {
+    walk.paths = walk.views = null;
     return `item is not JSON-serializable: ${describe(err)}`;
   }
   // As for a result, undefined (no JSON form) goes as null.
-  if (queueFrame(`{"id":${id},"item":${json === undefined ? "null" : json}}`)) return null;
-  return `item exceeds the frame limit of ${state.maxFrameBytes} bytes`;
+  const head = `{"id":${id},"item":${json === undefined ? "null" : json}`;
+  if (walk.views === null) {
+    if (queueFrame(head + "}")) return null;
+    return `item exceeds the frame limit of ${state.maxFrameBytes} bytes`;
+  }
+  const size = queueDetached(head);
+  if (size === null) return null;
+  return `item of ${size} bytes exceeds the frame limit of ${state.maxFrameBytes} bytes`;
 }
 
 function sendResult(id, command, result) {
   let json;
   try {
-    json = JSON.stringify(result);
+    json = JSON.stringify(state.binary ? detachBinary(result, "result") : result);
   } catch (err) {
+    walk.paths = walk.views = null;
     return sendError(id, `${command}: result is not JSON-serializable: ${describe(err)}`);
   }
   // undefined (and functions) have no JSON form: a handler that returns nothing returns null.
-  const frame = `{"id":${id},"success":true,"result":${json === undefined ? "null" : json}}`;
-  if (!queueFrame(frame)) {
-    sendError(id, `${command}: response exceeds the frame limit of ${state.maxFrameBytes} bytes`);
+  const head = `{"id":${id},"success":true,"result":${json === undefined ? "null" : json}`;
+  if (walk.views === null) {
+    if (!queueFrame(head + "}")) {
+      sendError(id, `${command}: response exceeds the frame limit of ${state.maxFrameBytes} bytes`);
+    }
+    return;
+  }
+  const size = queueDetached(head);
+  if (size !== null) {
+    sendError(
+      id,
+      `${command}: response of ${size} bytes exceeds the frame limit of ${state.maxFrameBytes} bytes`,
+    );
   }
 }
 
@@ -751,6 +979,7 @@ function ping(args) {
     pid: process.pid,
   };
   if (v2) {
+    state.binary = true;
     answer.protocol = PROTOCOL;
     answer.max_concurrency = MAX_CONCURRENCY;
   }
@@ -764,6 +993,102 @@ function setMaxInFlight(value) {
   }
   state.limit = Math.min(value, MAX_CONCURRENCY);
   return true;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Binary values going out
+// ---------------------------------------------------------------------------------------------
+
+/**
+ * The walk of detachBinary: the path being walked (from the envelope's root), the containers
+ * around it (JSON.stringify refuses cycles; the walk must not loop), and what it found: each
+ * binary value's path and its bytes (a Buffer over its memory, no copy), or null for none.
+ */
+const walk = { path: [], around: [], paths: null, views: null };
+
+/**
+ * `value` with null in the place of each binary value (any Buffer, typed array, DataView,
+ * ArrayBuffer or SharedArrayBuffer, however deep), those values and their paths, from `root`
+ * ("result" or "item"), left in `walk.paths` and `walk.views` (null when there are none: then
+ * `value` itself is returned). Only the arrays and objects on the way to a binary value are
+ * copied, shallowly; the handler's own are left as they were. The walk goes where
+ * JSON.stringify goes (array elements, own enumerable string keys) except into an object with a
+ * `toJSON` method, which is serialized as JSON.stringify does it. It costs a tenth or so of
+ * JSON.stringify's time, only at protocol 2.
+ */
+function detachBinary(value, root) {
+  walk.paths = walk.views = null;
+  if (typeof value !== "object" || value === null) return value;
+  walk.path.length = walk.around.length = 0;
+  walk.path.push(root);
+  return detach(value);
+}
+
+/**
+ * Queues `head`, an envelope without its closing brace, as a binary frame of the values
+ * detachBinary found (and forgets them). Returns null, or the frame's size if it is over the
+ * frame limit.
+ */
+function queueDetached(head) {
+  const { paths, views } = walk;
+  walk.paths = walk.views = null;
+  const listed = paths.map((path, i) => ({ path, size: views[i].length }));
+  return queueBinaryFrame(`${head},"${BINARY_KEY}":${JSON.stringify(listed)}}`, views);
+}
+
+function detach(value) {
+  const { path, around } = walk;
+  if (Array.isArray(value)) {
+    if (around.includes(value)) return value;
+    around.push(value);
+    let copy = null;
+    for (let i = 0; i < value.length; i += 1) {
+      const child = value[i];
+      if (typeof child !== "object" || child === null) continue;
+      path.push(i);
+      const out = detach(child);
+      path.pop();
+      if (out !== child) {
+        if (copy === null) copy = value.slice();
+        copy[i] = out;
+      }
+    }
+    around.pop();
+    return copy === null ? value : copy;
+  }
+  const bytes = binaryBytes(value);
+  if (bytes !== null) {
+    (walk.paths ??= []).push(path.slice());
+    (walk.views ??= []).push(bytes);
+    return null;
+  }
+  if (typeof value.toJSON === "function" || around.includes(value)) return value;
+  around.push(value);
+  let copy = null;
+  // for-in (own keys first, in Object.keys order) allocates no key array.
+  for (const key in value) {
+    const child = value[key];
+    if (typeof child !== "object" || child === null || !Object.hasOwn(value, key)) continue;
+    path.push(key);
+    const out = detach(child);
+    path.pop();
+    if (out !== child) {
+      if (copy === null) copy = { ...value };
+      copy[key] = out;
+    }
+  }
+  around.pop();
+  return copy === null ? value : copy;
+}
+
+/** A Buffer over the bytes of a binary value (no copy), or null for anything else. */
+function binaryBytes(value) {
+  if (ArrayBuffer.isView(value)) {
+    if (Buffer.isBuffer(value)) return value;
+    return Buffer.from(value.buffer, value.byteOffset, value.byteLength);
+  }
+  if (value instanceof ArrayBuffer || value instanceof SharedArrayBuffer) return Buffer.from(value);
+  return null;
 }
 
 // ---------------------------------------------------------------------------------------------
