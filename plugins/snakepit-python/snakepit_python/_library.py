@@ -18,6 +18,15 @@ handlers (``ping`` among them) inline and writes their replies with one write on
 served; sync handlers run on up to ``min(N, 32)`` daemon threads, async handlers as tasks on an
 event loop in a thread of its own. Each thread writes the replies it made without blocking; a
 writer thread writes what the output does not take at once.
+
+Generator and async generator handlers stream (docs/PROTOCOL.md, *Streaming*): asked for a
+stream (``meta.stream.window`` W), each item goes out as an item frame, and the generator is
+not resumed while W items are unacknowledged (``$credit`` acknowledges them), so the producer
+is never more than W items ahead of the consumer. Sync generators run where sync handlers run;
+async generators on the loop, where the items of one burst (those produced until the generator
+waits) leave with one write. One request at a time, the reading thread is the main thread:
+while a stream waits for credit, it reads the frames that bring it (see :meth:`_Worker.
+_await_credit`). Called without ``meta.stream``, a generator answers the list of its items.
 """
 
 from __future__ import annotations
@@ -29,18 +38,25 @@ import signal
 import sys
 import time
 import warnings
-from types import CoroutineType
+from types import AsyncGeneratorType, CoroutineType, GeneratorType
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import asyncio
+    import contextvars
     import select
-    from collections.abc import Callable, Coroutine
+    from collections.abc import AsyncGenerator, Callable, Coroutine, Generator
     from types import FrameType
     from typing import Any, NoReturn, TypeVar, overload
 
     Handler = Callable[..., Any]
     H = TypeVar("H", bound=Handler)
+    #: What a handler may return besides its result: the coroutine of a sync wrapper around
+    #: an async function, or a generator to drive.
+    Producer = Coroutine[Any, Any, Any] | Generator[Any, Any, Any] | AsyncGenerator[Any, Any]
+    AsyncProducer = Coroutine[Any, Any, Any] | AsyncGenerator[Any, Any]
+    #: Sends one item of a stream (or collects it).
+    Send = Callable[[Any], None]
 else:
 
     def overload(func):  # typing.overload without typing's ~5 ms import at worker start-up
@@ -51,9 +67,12 @@ __all__ = ["CommandError", "Context", "command", "run", "status"]
 
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
 CANCEL_COMMAND = "$cancel"
+CREDIT_COMMAND = "$credit"
+#: The frames of the protocol itself, never answered.
+_CONTROL_COMMANDS = frozenset({CANCEL_COMMAND, CREDIT_COMMAND})
 CAPABILITIES = ("cancel",)
 #: What a protocol-2 handshake answers (docs/PROTOCOL.md, *Protocol 2*).
-PROTOCOL_2_CAPABILITIES = ("cancel", "deadline")
+PROTOCOL_2_CAPABILITIES = ("cancel", "deadline", "stream")
 MAX_CONCURRENCY = 4096
 RUNTIME = "python"
 EXIT_PROTOCOL_FAULT = 3
@@ -65,6 +84,13 @@ _READ_SIZE = 65536
 _SCAN_LIMIT = 1024 * 1024
 _CO_VARARGS = 0x04
 _CO_COROUTINE = 0x80
+_CO_ASYNC_GENERATOR = 0x200
+_ASYNC_FLAGS = _CO_COROUTINE | _CO_ASYNC_GENERATOR
+#: An async generator that never waits gives the loop a turn after this many items, so its
+#: items leave in writes of a bounded size and other tasks (and a ``$cancel``) get their turn.
+_ITEMS_PER_TURN = 1024
+#: The credit of a generator called without ``meta.stream``: its items are collected.
+_UNLIMITED = sys.maxsize
 # Linux: direct SIGIO at one thread (F_SETOWN_EX, F_OWNER_TID); the main thread's id is the pid.
 _F_SETOWN_EX = 15
 _F_OWNER_TID = 0
@@ -175,10 +201,14 @@ def command(  # noqa: F811
     """Register a handler as a command: ``@command``, ``@command("name")`` or
     ``@command(cancellable=False)``. Returns the function unchanged.
 
-    A handler takes ``(args)`` or ``(args, ctx)`` and may be ``async``. ``cancellable=False``
-    marks a sync handler that always finishes quickly: one request at a time, it skips the two
-    ``fcntl`` calls per request that make ``$cancel`` able to interrupt it; in a concurrent
-    worker it runs on the reading thread, in arrival order, without a hop to a handler thread.
+    A handler takes ``(args)`` or ``(args, ctx)`` and may be ``async``. A generator or async
+    generator function streams its items (``yield``; a sync generator's ``return`` value, unless
+    ``None``, is the last item); called with ``execute``, it answers their list.
+
+    ``cancellable=False`` marks a sync handler that always finishes quickly: one request at a
+    time, it skips the two ``fcntl`` calls per request that make ``$cancel`` able to interrupt
+    it; in a concurrent worker it runs on the reading thread, in arrival order, without a hop
+    to a handler thread (a generator it returns goes on to a handler thread).
 
     A name registered twice, a name starting with ``$``, ``ping`` or a function that cannot
     take ``(args)`` is not raised here but makes :func:`run` exit with status 2 before it
@@ -222,7 +252,10 @@ def _registration_problem(name: object) -> str | None:
 
 
 def _describe(func: Handler) -> tuple[bool, bool]:
-    """``(wants_ctx, is_async)`` read from the code object, to keep ``inspect`` out of start-up."""
+    """``(wants_ctx, is_async)`` read from the code object, to keep ``inspect`` out of start-up.
+
+    ``is_async`` says the handler runs on the event loop: an ``async def`` coroutine or async
+    generator function."""
     code = getattr(getattr(func, "__func__", func), "__code__", None)
     if code is None:  # functools.partial, callable objects, builtins
         return _describe_with_inspect(func)
@@ -230,7 +263,7 @@ def _describe(func: Handler) -> tuple[bool, bool]:
     takes_varargs = bool(code.co_flags & _CO_VARARGS)
     if positional < 1 and not takes_varargs:
         raise TypeError(f"handler {func!r} must accept (args) or (args, ctx)")
-    return positional >= 2 or takes_varargs, bool(code.co_flags & _CO_COROUTINE)
+    return positional >= 2 or takes_varargs, bool(code.co_flags & _ASYNC_FLAGS)
 
 
 def _describe_with_inspect(func: Handler) -> tuple[bool, bool]:
@@ -242,7 +275,9 @@ def _describe_with_inspect(func: Handler) -> tuple[bool, bool]:
     if positional < 1 and not takes_varargs:
         raise TypeError(f"handler {func!r} must accept (args) or (args, ctx)")
     call = getattr(func, "__call__", None)  # noqa: B004 - the callable object's own method
-    is_async = inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(call)
+    is_async = any(
+        inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f) for f in (func, call)
+    )
     return positional >= 2 or takes_varargs, is_async
 
 
@@ -314,7 +349,18 @@ _CAPABILITIES_JSON = json.dumps(list(CAPABILITIES))
 _PROTOCOL_2_CAPABILITIES_JSON = json.dumps(list(PROTOCOL_2_CAPABILITIES))
 
 
-def _frame(body: bytes) -> bytes:
+def _item_encoder(encoder: json.JSONEncoder) -> Callable[[Any], str]:
+    """What ``encoder.encode`` does, several times faster per item: its C encoder made once,
+    not per call. Without the check for circular references (its state would be shared by
+    threads): a cycle fails as a ``RecursionError``, as a too deeply nested value does."""
+    make = json.encoder.c_make_encoder  # type: ignore[attr-defined]
+    if make is None:
+        return encoder.encode
+    chunks = make(None, encoder.default, _json_string, None, ": ", ", ", False, False, False)
+    return lambda value: "".join(chunks(value, 0))
+
+
+def _frame(body: bytes | bytearray) -> bytes:
     return len(body).to_bytes(4, "big") + body
 
 
@@ -324,6 +370,143 @@ def _write_all(fd: int, data: bytes) -> None:
         view = memoryview(data)[written:]
         while view:
             view = view[os.write(fd, view) :]
+
+
+def _request_id(request: dict[str, Any]) -> int:
+    """A request's id; without an integer one it cannot be answered: the stream is broken."""
+    request_id = request.get("id")
+    if type(request_id) is not int:
+        raise _unanswerable(request)
+    return request_id
+
+
+def _unanswerable(request: dict[str, Any]) -> _StreamError:
+    return _StreamError(f"request without an integer 'id': {str(request)[:200]}")
+
+
+def _stream_window(request_id: int, name: str, spec: object) -> int:
+    """``meta.stream.window`` of a stream request; ``_Refused`` unless an integer >= 1."""
+    window = spec.get("window") if type(spec) is dict else None
+    if type(window) is not int or window < 1:
+        raise _Refused(request_id, f"{name}: meta.stream.window must be an integer >= 1")
+    return window
+
+
+# -------------------------------------------------------------------------
+# Streams: driving a generator, the same in both servers
+# -------------------------------------------------------------------------
+
+#: What a handler returns when it streams.
+_GENERATORS = (GeneratorType, AsyncGeneratorType)
+#: What a sync handler returns when it is not done: a sync wrapper's coroutine or a generator.
+_PRODUCERS = (CoroutineType, GeneratorType, AsyncGeneratorType)
+
+
+class _Stream:
+    """The producer's side of one generator handler's run: its credit and its cancel.
+
+    ``granted - sent`` is the credit: the items it may send before ``$credit`` grants more
+    (:data:`_UNLIMITED` when its items are collected for ``execute``). Each counter has one
+    writer thread, so a handler thread can read the credit without the server's lock: a stale
+    ``granted`` only makes it look for credit under the lock. ``waiter`` is the future an
+    async generator's driver awaits credit on (loop thread only).
+    """
+
+    __slots__ = ("cancelled", "granted", "sent", "waiter")
+
+    def __init__(self, window: int) -> None:
+        self.granted = window
+        self.sent = 0
+        self.cancelled = False
+        self.waiter: asyncio.Future[None] | None = None
+
+
+#: What a burst returns when its stream has no credit left (never a generator's own value).
+_NEEDS_CREDIT = object()
+
+
+def _sync_burst(
+    gen: Generator[Any, Any, Any],
+    stream: _Stream,
+    step: Callable[[Generator[Any, Any, Any]], Any],
+    send: Send,
+) -> Any:
+    """Take a generator's items with ``step`` (``next``, or a cancellable ``next``) while the
+    stream has credit, handing each to ``send``: the generator's return value once it is done,
+    else :data:`_NEEDS_CREDIT`. It is never resumed without credit, nor once cancelled (then
+    ``_Cancelled``; an item made while the cancel came is dropped); the caller closes it when
+    this raises."""
+    while not stream.cancelled:
+        if stream.sent >= stream.granted:
+            return _NEEDS_CREDIT
+        try:
+            item = step(gen)
+        except StopIteration as stop:
+            return stop.value
+        if stream.cancelled:
+            break
+        stream.sent += 1
+        send(item)
+    raise _Cancelled
+
+
+async def _async_burst(agen: AsyncGenerator[Any, Any], stream: _Stream, send: Send) -> Any:
+    """:func:`_sync_burst` for an async generator: ``None`` once it is done (an async generator
+    returns nothing), else :data:`_NEEDS_CREDIT`. Items it produces without waiting stay in one
+    task step, so the loop writes them together; every :data:`_ITEMS_PER_TURN` items the loop
+    gets a turn. A cancel found between items raises ``CancelledError``, also when the
+    generator swallowed the task's cancellation."""
+    import asyncio
+
+    anext_item = agen.__anext__
+    in_turn = 0
+    while not stream.cancelled:
+        if stream.sent >= stream.granted:
+            return _NEEDS_CREDIT
+        try:
+            item = await anext_item()
+        except StopAsyncIteration:
+            return None
+        if stream.cancelled:
+            break
+        stream.sent += 1
+        send(item)
+        in_turn += 1
+        if in_turn == _ITEMS_PER_TURN:
+            in_turn = 0
+            await asyncio.sleep(0)
+    raise asyncio.CancelledError
+
+
+def _collect(gen: Generator[Any, Any, Any], stream: _Stream) -> list[Any]:
+    """A generator called without ``meta.stream``: the list of its items, and its return value
+    unless ``None``. The generator is closed (its ``finally`` runs) if this raises."""
+    items: list[Any] = []
+    try:
+        value = _sync_burst(gen, stream, next, items.append)
+    except BaseException:
+        gen.close()
+        raise
+    if value is not None:
+        items.append(value)
+    return items
+
+
+async def _collect_async(agen: AsyncGenerator[Any, Any], stream: _Stream) -> list[Any]:
+    """:func:`_collect` for an async generator."""
+    items: list[Any] = []
+    try:
+        await _async_burst(agen, stream, items.append)
+    except BaseException:
+        await agen.aclose()
+        raise
+    return items
+
+
+def _returned(value: Any) -> Any:
+    """The handler of a request whose handler already ran: a concurrent worker's reading thread
+    hands the generator a quick handler returned to a handler thread with it."""
+    return value
 
 
 # -------------------------------------------------------------------------
@@ -360,18 +543,28 @@ class _Worker:
         self._scan: Callable[[str, int], tuple[Any, int]]
         self._scan = self._decoder.scan_once  # type: ignore[attr-defined]
         self._encoder = json.JSONEncoder(allow_nan=False)
+        self._encode_item = _item_encoder(self._encoder)
         self._buf = b""  # input read but not yet served
         #: How the serving loop reads: ``os.read``, or the concurrent server's, which also
         #: wakes when no reply can be written any more.
         self._read: Callable[[int, int], bytes] = os.read
         # Cancellation state, shared with the SIGIO handler.
         self._armed = False
+        #: Set while a sync generator's item is sent: a cancel then only marks its stream.
+        self._holding = False
         self._scanning = False
         self._missed = False
         self._running_id = -1
         self._scan_pos = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[Any] | None = None
+        #: The generator handler running, if one is: what a ``$cancel`` read by SIGIO marks.
+        self._stream: _Stream | None = None
+        #: Requests read while a stream waited for credit, served once it has ended.
+        self._deferred: list[bytes | bytearray] = []
+        #: An async generator's item frames of this loop turn, and a write that failed.
+        self._items_out: list[bytes] = []
+        self._items_error: OSError | None = None
         self._setup_signals()
 
     # -- start-up ---------------------------------------------------------
@@ -505,46 +698,60 @@ class _Worker:
         return request
 
     def _handle(self, request: dict[str, Any]) -> None:
-        """Answer one request (``$cancel`` is never answered)."""
+        """Answer one request (``$cancel`` and ``$credit`` are never answered)."""
         try:
-            request_id, name, entry, call_args = self._route(request)
+            request_id, name, entry, call_args, window = self._route(request)
         except _Refused as refusal:
             return self._write(self._failure_frame(refusal.request_id, refusal.message))
-        if entry is None:
-            return None  # a $cancel, and the request it names is not running: ignore
+        if entry is None:  # no stream runs, so a $cancel or $credit names none: ignore it
+            if name == CREDIT_COMMAND:
+                self._credit_items(request_id, request)  # a malformed one is still logged
+            return None
         try:
             result = self._invoke(entry, call_args, request_id)
+            if type(result) in _GENERATORS:
+                result = self._generate(request_id, result, window, entry[3])
+                window = None  # its items have gone out: the result is the end's
         except _Cancelled:
             self._disarm()  # a cancel may land before the disarm in _call_armed ran
             return self._write(self._failure_frame(request_id, "cancelled"))
         except Exception as exc:
             return self._write(self._exception_frame(request_id, name, exc))
-        return self._write(self._success_frame(request_id, name, result))
+        if window is None:
+            return self._write(self._success_frame(request_id, name, result))
+        return self._write(self._one_item_frames(request_id, name, result))
 
     def _route(
         self, request: dict[str, Any]
-    ) -> tuple[int, str, tuple[Handler, bool, bool, bool] | None, tuple[Any, ...]]:
-        """``(id, command, handler entry, call arguments)``; the entry is ``None`` for a
-        ``$cancel``. Raises ``_Refused`` for a request answered with a failure at once."""
+    ) -> tuple[int, str, tuple[Handler, bool, bool, bool] | None, tuple[Any, ...], int | None]:
+        """``(id, command, handler entry, call arguments, stream window)``; the entry is
+        ``None`` for a ``$cancel`` or ``$credit``, the window ``None`` unless ``meta.stream``
+        asks for a stream. Raises ``_Refused`` for a request answered with a failure at once."""
         request_id = request.get("id")
         name = request.get("command")
         if type(request_id) is not int:
-            raise _StreamError(f"request without an integer 'id': {str(request)[:200]}")
+            raise _unanswerable(request)
         if type(name) is not str:
             raise _Refused(request_id, "request 'command' must be a string")
         entry = self.commands.get(name)
         if entry is None:
-            if name == CANCEL_COMMAND:
-                return request_id, name, None, ()
+            if name in _CONTROL_COMMANDS:
+                return request_id, name, None, (), None
             raise _Refused(request_id, self._unknown(name))
         args = request.get("args")
         if args is None:
             args = {}
         elif type(args) is not dict:
             raise _Refused(request_id, f"{name}: args must be a JSON object")
+        meta = request.get("meta")
+        if type(meta) is not dict:
+            meta, window = None, None
+        else:
+            spec = meta.get("stream")
+            window = None if spec is None else _stream_window(request_id, name, spec)
         if entry[1]:  # wants_ctx
-            return request_id, name, entry, (args, self._context(request_id, request))
-        return request_id, name, entry, (args,)
+            return request_id, name, entry, (args, self._context(request_id, meta)), window
+        return request_id, name, entry, (args,), window
 
     def _unknown(self, name: str) -> str:
         supported = ", ".join(sorted(self.commands))
@@ -555,7 +762,10 @@ class _Worker:
     ) -> Any:
         func, _, is_async, cancellable = entry
         if is_async:
-            return self._run_async(func(*call_args), request_id)
+            coro = func(*call_args)
+            if type(coro) is AsyncGeneratorType:
+                return coro  # driven by _generate
+            return self._run_async(coro, request_id)
         if not cancellable:
             result = func(*call_args)
         else:
@@ -564,9 +774,8 @@ class _Worker:
             return self._run_async(result, request_id)
         return result
 
-    def _context(self, request_id: int, request: dict[str, Any]) -> Context:
-        meta = request.get("meta")
-        if type(meta) is not dict:
+    def _context(self, request_id: int, meta: dict[str, Any] | None) -> Context:
+        if meta is None:
             return Context(request_id, self.worker_id)
         return Context(
             request_id,
@@ -594,6 +803,40 @@ class _Worker:
                 f"of {self.max_frame} bytes",
             )
         return _frame(data)
+
+    def _one_item_frames(self, request_id: int, name: str, result: Any) -> bytes:
+        """The answer of a plain handler called as a stream (``meta.stream``): its result as
+        the stream's one item, then the end."""
+        try:
+            item = self._item_frame(request_id, result)
+        except CommandError as exc:
+            return self._failure_frame(request_id, f"{name}: {exc}")
+        return item + self._success_frame(request_id, name, None)
+
+    def _item_frame(self, request_id: int, item: Any) -> bytes:
+        """An item frame, ``{"id": ..., "item": ...}``; ``CommandError`` if the item cannot be
+        sent, which ends the stream with that failure."""
+        try:
+            text = item if type(item) is _JSONText else self._encode_item(item)
+            body = f'{{"id": {request_id}, "item": {text}}}'.encode()
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise CommandError(f"item cannot be sent as JSON ({exc})") from None
+        size = len(body)
+        if size > self.max_frame:
+            raise CommandError(
+                f"item of {size} bytes exceeds the frame limit of {self.max_frame} bytes"
+            )
+        return size.to_bytes(4, "big") + body
+
+    def _credit_items(self, request_id: int, request: dict[str, Any]) -> int:
+        """The items a ``$credit`` grants; 0, with a log line, if it is not an integer >= 1."""
+        args = request.get("args")
+        items = args.get("items") if type(args) is dict else None
+        if type(items) is int and items >= 1:
+            return items
+        shown = self._encoder.encode(items)
+        _log(f"ignoring $credit for request {request_id}: items={shown} is not an integer >= 1")
+        return 0
 
     def _failure_frame(self, request_id: int, message: str) -> bytes:
         body = {"id": request_id, "success": False, "error": message}
@@ -659,6 +902,174 @@ class _Worker:
             "commands": sorted(self.commands),
         }
 
+    # -- streams, one request at a time ----------------------------------
+
+    def _generate(
+        self,
+        request_id: int,
+        producer: Generator[Any, Any, Any] | AsyncGenerator[Any, Any],
+        window: int | None,
+        cancellable: bool,
+    ) -> Any:
+        """Run a generator handler to its end, on this thread: stream its items as item frames
+        (``window``), or collect them for ``execute``. Returns the result to answer. ``$cancel``
+        stops it as it stops a sync or async handler, and a cancel it swallowed stops it before
+        its next item."""
+        self._stream = stream = _Stream(_UNLIMITED if window is None else window)
+        try:
+            if type(producer) is GeneratorType:
+                if window is None:
+                    if not cancellable:
+                        return _collect(producer, stream)
+                    return self._call_armed(_collect, (producer, stream), request_id)
+                return self._stream_sync(request_id, producer, stream, cancellable)
+            agen: AsyncGenerator[Any, Any] = producer  # type: ignore[assignment]
+            if window is None:
+                return self._run_async(_collect_async(agen, stream), request_id)
+            return self._stream_async(request_id, agen, stream)
+        finally:
+            self._stream = None
+            self._serve_deferred()
+
+    def _stream_sync(
+        self, request_id: int, gen: Generator[Any, Any, Any], stream: _Stream, cancellable: bool
+    ) -> Any:
+        """Stream a sync generator's items, each written as it comes (its next one may take
+        any time); its return value. Its ``next()`` is cancellable as a sync handler is, unless
+        the handler is registered ``cancellable=False``."""
+
+        def send(item: Any) -> None:
+            _write_all(self.output_fd, self._item_frame(request_id, item))
+
+        try:
+            while True:
+                if cancellable:
+                    value = self._armed_burst(request_id, gen, stream, send)
+                else:
+                    value = _sync_burst(gen, stream, next, send)
+                if value is not _NEEDS_CREDIT:
+                    return value
+                self._await_credit(request_id, stream)
+        except BaseException:
+            gen.close()
+            raise
+
+    def _armed_burst(
+        self, request_id: int, gen: Generator[Any, Any, Any], stream: _Stream, send: Send
+    ) -> Any:
+        """A burst of a sync generator armed once, not per item. ``$cancel`` raises into its
+        ``next()`` only: while an item is written it marks the stream, so that no frame is
+        cut short, and the burst stops before the next item."""
+        self._holding = True
+        try:
+            self._arm(request_id)
+            return _sync_burst(gen, stream, self._next_unheld, send)
+        finally:
+            self._disarm()
+            self._holding = False
+
+    def _next_unheld(self, gen: Generator[Any, Any, Any]) -> Any:
+        """``next(gen)`` with a ``$cancel`` able to raise into it."""
+        self._holding = False
+        try:
+            return next(gen)
+        finally:
+            self._holding = True
+
+    def _stream_async(
+        self, request_id: int, agen: AsyncGenerator[Any, Any], stream: _Stream
+    ) -> None:
+        """Stream an async generator's items: the loop runs it while it has credit (one task
+        per burst, all in one context, so its context variables live on), and writes the items
+        of a loop turn together; without credit, this thread reads the frames that bring more."""
+        import contextvars
+
+        context = contextvars.copy_context()
+
+        def send(item: Any) -> None:
+            self._send_soon(self._item_frame(request_id, item))
+
+        try:
+            while self._async_burst_here(agen, stream, send, request_id, context):
+                self._await_credit(request_id, stream)
+        except BaseException:
+            assert self._loop is not None  # the first burst made it
+            self._loop.run_until_complete(agen.aclose())
+            raise
+
+    def _async_burst_here(
+        self,
+        agen: AsyncGenerator[Any, Any],
+        stream: _Stream,
+        send: Send,
+        request_id: int,
+        context: contextvars.Context,
+    ) -> bool:
+        """Run one burst of an async generator on the loop; whether it needs more credit.
+        The items it made are written before this returns or raises."""
+        try:
+            return self._run_async(_async_burst(agen, stream, send), request_id, context) is (
+                _NEEDS_CREDIT
+            )
+        finally:
+            self._write_items()
+            error, self._items_error = self._items_error, None
+            if error is not None:
+                raise error
+
+    def _send_soon(self, frame: bytes) -> None:
+        """On the loop: an item frame, written at the end of this loop turn with the others."""
+        if not self._items_out:
+            assert self._loop is not None
+            self._loop.call_soon(self._write_items)
+        self._items_out.append(frame)
+
+    def _write_items(self) -> None:
+        """Write the item frames waiting. On the loop, a failed write is kept for the main
+        thread (:meth:`_async_burst_here`), since the loop would only log it; frames after it
+        are dropped."""
+        frames, self._items_out = self._items_out, []
+        if not frames or self._items_error is not None:
+            return
+        try:
+            _write_all(self.output_fd, b"".join(frames))
+        except OSError as exc:
+            self._items_error = exc
+
+    def _await_credit(self, request_id: int, stream: _Stream) -> None:
+        """The window is full: read frames until a ``$credit`` gives the stream more.
+
+        One request at a time, this thread reads every frame, so it reads the credit itself,
+        with the input blocking (and SIGIO off) as between requests. The stream's ``$cancel``,
+        or the end of input (no credit can come), raises ``_Cancelled``; any other request
+        waits until the stream has ended (:meth:`_serve_deferred`). A ``$cancel`` that SIGIO
+        read as the burst ended has only marked the stream.
+        """
+        while stream.sent >= stream.granted:
+            if stream.cancelled:
+                raise _Cancelled
+            body = self._next_frame()
+            if body is None:
+                raise _Cancelled
+            request = self._decode(body)
+            name = request.get("command")
+            if name == CREDIT_COMMAND:
+                target = _request_id(request)
+                items = self._credit_items(target, request)
+                if target == request_id:
+                    stream.granted += items
+            elif name == CANCEL_COMMAND:
+                if _request_id(request) == request_id:
+                    raise _Cancelled
+            else:
+                self._deferred.append(body)
+
+    def _serve_deferred(self) -> None:
+        """Put the requests read during a stream back in front of the input, in order."""
+        if self._deferred:
+            self._buf = b"".join(_frame(body) for body in self._deferred) + self._buf
+            self._deferred = []
+
     # -- cancellation -----------------------------------------------------
 
     def _call_armed(self, func: Handler, call_args: tuple[Any, ...], request_id: int) -> Any:
@@ -669,15 +1080,21 @@ class _Worker:
         finally:
             self._disarm()
 
-    def _run_async(self, coro: Coroutine[Any, Any, Any], request_id: int) -> Any:
-        """Run a coroutine on the persistent loop; ``$cancel`` cancels its task."""
+    def _run_async(
+        self,
+        coro: Coroutine[Any, Any, Any],
+        request_id: int,
+        context: contextvars.Context | None = None,
+    ) -> Any:
+        """Run a coroutine on the persistent loop, as a task in ``context`` (by default a copy
+        of the current one); ``$cancel`` cancels its task."""
         import asyncio
 
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.new_event_loop()
             asyncio.set_event_loop(loop)
-        task = self._task = loop.create_task(coro)
+        task = self._task = loop.create_task(coro, context=context)
         # SIGTERM's SystemExit leaves the task pending: say nothing of it at exit, as
         # run_until_complete does for a task it creates itself.
         task._log_destroy_pending = False  # type: ignore[attr-defined]
@@ -727,10 +1144,13 @@ class _Worker:
                 break
         if found and self._armed:
             self._armed = False
-            if self._task is None:
+            if self._stream is not None:  # a generator that swallows the cancel stops anyway
+                self._stream.cancelled = True
+            if self._task is not None:
+                assert self._loop is not None
+                self._loop.call_soon_threadsafe(self._task.cancel)
+            elif not self._holding:
                 raise _Cancelled
-            assert self._loop is not None
-            self._loop.call_soon_threadsafe(self._task.cancel)
 
     def _read_pending(self) -> None:
         while len(self._buf) < _SCAN_LIMIT:
@@ -809,21 +1229,32 @@ class _Request:
     """A request in flight in a concurrent worker.
 
     ``state`` says what a ``$cancel`` can do: drop it (``queued``), nothing (``running`` on a
-    handler thread, which cannot be interrupted) or cancel its task (``async``). The server's
-    lock guards ``state``, ``task`` and ``cancel_requested``.
+    handler thread, which cannot be interrupted, except a generator between its items) or
+    cancel its task (``async``). ``window`` is the stream window asked for, ``stream`` the
+    generator's run once one drives it (what ``$credit`` reaches). The server's lock guards
+    ``state``, ``task``, ``stream`` and ``cancel_requested``.
     """
 
-    __slots__ = ("call_args", "cancel_requested", "func", "id", "name", "state", "task")
+    __slots__ = (
+        "call_args", "cancel_requested", "func", "id", "name", "state", "stream", "task", "window",
+    )  # fmt: skip
 
     def __init__(
-        self, request_id: int, name: str, func: Handler, call_args: tuple[Any, ...]
+        self,
+        request_id: int,
+        name: str,
+        func: Handler,
+        call_args: tuple[Any, ...],
+        window: int | None,
     ) -> None:
         self.id = request_id
         self.name = name
         self.func = func
         self.call_args = call_args
+        self.window = window
         self.state = _QUEUED
         self.task: asyncio.Task[Any] | None = None
+        self.stream: _Stream | None = None
         self.cancel_requested = False
 
 
@@ -839,6 +1270,10 @@ class _ConcurrentServer:
       taking requests from a queue in arrival order;
     - async handlers run as tasks on an event loop in a daemon thread of its own, created with
       the first one (a worker with only sync handlers never imports ``asyncio``);
+    - generators run where the handler ran, sync ones on a handler thread (also those of a
+      quick handler: the reading thread never waits for a stream's credit), async ones as a
+      task; the reading thread hands them the ``$credit`` it reads, and a stream holds its
+      handler thread or task until it ends;
     - whoever finishes a request appends its frame to the outbox, and everything there leaves
       with one write, made by the thread that made the replies when it can write without
       blocking (:meth:`_write_ready`): waking another thread costs more than the write. The
@@ -847,8 +1282,8 @@ class _ConcurrentServer:
       reply where non-blocking writes do not exist, is written by a daemon writer thread,
       which takes everything there when it wakes. One thread at a time writes (``_writing``).
 
-    One lock guards the requests in flight, the queue, the outbox, ``_writing`` and the
-    ``handled`` counter.
+    One lock guards the requests in flight, the queue, the outbox, ``_writing``, the
+    ``handled`` counter and the credit of the streams on handler threads.
     """
 
     def __init__(self, worker: _Worker, max_in_flight: int) -> None:
@@ -862,6 +1297,7 @@ class _ConcurrentServer:
         self._work = threading.Condition(lock)  # handler threads wait for requests
         self._output = threading.Condition(lock)  # the writer waits for replies
         self._settled = threading.Condition(lock)  # end of input waits for the last reply
+        self._credited = threading.Condition(lock)  # streams on handler threads wait for credit
         self._inflight: dict[int, _Request] = {}
         self._queue: deque[_Request] = deque()
         self._threads = 0
@@ -873,9 +1309,15 @@ class _ConcurrentServer:
         self._nowait = bool(_RWF_NOWAIT)
         self._loop_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_batch: list[tuple[_Request, bytes]] = []
-        #: The async requests of the read being served, for the loop (reading thread only).
-        self._to_start: list[tuple[_Request, Coroutine[Any, Any, Any] | None]] = []
+        #: This loop turn's frames (answers and items, in order), and the requests answered.
+        self._loop_frames: list[bytes] = []
+        self._loop_done: list[_Request] = []
+        #: The async requests and the credit for async streams of the read being served, for
+        #: the loop (reading thread only).
+        self._to_start: list[tuple[_Request, AsyncProducer | None]] = []
+        self._to_credit: list[tuple[_Stream, int]] = []
+        #: Set once the input has ended: a stream without credit can get none any more.
+        self._input_ended = False
         #: The exit status once the writer has lost the output (None while it can write).
         self._lost: int | None = None
         self._wake_reader, self._wake_writer_end = os.pipe()
@@ -904,7 +1346,7 @@ class _ConcurrentServer:
             for body in frames:
                 self._dispatch(self.worker._decode(body))
         finally:
-            if self._to_start:
+            if self._to_start or self._to_credit:
                 self._start_read_tasks()
             if self._nowait and self._outbox:
                 self._write_ready()
@@ -924,22 +1366,34 @@ class _ConcurrentServer:
     def _dispatch(self, request: dict[str, Any]) -> None:
         worker = self.worker
         try:
-            request_id, name, entry, call_args = worker._route(request)
+            request_id, name, entry, call_args, window = worker._route(request)
         except _Refused as refusal:
             return self._reply_here(
                 None, worker._failure_frame(refusal.request_id, refusal.message)
             )
         if entry is None:
-            return self._cancel(request_id)
+            if name == CANCEL_COMMAND:
+                return self._cancel(request_id)
+            return self._credit(request_id, request)
         func, _, is_async, cancellable = entry
         if is_async:
-            return self._start_async_later(_Request(request_id, name, func, call_args), None)
+            return self._start_async_later(
+                _Request(request_id, name, func, call_args, window), None
+            )
         if cancellable:
-            return self._enqueue(_Request(request_id, name, func, call_args))
-        return self._run_inline(request_id, name, func, call_args)
+            return self._enqueue(_Request(request_id, name, func, call_args, window))
+        return self._run_inline(request_id, name, func, call_args, window)
 
     def _drain(self) -> int:
-        """End of input: answer what is in flight or queued, write it all, then exit 0."""
+        """End of input: answer what is in flight or queued, write it all, then exit 0.
+
+        A stream waiting for credit can get none any more: it is cancelled (and so is one that
+        runs out of credit later)."""
+        with self._lock:
+            self._input_ended = True
+            self._credited.notify_all()
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._wake_streams)
         with self._lock:
             while (self._inflight or self._outbox or self._writing) and self._lost is None:
                 self._settled.wait()
@@ -952,13 +1406,17 @@ class _ConcurrentServer:
 
         A queued request is dropped and answered at once; a task is cancelled and answered
         when it has finished (:meth:`_task_done`); a handler running on a thread finishes and
-        answers its real outcome. An id not in flight is ignored.
+        answers its real outcome, except a generator, which is stopped before its next item,
+        closed and then answered ``cancelled``. An id not in flight is ignored.
         """
         with self._lock:
             request = self._inflight.get(request_id)
             if request is None:
                 return
             request.cancel_requested = True
+            if request.stream is not None:  # stopped before its next item
+                request.stream.cancelled = True
+                self._credited.notify_all()
             if request.state == _QUEUED:
                 self._queue.remove(request)
                 self._post(request, self.worker._failure_frame(request_id, "cancelled"))
@@ -969,6 +1427,23 @@ class _ConcurrentServer:
                 return
             loop = self._loop
         loop.call_soon_threadsafe(self._cancel_task, request)
+
+    def _credit(self, request_id: int, request: dict[str, Any]) -> None:
+        """``$credit``: a stream may send more items. A stream on a handler thread gets it at
+        once; an async stream's goes to the loop with the read's other work. A credit for an
+        id that is not streaming is ignored."""
+        items = self.worker._credit_items(request_id, request)
+        if not items:
+            return
+        with self._lock:
+            target = self._inflight.get(request_id)
+            if target is None or target.stream is None:
+                return
+            if target.state != _ASYNC:
+                target.stream.granted += items
+                self._credited.notify_all()
+                return
+        self._to_credit.append((target.stream, items))
 
     # -- sync handlers ----------------------------------------------------
 
@@ -1005,29 +1480,48 @@ class _ConcurrentServer:
 
     def _run_queued(self, request: _Request) -> None:
         """On a handler thread: run a queued request and answer it."""
-        outcome = self._call_sync(request.id, request.name, request.func, request.call_args)
-        if type(outcome) is CoroutineType:
-            return self._start_async(request, outcome)
+        outcome = self._call_sync(
+            request.id, request.name, request.func, request.call_args, request.window
+        )
+        if type(outcome) is GeneratorType:
+            outcome = self._generate(request, outcome)
+        elif type(outcome) is not bytes:
+            return self._start_async(request, outcome)  # type: ignore[arg-type]
         self._answer(request, outcome)
 
     def _run_inline(
-        self, request_id: int, name: str, func: Handler, call_args: tuple[Any, ...]
+        self,
+        request_id: int,
+        name: str,
+        func: Handler,
+        call_args: tuple[Any, ...],
+        window: int | None,
     ) -> None:
         """On the reading thread: run a quick (``cancellable=False``) handler and answer it.
 
         No ``$cancel`` can reach it (this thread reads them), so it needs no :class:`_Request`
-        in flight, unless it returns a coroutine.
+        in flight, unless it returns a coroutine or a generator: a sync generator goes on to a
+        handler thread, as this thread must not wait for a stream's credit.
         """
-        outcome = self._call_sync(request_id, name, func, call_args)
-        if type(outcome) is CoroutineType:
-            return self._start_async_later(_Request(request_id, name, func, call_args), outcome)
-        self._reply_here(None, outcome)
+        outcome = self._call_sync(request_id, name, func, call_args, window)
+        if type(outcome) is bytes:
+            return self._reply_here(None, outcome)
+        if type(outcome) is GeneratorType:
+            return self._enqueue(_Request(request_id, name, _returned, (outcome,), window))
+        request = _Request(request_id, name, func, call_args, window)
+        self._start_async_later(request, outcome)  # type: ignore[arg-type]
 
     def _call_sync(
-        self, request_id: int, name: str, func: Handler, call_args: tuple[Any, ...]
-    ) -> bytes | CoroutineType[Any, Any, Any]:
-        """Call a sync handler: its answer, or the coroutine a sync wrapper around an async
-        function returned (it continues as a task).
+        self,
+        request_id: int,
+        name: str,
+        func: Handler,
+        call_args: tuple[Any, ...],
+        window: int | None,
+    ) -> bytes | Producer:
+        """Call a sync handler: its answer, or what it returned to continue with: a generator
+        to drive, or the coroutine (or async generator) of a sync wrapper around an async
+        function, which continues as a task.
 
         Only ``Exception`` is answered here: on the main thread, SIGTERM's ``SystemExit`` must
         end the worker.
@@ -1037,18 +1531,89 @@ class _ConcurrentServer:
             result = func(*call_args)
         except Exception as exc:
             return worker._exception_frame(request_id, name, exc)
-        if type(result) is CoroutineType:  # a sync wrapper around an async function
-            return result
-        return worker._success_frame(request_id, name, result)
+        if type(result) in _PRODUCERS:
+            return result  # type: ignore[no-any-return]
+        if window is None:
+            return worker._success_frame(request_id, name, result)
+        return worker._one_item_frames(request_id, name, result)
+
+    # -- sync generators --------------------------------------------------
+
+    def _generate(self, request: _Request, gen: Generator[Any, Any, Any]) -> bytes:
+        """On a handler thread: drive a sync generator to its answer, streaming its items or,
+        without ``meta.stream``, collecting them. A cancel stops it between items (not inside
+        a ``next()``, which a thread cannot interrupt): it is closed, then answered."""
+        worker = self.worker
+        window = request.window
+        stream = self._track(request, window)
+        try:
+            if window is None:
+                result = _collect(gen, stream)
+            else:
+                result = self._stream_on_thread(request.id, gen, stream)
+        except _Cancelled:
+            return worker._failure_frame(request.id, "cancelled")
+        except Exception as exc:
+            return worker._exception_frame(request.id, request.name, exc)
+        return worker._success_frame(request.id, request.name, result)
+
+    def _track(self, request: _Request, window: int | None) -> _Stream:
+        """The run of a generator starting: a ``$credit`` or ``$cancel`` reaches it from now
+        on, and a cancel that came first is not lost."""
+        stream = _Stream(_UNLIMITED if window is None else window)
+        with self._lock:
+            request.stream = stream
+            stream.cancelled = request.cancel_requested
+        return stream
+
+    def _stream_on_thread(
+        self, request_id: int, gen: Generator[Any, Any, Any], stream: _Stream
+    ) -> Any:
+        """Stream a sync generator's items, each written as it comes (its next one may take
+        any time); its return value."""
+        item_frame, emit = self.worker._item_frame, self._emit
+
+        def send(item: Any) -> None:
+            emit(item_frame(request_id, item))
+
+        try:
+            while True:
+                value = _sync_burst(gen, stream, next, send)
+                if value is not _NEEDS_CREDIT:
+                    return value
+                self._wait_for_credit(stream)
+        except BaseException:
+            gen.close()
+            raise
+
+    def _wait_for_credit(self, stream: _Stream) -> None:
+        """On a handler thread: wait until the reading thread grants credit; ``_Cancelled``
+        once the stream is cancelled or the input has ended."""
+        with self._lock:
+            while stream.sent >= stream.granted and not stream.cancelled:
+                if self._input_ended:
+                    raise _Cancelled
+                self._credited.wait()
+
+    def _emit(self, frame: bytes) -> None:
+        """A handler thread's item frame: written at once, as an answer is (:meth:`_answer`),
+        but the request stays in flight."""
+        nowait = self._nowait
+        with self._lock:
+            self._outbox.append(frame)
+            if not nowait:
+                self._output.notify()
+        if nowait:
+            self._write_ready()
 
     # -- async handlers ---------------------------------------------------
 
-    def _start_async(self, request: _Request, coro: Coroutine[Any, Any, Any] | None) -> None:
+    def _start_async(self, request: _Request, coro: AsyncProducer | None) -> None:
         """From a handler thread: hand a request to the event loop at once; ``coro`` is
         ``None`` to call an async handler."""
         self._as_task(request).call_soon_threadsafe(self._start_task, request, coro)
 
-    def _start_async_later(self, request: _Request, coro: Coroutine[Any, Any, Any] | None) -> None:
+    def _start_async_later(self, request: _Request, coro: AsyncProducer | None) -> None:
         """On the reading thread: the request is in flight at once (a ``$cancel`` later in the
         read finds it), and goes to the loop with the read's other ones once the read is
         served (:meth:`_start_read_tasks`)."""
@@ -1064,15 +1629,24 @@ class _ConcurrentServer:
         return loop
 
     def _start_read_tasks(self) -> None:
-        """On the reading thread: hand the async requests of a read to the loop with one
-        ``call_soon_threadsafe`` (one wake-up of the loop, not one per request)."""
+        """On the reading thread: hand the async requests and the async streams' credit of a
+        read to the loop with one ``call_soon_threadsafe`` (one wake-up of the loop, not one
+        per request)."""
         starts, self._to_start = self._to_start, []
+        credits, self._to_credit = self._to_credit, []
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._start_tasks, starts)
+        self._loop.call_soon_threadsafe(self._start_tasks, starts, credits)
 
-    def _start_tasks(self, starts: list[tuple[_Request, Coroutine[Any, Any, Any] | None]]) -> None:
+    def _start_tasks(
+        self,
+        starts: list[tuple[_Request, AsyncProducer | None]],
+        credits: list[tuple[_Stream, int]],
+    ) -> None:
         for request, coro in starts:
             self._start_task(request, coro)
+        for stream, items in credits:
+            stream.granted += items
+            self._wake(stream)
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         loop = self._loop
@@ -1090,14 +1664,20 @@ class _ConcurrentServer:
                 self._loop = loop
             return self._loop
 
-    def _start_task(self, request: _Request, coro: Coroutine[Any, Any, Any] | None) -> None:
-        """On the loop: create the request's task (cancelled at once if a cancel came first)."""
+    def _start_task(self, request: _Request, coro: AsyncProducer | None) -> None:
+        """On the loop: create the request's task (cancelled at once if a cancel came first);
+        an async generator's task drives it."""
         loop = self._loop
         assert loop is not None
         try:
             if coro is None:
                 coro = request.func(*request.call_args)
-            task = loop.create_task(coro)
+            if type(coro) is AsyncGeneratorType:
+                if request.window is None:
+                    coro = _collect_async(coro, self._track(request, None))
+                else:
+                    coro = self._stream_on_loop(request, coro)
+            task = loop.create_task(coro)  # type: ignore[arg-type]
         except Exception as exc:  # an async callable object that fails before its coroutine
             return self._batch(request, self.worker._exception_frame(request.id, request.name, exc))
         with self._lock:
@@ -1120,27 +1700,82 @@ class _ConcurrentServer:
             frame = worker._failure_frame(request.id, "cancelled")
         elif (exc := task.exception()) is not None:
             frame = worker._exception_frame(request.id, request.name, exc)
-        else:
+        elif request.window is not None and request.stream is None:  # a plain handler
+            frame = worker._one_item_frames(request.id, request.name, task.result())
+        else:  # a result, or the end of a generator's run
             frame = worker._success_frame(request.id, request.name, task.result())
         self._batch(request, frame)
 
     def _batch(self, request: _Request, frame: bytes) -> None:
-        """On the loop: collect this turn's replies; one callback posts them together."""
-        if not self._loop_batch:
+        """On the loop: an answer of this turn; one callback posts the turn's frames together."""
+        self._batch_item(frame)
+        self._loop_done.append(request)
+
+    def _batch_item(self, frame: bytes) -> None:
+        """On the loop: a frame of this turn (an item, or an answer via :meth:`_batch`)."""
+        if not self._loop_frames:
             assert self._loop is not None
             self._loop.call_soon(self._flush_batch)
-        self._loop_batch.append((request, frame))
+        self._loop_frames.append(frame)
 
     def _flush_batch(self) -> None:
-        batch, self._loop_batch = self._loop_batch, []
+        frames, self._loop_frames = self._loop_frames, []
+        done, self._loop_done = self._loop_done, []
         nowait = self._nowait
         with self._lock:
-            for request, frame in batch:
-                self._post(request, frame)
+            for request in done:
+                self._finish(request)
+            self._outbox += frames
             if not nowait:
                 self._output.notify()
         if nowait:
             self._write_ready()
+
+    # -- async generators -------------------------------------------------
+
+    async def _stream_on_loop(self, request: _Request, agen: AsyncGenerator[Any, Any]) -> None:
+        """Stream an async generator's items as a task; those of one loop turn leave together."""
+        stream = self._track(request, request.window)
+        request_id, item_frame, batch_item = request.id, self.worker._item_frame, self._batch_item
+
+        def send(item: Any) -> None:
+            batch_item(item_frame(request_id, item))
+
+        try:
+            while await _async_burst(agen, stream, send) is _NEEDS_CREDIT:
+                await self._credit_on_loop(stream)
+        except BaseException:
+            await agen.aclose()
+            raise
+
+    async def _credit_on_loop(self, stream: _Stream) -> None:
+        """Wait for the credit the reading thread hands the loop (:meth:`_start_tasks`); a
+        cancel cancels the task, and the end of input raises ``CancelledError``."""
+        loop = self._loop
+        assert loop is not None
+        while stream.sent >= stream.granted and not stream.cancelled:
+            if self._input_ended:
+                import asyncio
+
+                raise asyncio.CancelledError
+            stream.waiter = loop.create_future()
+            try:
+                await stream.waiter
+            finally:
+                stream.waiter = None
+
+    def _wake(self, stream: _Stream) -> None:
+        """On the loop: a stream waiting for credit looks again."""
+        waiter = stream.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _wake_streams(self) -> None:
+        """On the loop, at the end of input: every async stream waiting for credit stops."""
+        with self._lock:
+            streams = [r.stream for r in self._inflight.values() if r.stream is not None]
+        for stream in streams:
+            self._wake(stream)
 
     # -- replies ----------------------------------------------------------
 
@@ -1167,9 +1802,13 @@ class _ConcurrentServer:
 
     def _post(self, request: _Request | None, frame: bytes) -> None:
         """With the lock held: ``request`` is no longer in flight; its reply goes to the outbox."""
+        self._finish(request)
+        self._outbox.append(frame)
+
+    def _finish(self, request: _Request | None) -> None:
+        """With the lock held: ``request`` (``None``: a refused one) has been answered."""
         if request is not None and self._inflight.get(request.id) is request:
             del self._inflight[request.id]
-        self._outbox.append(frame)
         self.worker.handled += 1
 
     def _write_ready(self) -> None:
