@@ -24,7 +24,7 @@ from ._library import status
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing stays out of the worker's start-up
-    from collections.abc import Callable
+    from collections.abc import AsyncIterator, Callable
     from typing import Any, TypeGuard
 
 #: Floats below this magnitude that are integral are sent as JSON integers, as JavaScript's
@@ -33,6 +33,9 @@ _JS_EXPONENT_THRESHOLD = 1e21
 _ARITHMETIC = {"add": operator.add, "subtract": operator.sub, "multiply": operator.mul}
 _OPERATIONS = sorted([*_ARITHMETIC, "divide"])
 _MAX_SLEEP = 3600
+_MAX_STREAM_COUNT = 1_000_000
+#: How often ``stream``'s ``wait_for`` looks for its file.
+_POLL_SECONDS = 0.01
 _SESSIONS: dict[str, dict[str, Any]] = {}
 
 
@@ -149,6 +152,76 @@ async def sleep(args: dict[str, Any]) -> dict[str, Any]:
         raise CommandError(f"'seconds' must be a number from 0 to {_MAX_SLEEP}")
     await asyncio.sleep(seconds)
     return {"slept": seconds}
+
+
+# -------------------------------------------------------------------------
+# stream: PROTOCOL.md, The stream command
+# -------------------------------------------------------------------------
+
+
+@command
+async def stream(args: dict[str, Any]) -> AsyncIterator[Any]:
+    """Yield ``{"i": 0}`` ... ``{"i": count - 1}``, then ``final`` unless it is null: a producer
+    for tests of streaming, backpressure and cancellation. Before item i: the ``delay``, then
+    the ``fail_at`` check, then ``progress`` = i + 1.
+
+    An async generator, so that its ``delay`` and ``wait_for`` are cancellable at any
+    concurrency. An async generator cannot return a value, so ``final`` is yielded as the last
+    item instead of being the end's result: the same last item to every caller, and the same
+    list for ``execute``. Its arguments are checked on the first step, before any item.
+    """
+    import asyncio
+
+    count, delay, fail_at, wait_for, progress = _stream_args(args)
+    for i in range(count):
+        if delay:
+            await asyncio.sleep(delay)
+        if i == fail_at:
+            raise CommandError(f"failed at item {i}")
+        if progress is not None:
+            _write_atomically(progress, str(i + 1))
+        yield {"i": i}
+        # Resumed only when the driver asks for item 1, so item 0 is already on its way out.
+        if i == 0 and wait_for is not None and count > 1:
+            while not os.path.exists(wait_for):
+                await asyncio.sleep(_POLL_SECONDS)
+    final = args.get("final")
+    if final is not None:
+        yield final
+
+
+def _stream_args(
+    args: dict[str, Any],
+) -> tuple[int, int | float, int | None, str | None, str | None]:
+    """``stream``'s checked ``(count, delay, fail_at, wait_for, progress)``; a null optional
+    argument is as good as none."""
+    count = args.get("count")
+    if type(count) is not int or not 0 <= count <= _MAX_STREAM_COUNT:
+        raise CommandError(f"'count' must be an integer from 0 to {_MAX_STREAM_COUNT}")
+    delay = args.get("delay")
+    if delay is None:
+        delay = 0
+    elif not _is_number(delay) or not 0 <= delay <= _MAX_SLEEP:
+        raise CommandError(f"'delay' must be a number from 0 to {_MAX_SLEEP}")
+    fail_at = args.get("fail_at")
+    if fail_at is not None and type(fail_at) is not int:
+        raise CommandError("'fail_at' must be an integer")
+    return count, delay, fail_at, _path(args, "wait_for"), _path(args, "progress")
+
+
+def _path(args: dict[str, Any], key: str) -> str | None:
+    path = args.get(key)
+    if path is not None and (not isinstance(path, str) or not path):
+        raise CommandError(f"'{key}' must be a non-empty string (a file path)")
+    return path
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """A reader of ``path`` sees the old text or the new, never half of it: replace is atomic."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w") as file:
+        file.write(text)
+    os.replace(temporary, path)
 
 
 # -------------------------------------------------------------------------
