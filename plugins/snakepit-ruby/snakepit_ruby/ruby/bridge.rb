@@ -223,7 +223,7 @@ module SnakepitBridge
   module_function
 
   def info(server)
-    uname = Etc.uname
+    uname = Etc.uname.transform_values { |text| Snakepit.utf8(text) } # ASCII-8BIT: not binary
     {
       "runtime" => Snakepit::RUNTIME, "runtime_version" => RUBY_VERSION,
       "bridge_version" => Snakepit::VERSION, "platform" => uname[:sysname].downcase,
@@ -278,7 +278,7 @@ module SnakepitBridge
 
   def register(server)
     sessions = Sessions.new
-    server.command("echo") { |args| { "echoed" => args } }
+    server.command("echo") { |args| { "echoed" => args } } # binary values go back as binary
     server.command("compute") { |args| Compute.call(args) }
     server.command("info") { info(server) }
     server.command("sleep") { |args| sleep_for(args) }
