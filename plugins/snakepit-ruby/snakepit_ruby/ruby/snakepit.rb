@@ -2,7 +2,7 @@
 
 # snakepit's Ruby bridge library: an author writes handlers, this speaks the wire protocol of
 # docs/PROTOCOL.md (frames, the ping handshake, protocol 2's concurrent requests, $cancel,
-# deadlines, streams, error mapping, stdout protection).
+# deadlines, streams, binary values, error mapping, stdout protection).
 #
 #   require "snakepit"
 #   Snakepit.run({ "shout" => ->(args, ctx) { { "text" => args["text"].upcase } } })
@@ -24,6 +24,11 @@
 #
 #   s.command("numbers", stream: true) { |args, ctx| args["n"].times { |i| ctx.emit(i) } }
 #
+# Binary values (protocol 2): a handler gets a binary (ASCII-8BIT) String for each binary value of
+# its request, and any ASCII-8BIT String in its result or items goes out as binary, without
+# base64; every other String is text. Mind the few standard methods that give ASCII-8BIT text
+# (IO#read(n), Array#pack, String.new, Etc.uname): `.encode(Encoding::UTF_8)` what is text.
+#
 # Only Ruby's standard library is used, so a worker may start with `ruby --disable-gems`.
 
 require "json"
@@ -36,12 +41,13 @@ module Snakepit
   # how many requests this bridge takes at once).
   CAPABILITIES = ["cancel"].freeze
   PROTOCOL = 2
-  PROTOCOL_CAPABILITIES = ["cancel", "deadline", "stream"].freeze
+  PROTOCOL_CAPABILITIES = ["cancel", "deadline", "stream", "binary"].freeze
   MAX_CONCURRENCY = 4096
   # Threads that run handlers at most, under protocol 2; more requests wait in arrival order.
   MAX_THREADS = 64
   CANCEL = "$cancel"
   CREDIT = "$credit"
+  BINARY = "$binary" # the envelope key that says where a binary frame's values go
   DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
   # Python's json gives up near 1000 levels; JSON's default of 100 would refuse real data.
   MAX_NESTING = 1000
@@ -170,6 +176,98 @@ module Snakepit
     end
   end
 
+  # `value` with nil in the place of each binary value (ASCII-8BIT String) in it, which go to
+  # `found` as [path, string], `path` from the envelope's root (`path` is where `value` is).
+  # Only the Hashes and Arrays on the way to a binary value are copied: the handler's own
+  # objects are left as they were. Deeper than the JSON generator goes (a cycle) is an
+  # EncodeError, as the generator would raise.
+  #
+  # Every result and item of a protocol-2 worker passes through here, so it is written for
+  # speed: loops rather than blocks (a block called from C, as by each_pair, also costs machine
+  # stack at every level, and a thread has too little for MAX_NESTING levels), the type tests
+  # inline and ordered by how common they are, a number costing two tests.
+  def self.detach(value, path, found)
+    if value.is_a?(String)
+      return value unless value.encoding == Encoding::BINARY
+
+      found << [path.dup, value]
+      return nil
+    end
+    return detach_hash(value, path, found, 2) if value.is_a?(Hash) # the envelope is depth 1
+    return detach_array(value, path, found, 2) if value.is_a?(Array)
+
+    value
+  end
+
+  def self.detach_hash(hash, path, found, depth)
+    too_deep(depth) if depth > MAX_NESTING
+    copy = nil
+    keys = hash.keys
+    index = 0
+    count = keys.size
+    while index < count
+      key = keys[index]
+      index += 1
+      item = hash[key]
+      if item.is_a?(String)
+        next unless item.encoding == Encoding::BINARY
+
+        found << [[*path, json_key(key)], item]
+        detached = nil
+      elsif item.is_a?(Numeric) then next
+      elsif item.is_a?(Hash) || item.is_a?(Array)
+        path << json_key(key)
+        detached = detach_container(item, path, found, depth + 1)
+        path.pop
+        next if detached.equal?(item)
+      else next
+      end
+      (copy ||= hash.dup)[key] = detached
+    end
+    copy || hash
+  end
+
+  def self.detach_array(array, path, found, depth)
+    too_deep(depth) if depth > MAX_NESTING
+    copy = nil
+    index = -1
+    last = array.size - 1
+    while index < last
+      index += 1
+      item = array[index]
+      if item.is_a?(String)
+        next unless item.encoding == Encoding::BINARY
+
+        found << [[*path, index], item]
+        detached = nil
+      elsif item.is_a?(Numeric) then next
+      elsif item.is_a?(Hash) || item.is_a?(Array)
+        path << index
+        detached = detach_container(item, path, found, depth + 1)
+        path.pop
+        next if detached.equal?(item)
+      else next
+      end
+      (copy ||= array.dup)[index] = detached
+    end
+    copy || array
+  end
+
+  def self.detach_container(container, path, found, depth)
+    return detach_hash(container, path, found, depth) if container.is_a?(Hash)
+
+    detach_array(container, path, found, depth)
+  end
+
+  # A Hash key as JSON writes it: a String as it is, anything else as its to_s.
+  def self.json_key(key)
+    key.is_a?(String) ? key : key.to_s
+  end
+
+  def self.too_deep(depth)
+    raise EncodeError, "result cannot be encoded as JSON (nesting of #{depth} is too deep)"
+  end
+
   # The items a $credit frame grants (an integer >= 1), or nil, logged, for anything else.
   def self.credit_items(frame)
     args = frame["args"]
@@ -181,11 +279,21 @@ module Snakepit
     nil
   end
 
-  # Frames over the protocol's private descriptors (PROTOCOL.md, "Frames").
+  # Frames over the protocol's private descriptors (PROTOCOL.md, "Frames"), and binary frames
+  # ("Binary values"): a body of 0x00, the envelope's length J (4 bytes), J bytes of JSON with
+  # nil in the place of each binary value and a "$binary" list of {path, size}, then the values'
+  # bytes back to back.
   class Channel
     HEADER_BYTES = 4
     PARSE_OPTIONS = { max_nesting: MAX_NESTING }.freeze
     GENERATOR = :snakepit_json_generator
+    BINARY_MARK = 0 # the first byte of a binary frame's body (no JSON text starts with it)
+    BINARY_PREFIX = 5 # the mark and the envelope's length
+    BINARY_HEADER = "NCN" # the frame's length, the mark, the envelope's length
+
+    # Whether answers carry ASCII-8BIT Strings as binary values (set by the handshake once it
+    # declared the capability; before, and at protocol 1, they are JSON text as always).
+    attr_writer :binary
 
     # Moves the protocol off fd 0 and fd 1: `puts`, `system("echo")` and a child reading stdin
     # then reach stderr and /dev/null, never the frames. Ruby's dup is close-on-exec, so child
@@ -204,6 +312,7 @@ module Snakepit
       @output = output.binmode
       @output.sync = true
       @max = max_frame_bytes
+      @binary = false
     end
 
     # The next frame as a Hash, or nil at the end of input.
@@ -226,13 +335,22 @@ module Snakepit
     end
 
     # `message` as one frame (header and body in one string, so it goes out in one write).
-    # Safe to call from several threads at once.
-    def encode(message)
+    # `value_key` names the key whose value may hold binary values ("result", "item"): once
+    # binary is on, any ASCII-8BIT String in it makes the frame a binary frame. Safe to call
+    # from several threads at once.
+    def encode(message, value_key = nil)
+      if @binary && value_key
+        found = []
+        value = message[value_key]
+        detached = Snakepit.detach(value, [value_key], found)
+        unless found.empty?
+          message = message.merge(value_key => detached) # the caller's message stays as it was
+          return encode_binary(message, found)
+        end
+      end
       body = generate(message)
-      size = body.bytesize
-      raise EncodeError, "response of #{size} bytes exceeds the frame limit #{@max}" if size > @max
-
-      [size, body].pack("Na*")
+      limit(body.bytesize)
+      [body.bytesize, body].pack("Na*")
     end
 
     def write(frame)
@@ -245,6 +363,23 @@ module Snakepit
     end
 
     private
+
+    def limit(size)
+      raise EncodeError, "response of #{size} bytes exceeds the frame limit #{@max}" if size > @max
+    end
+
+    # A binary frame of `message` (nil in the place of each value) and `found`, its binary
+    # values as [[path, string], ...]: built in one buffer, each value's bytes copied once.
+    def encode_binary(message, found)
+      message[BINARY] = found.map { |path, bytes| { "path" => path, "size" => bytes.bytesize } }
+      head = generate(message).force_encoding(Encoding::BINARY) # a new String: ours to relabel
+      size = found.sum(BINARY_PREFIX + head.bytesize) { |_, bytes| bytes.bytesize }
+      limit(size)
+      frame = String.new(capacity: HEADER_BYTES + size, encoding: Encoding::BINARY)
+      frame << [size, BINARY_MARK, head.bytesize].pack(BINARY_HEADER) << head
+      found.each { |_, bytes| frame << bytes }
+      frame
+    end
 
     # One generator per thread for every response: configuring a new one costs a third of a
     # ping, and one generator must not serve two threads at once.
@@ -266,16 +401,97 @@ module Snakepit
     end
 
     def decode(body)
-      # JSON.parse accepts invalid UTF-8 inside strings; the protocol does not.
-      body.force_encoding(Encoding::UTF_8)
-      raise ProtocolError, "frame is not valid UTF-8" unless body.valid_encoding?
+      return decode_binary(body) if body.getbyte(0) == BINARY_MARK
 
-      frame = JSON.parse(body, PARSE_OPTIONS)
-      raise ProtocolError, "frame is not a JSON object: #{body[0, 80]}" unless frame.is_a?(Hash)
+      parse(body, "frame")
+    end
+
+    def parse(text, what)
+      # JSON.parse accepts invalid UTF-8 inside strings; the protocol does not.
+      text.force_encoding(Encoding::UTF_8)
+      raise ProtocolError, "#{what} is not valid UTF-8" unless text.valid_encoding?
+
+      frame = JSON.parse(text, PARSE_OPTIONS)
+      raise ProtocolError, "#{what} is not a JSON object: #{text[0, 80]}" unless frame.is_a?(Hash)
 
       frame
     rescue JSON::ParserError => e
-      raise ProtocolError, "frame is not valid JSON (#{e.message[0, 200]})"
+      raise ProtocolError, "#{what} is not valid JSON (#{e.message[0, 200]})"
+    end
+
+    # The message of a binary frame's `body` (an ASCII-8BIT String), each binary value in its
+    # place as an ASCII-8BIT String (a slice of the body: the last one shares its bytes).
+    # Anything that does not add up is a ProtocolError.
+    def decode_binary(body)
+      size = body.bytesize
+      raise ProtocolError, "binary frame is shorter than its header" if size < BINARY_PREFIX
+
+      offset = BINARY_PREFIX + body.unpack1("N", offset: 1)
+      if offset > size
+        raise ProtocolError, "binary frame's envelope of #{offset - BINARY_PREFIX} bytes " \
+                             "overruns the frame of #{size} bytes"
+      end
+      envelope = body.byteslice(BINARY_PREFIX, offset - BINARY_PREFIX)
+      frame = parse(envelope, "binary frame's envelope")
+      entries = frame.delete(BINARY)
+      raise ProtocolError, "binary frame has no '$binary' list" unless entries.is_a?(Array)
+
+      entries.each do |entry|
+        path, length = binary_entry(entry)
+        if offset + length > size
+          raise ProtocolError, "binary value at #{brief(path)} of #{length} bytes overruns " \
+                               "the frame"
+        end
+
+        place(frame, path, body.byteslice(offset, length))
+        offset += length
+      end
+      return frame if offset == size
+
+      raise ProtocolError, "binary frame has #{size - offset} bytes beyond its values"
+    end
+
+    def binary_entry(entry)
+      unless entry.is_a?(Hash)
+        raise ProtocolError, "'$binary' entry #{brief(entry)} is not an object"
+      end
+
+      path = entry["path"]
+      length = entry["size"]
+      unless path.is_a?(Array) && !path.empty? && length.is_a?(Integer) && !length.negative?
+        raise ProtocolError, "'$binary' entry needs a non-empty 'path' and a 'size' >= 0: " \
+                             "#{brief(entry)}"
+      end
+      if entry.key?("shm")
+        raise ProtocolError, "'$binary' entry names a shared-memory segment, which this " \
+                             "worker did not offer"
+      end
+      [path, length]
+    end
+
+    # Puts `bytes` where `path` leads in `frame`; that place must hold null.
+    def place(frame, path, bytes)
+      container = path[0...-1].reduce(frame) { |inner, key| step(inner, key, path) }
+      unless step(container, path[-1], path).nil?
+        raise ProtocolError, "binary value's path #{brief(path)} does not lead to null"
+      end
+
+      container[path[-1]] = bytes
+    end
+
+    # What `container[key]` holds, if `key` names something in it (a key of an object, an index
+    # within an array).
+    def step(container, key, path)
+      case container
+      when Hash then return container[key] if key.is_a?(String) && container.key?(key)
+      when Array
+        return container[key] if key.is_a?(Integer) && key.between?(0, container.size - 1)
+      end
+      raise ProtocolError, "binary value's path #{brief(path)} leads nowhere"
+    end
+
+    def brief(value)
+      value.inspect[0, 200]
     end
   end
 
@@ -492,7 +708,7 @@ module Snakepit
 
     # Masked, so that a $cancel stops the handler between two items, never inside a write.
     def send_item(item)
-      frame = @channel.encode({ "id" => @id, "item" => item })
+      frame = @channel.encode({ "id" => @id, "item" => item }, "item")
       Thread.handle_interrupt(UNCANCELLABLE) { @output.call(frame) }
       @streaming = true
     end
@@ -718,7 +934,7 @@ module Snakepit
       @given = {} # name => the name as registered (a String or a Symbol), for messages
       @streaming = {} # name => true for a handler registered with `stream: true`
       @started = Snakepit.monotonic
-      @worker_id = ENV["SNAKEPIT_WORKER_ID"] # until the handshake names it
+      @worker_id = ENV["SNAKEPIT_WORKER_ID"]&.then { |id| Snakepit.utf8(id) } # until the handshake
       @requests_handled = 0
       @protocol = 1 # 2 once the handshake asked for it (max_in_flight)
       @max_in_flight = 1
@@ -777,7 +993,7 @@ module Snakepit
     # Runs a job's handler (the block does) and gives its response frame.
     def perform(job)
       result = yield
-      @channel.encode({ "id" => job.id, "success" => true, "result" => result })
+      @channel.encode({ "id" => job.id, "success" => true, "result" => result }, "result")
     rescue Cancelled
       failure(job.id, "cancelled")
     rescue CommandError, EncodeError => e
@@ -792,7 +1008,7 @@ module Snakepit
         raise SetupError, "command name #{name.inspect} must be a String or a Symbol"
       end
 
-      key = name.to_s
+      key = Snakepit.utf8(name.to_s) # text, even if given as ASCII-8BIT (it is listed by info)
       raise SetupError, "command name must not be empty" if key.empty?
       if key.start_with?("$")
         raise SetupError, "command '#{key}' cannot be registered: names starting with '$' " \
@@ -955,6 +1171,7 @@ module Snakepit
 
       @protocol = PROTOCOL
       @max_in_flight = [max_in_flight, MAX_CONCURRENCY].min
+      @channel.binary = true # declared in this handshake's answer (PROTOCOL_CAPABILITIES)
     end
   end
 end
