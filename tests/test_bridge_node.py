@@ -42,6 +42,7 @@ BUILTINS = [
     "retrieve",
     "sleep",
     "store",
+    "stream",
 ]
 UNSAFE = "compute: integer beyond 2^53 cannot be represented exactly in JavaScript"
 

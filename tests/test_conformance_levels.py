@@ -24,6 +24,7 @@ import pytest
 
 import snakepit_core.conformance.test_protocol as protocol_level
 import snakepit_core.conformance.test_protocol2 as protocol_2_cases
+import snakepit_core.conformance.test_streams as stream_cases
 from snakepit_core.conformance.levels import (
     BUNDLED,
     CAPABILITY_MARK,
@@ -99,8 +100,16 @@ def marks_of(module: object) -> dict[str, dict[str, object]]:
 
 
 def protocol_tests() -> tuple[set[str], set[str]]:
-    """The protocol level's tests (test_protocol.py), and those of them that need a capability."""
-    tests = marks_of(protocol_level)
+    """The protocol level's tests for any worker (test_protocol.py, and the protocol-level case
+    of test_streams.py), and those of them that need a capability."""
+    tests = {
+        **marks_of(protocol_level),
+        **{
+            name: marks
+            for name, marks in marks_of(stream_cases).items()
+            if marks[LEVEL_MARK] == PROTOCOL and PROTOCOL_MARK not in marks
+        },
+    }
     return set(tests), {name for name, marks in tests.items() if CAPABILITY_MARK in marks}
 
 
@@ -121,7 +130,9 @@ def test_a_perl_adapter_of_its_own_commands_passes_the_protocol_level(tmp_path):
     ran = {case.get("name", "").removesuffix("[perl-shout]") for case in cases}
     assert ran == everything - needing_cancel, output[-4000:]
     assert needing_cancel, "the protocol level has cancel tests to deselect"
-    assert all(case.get("classname", "").endswith("test_protocol") for case in cases)
+    assert all(
+        case.get("classname", "").endswith(("test_protocol", "test_streams")) for case in cases
+    )
     assert {outcome(case) for case in cases} == {"passed"}, output[-4000:]
     assert f"{len(ran)} passed" in done.stdout and "skipped" not in done.stdout
     assert "warning" not in done.stdout.lower(), done.stdout[-3000:]
@@ -257,7 +268,9 @@ def test_protocol_1_bridges_pass_the_protocol_level_at_worker_concurrency_8(tmp_
         report = next(line for line in done.stdout.splitlines() if f" {name}:" in line)
         assert f"{len(expected)} protocol, 0 bundled level tests selected" in report, report
         assert f"; {len(protocol_2[PROTOCOL])} {PROTOCOL_2_DESELECTED}" in report, report
-    assert all(case.get("classname", "").endswith("test_protocol") for case in cases)
+    assert all(
+        case.get("classname", "").endswith(("test_protocol", "test_streams")) for case in cases
+    )
     assert {outcome(case) for case in cases} == {"passed"}, output[-4000:]
     assert f"{len(expected) * len(PROTOCOL_1_BRIDGES)} passed" in done.stdout
     assert "skipped" not in done.stdout, done.stdout[-3000:]

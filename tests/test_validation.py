@@ -29,6 +29,7 @@ INVALID = [
     ("clear_session", {"everything": True}, "args.everything", "additionalProperties"),
     ("create_program", {"signature": "no arrow here"}, "args.signature", "pattern"),
     ("execute_program", {"program": {"signature": "a -> b"}}, "args.inputs", "required"),
+    ("stream", {"count": -1}, "args.count", "minimum"),
 ]
 
 

@@ -20,20 +20,24 @@ Two levels (see :mod:`snakepit_core.conformance.levels` and docs/PROTOCOL.md):
   and fd 1 moved aside), ``$cancel`` semantics if the worker declares ``cancel``, and a pool
   that serves and stops without leaving a process behind.
 * **bundled** — the shared commands (ping, echo, compute, info, sleep, store, retrieve,
-  clear_session, create_program, execute_program) with the exact results of the bundled
+  clear_session, create_program, execute_program, stream) with the exact results of the bundled
   bridges, their key order and number format; timeouts, cancellation, a worker killed
   mid-request, saturation, concurrent callers, sessions and programs.
 
 Protocol 2 (many requests in flight per worker, answered by id) has cases at both levels
 (``test_protocol2.py``): frame-level ones with ``ping`` at the protocol level, ones with
-``sleep`` at the bundled level.
+``sleep`` at the bundled level. Streaming (``test_streams.py``): at the protocol level, a plain
+command streamed gives its result as the one item; at the bundled level, for workers that also
+declare the ``stream`` capability, the ``stream`` command's items, backpressure, errors and
+early stops. Binary values (``test_binary.py``): at the bundled level, for workers declaring
+``binary``, bytes echoed back as the same bytes.
 
 Which level applies follows from what the adapter declares: the bundled level if its
 ``commands`` include every shared command, the ``cancel`` tests if its workers' handshake lists
 the capability, the protocol-2 cases if its workers answer a handshake offering
 ``max_in_flight`` 8 with ``"protocol": 2``. What does not apply is deselected, not skipped, and
-the collection report says why (``snakepit conformance: mine: 7 protocol, 0 bundled level tests
-selected; 32 deselected (bundled level not applicable: ...); 1 deselected (the worker does not
+the collection report says why (``snakepit conformance: mine: 8 protocol, 0 bundled level tests
+selected; 43 deselected (bundled level not applicable: ...); 1 deselected (the worker does not
 declare the 'cancel' capability); 4 deselected (the worker does not answer the handshake with
 "protocol": 2)``). ``--conformance-level protocol`` runs the protocol level only;
 ``--conformance-level bundled`` demands both levels of every adapter, so an adapter meant to

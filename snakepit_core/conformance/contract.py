@@ -20,6 +20,7 @@ SHARED_COMMANDS = frozenset(
         "clear_session",
         "create_program",
         "execute_program",
+        "stream",
     }
 )
 
