@@ -237,11 +237,11 @@ class FrameReader {
 // refuses it as the pool's decoder does.
 const utf8 = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true });
 
-function decodeUtf8(bytes) {
+function decodeUtf8(bytes, what) {
   try {
     return utf8.decode(bytes);
   } catch {
-    throw new FrameError("frame is not valid UTF-8");
+    throw new FrameError(`${what} is not valid UTF-8`);
   }
 }
 
@@ -257,7 +257,7 @@ function parseRequest(body) {
 function parseJson(bytes, what = "frame") {
   let message;
   try {
-    message = JSON.parse(decodeUtf8(bytes));
+    message = JSON.parse(decodeUtf8(bytes, what));
   } catch (err) {
     if (err instanceof FrameError) throw err;
     throw new FrameError(`${what} is not valid JSON: ${err.message}`);
