@@ -298,6 +298,24 @@ def test_binary_requests_in_flight_together(spawn: Spawn) -> None:
     assert answers == {i: ok(i, {"echoed": {"d": [d, {"e": d[:3]}]}}) for i, d in sent.items()}
 
 
+def test_big_frames_back_to_back_in_pieces(spawn: Spawn) -> None:
+    """Big bodies are filled as their bytes arrive; the next frame may start in the same read."""
+    worker = spawn()
+    sent = {1: os.urandom(300_001), 2: os.urandom(1), 3: os.urandom(700_000), 4: b""}
+    data = b"".join(binary_request(i, "echo", {"d": d}) for i, d in sent.items())
+    pieces = [data[i : i + 100_003] for i in range(0, len(data), 100_003)]
+
+    def write() -> None:
+        for piece in pieces:
+            worker.send_raw(piece)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    answers = [receive(worker) for _ in sent]
+    writer.join()
+    assert answers == [ok(i, {"echoed": {"d": d}}) for i, d in sent.items()]
+
+
 def test_values_stored_in_a_session_come_back_as_bytes(spawn: Spawn) -> None:
     worker = spawn()
     value = {"blob": os.urandom(50_000), "tiny": b"t"}

@@ -158,9 +158,14 @@ function reopenAs(fd, path, flags) {
 /** A frame the bridge cannot decode: the stream cannot be trusted after it. */
 class FrameError extends Error {}
 
+/** A frame body at least this big is copied into place as its bytes arrive. */
+const FILL_FROM = 256 * 1024;
+
 /**
  * Splits the input byte stream into frame bodies. Chunks wait in a list, with an offset into
- * the first, so a frame is copied only when it spans chunks and never re-concatenated.
+ * the first, so a frame is copied only when it spans chunks and never re-concatenated. A big
+ * body (a binary value of megabytes) has its buffer made as soon as its length is known, and
+ * each chunk is copied into it as it arrives, while the rest is still on its way.
  */
 class FrameReader {
   constructor(maxBytes) {
@@ -169,15 +174,33 @@ class FrameReader {
     this.offset = 0; // bytes of chunks[0] already consumed
     this.buffered = 0;
     this.bodyLength = -1;
+    /** The big body being filled (then `chunks` is empty), and how much of it is. */
+    this.body = null;
+    this.filled = 0;
   }
 
   push(chunk) {
+    const { body } = this;
+    if (body !== null) {
+      const count = Math.min(chunk.length, body.length - this.filled);
+      chunk.copy(body, this.filled, 0, count);
+      this.filled += count;
+      if (count === chunk.length) return;
+      chunk = chunk.subarray(count); // the next frames
+    }
     this.chunks.push(chunk);
     this.buffered += chunk.length;
   }
 
   /** The next complete frame body, or null until more bytes arrive. */
   next() {
+    if (this.body !== null) {
+      if (this.filled < this.body.length) return null;
+      const body = this.body;
+      this.body = null;
+      this.bodyLength = -1;
+      return body;
+    }
     if (this.bodyLength < 0) {
       if (this.buffered < HEADER_BYTES) return null;
       const length = this.readLength();
@@ -189,7 +212,14 @@ class FrameReader {
       }
       this.bodyLength = length;
     }
-    if (this.buffered < this.bodyLength) return null;
+    if (this.buffered < this.bodyLength) {
+      if (this.bodyLength >= FILL_FROM) {
+        this.body = Buffer.allocUnsafe(this.bodyLength);
+        this.filled = this.buffered;
+        this.copyOut(this.body, this.buffered);
+      }
+      return null;
+    }
     const body = this.take(this.bodyLength);
     this.bodyLength = -1;
     return body;
@@ -212,6 +242,12 @@ class FrameReader {
       return first.subarray(start, start + n);
     }
     const out = Buffer.allocUnsafe(n);
+    this.copyOut(out, n);
+    return out;
+  }
+
+  /** Moves `n` buffered bytes to the start of `out`. */
+  copyOut(out, n) {
     for (let filled = 0; filled < n; ) {
       const chunk = this.chunks[0];
       const count = Math.min(chunk.length - this.offset, n - filled);
@@ -219,7 +255,6 @@ class FrameReader {
       filled += count;
       this.consume(count);
     }
-    return out;
   }
 
   /** Consumes `n` bytes of the first chunk, dropping it once it is used up. */
