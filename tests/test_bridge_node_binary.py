@@ -85,6 +85,22 @@ run({
     o.self = o;
     return o;
   },
+  // A cycle that branches: refused at once, not walked branch by branch.
+  branching: () => {
+    const o = { b: Buffer.from("x") };
+    o.a = o.c = o.d = o;
+    return o;
+  },
+  deep: (args) => {
+    let value = Buffer.from("bottom");
+    for (let i = 0; i < args.depth; i++) value = i % 2 ? [value] : { v: value };
+    return value;
+  },
+  // What toJSON returns is serialized, not the object it was called on.
+  tojson: () => ({
+    custom: { b: Buffer.from("hidden"), toJSON: () => ({ shown: "by toJSON" }) },
+    u: Buffer.from("u"),
+  }),
   chunks: async function* (args) {
     for (let i = 0; i < args.n; i++) yield { i, data: Buffer.alloc(args.size, i) };
     return Buffer.from("end");
@@ -398,6 +414,32 @@ def test_a_circular_result_with_binary_values_is_refused(spawn: Spawn) -> None:
         "circular: result is not JSON-serializable: Converting circular structure to JSON"
     )
     assert worker.result("ping")["status"] == "ok"
+
+
+def test_a_branching_cycle_is_refused_at_once(spawn: Spawn) -> None:
+    worker = spawn("worker")
+    assert worker.error("branching").startswith(
+        "branching: result is not JSON-serializable: Converting circular structure to JSON"
+    )
+
+
+@pytest.mark.parametrize("depth", [3, 63, 64, 65, 300])
+def test_a_binary_value_deep_down(spawn: Spawn, depth: int) -> None:
+    worker = spawn("worker")
+    worker.send("deep", {"depth": depth}, id=1)
+    raw = raw_frame(worker)
+    expected: Any = b"bottom"
+    path: list[Any] = []
+    for i in range(depth):
+        expected, path = ([expected], [0, *path]) if i % 2 else ({"v": expected}, ["v", *path])
+    assert envelope_of(raw)["$binary"] == [{"path": ["result", *path], "size": 6}]
+    assert FrameDecoder().feed(raw) == [ok(1, expected)]
+
+
+def test_an_object_with_tojson_is_what_tojson_returns(spawn: Spawn) -> None:
+    worker = spawn("worker")
+    worker.send("tojson", id=1)
+    assert receive(worker) == ok(1, {"custom": {"shown": "by toJSON"}, "u": b"u"})
 
 
 def test_protocol_1_answers_buffers_as_json_as_before(spawn: Spawn) -> None:

@@ -1035,11 +1035,19 @@ function setMaxInFlight(value) {
 // ---------------------------------------------------------------------------------------------
 
 /**
- * The walk of detachBinary: the path being walked (from the envelope's root), the containers
- * around it (JSON.stringify refuses cycles; the walk must not loop), and what it found: each
- * binary value's path and its bytes (a Buffer over its memory, no copy), or null for none.
+ * The walk of detachBinary: the key or index taken at each depth (`keys[0]` is the envelope's
+ * member), the containers at each depth from CHECK_FROM on, and what it found: each binary
+ * value's path and its bytes (a Buffer over its memory, no copy), or null for none.
  */
-const walk = { path: [], around: [], paths: null, views: null };
+const walk = { keys: [], around: [], paths: null, views: null };
+/**
+ * Below this depth the walk does not look for cycles (JSON.stringify refuses them anyway):
+ * a cycle goes on forever, so it is found further down, at the cost of walking the part of
+ * the value before it that many times at most.
+ */
+const CHECK_FROM = 64;
+/** Thrown through the walk when it meets a cycle: JSON.stringify then says what is wrong. */
+const CYCLE = Symbol("cycle");
 
 /**
  * `value` with null in the place of each binary value (any Buffer, typed array, DataView,
@@ -1047,16 +1055,25 @@ const walk = { path: [], around: [], paths: null, views: null };
  * ("result" or "item"), left in `walk.paths` and `walk.views` (null when there are none: then
  * `value` itself is returned). Only the arrays and objects on the way to a binary value are
  * copied, shallowly; the handler's own are left as they were. The walk goes where
- * JSON.stringify goes (array elements, own enumerable string keys) except into an object with a
- * `toJSON` method, which is serialized as JSON.stringify does it. It costs a tenth or so of
- * JSON.stringify's time, only at protocol 2.
+ * JSON.stringify goes (array elements, own enumerable string keys), and an object with a
+ * `toJSON` method is left to it. It costs a fifth or so of JSON.stringify's time, and only at
+ * protocol 2.
  */
 function detachBinary(value, root) {
   walk.paths = walk.views = null;
   if (typeof value !== "object" || value === null) return value;
-  walk.path.length = walk.around.length = 0;
-  walk.path.push(root);
-  return detach(value);
+  walk.keys[0] = root;
+  let detached;
+  try {
+    detached = detach(value, 1);
+  } catch (err) {
+    if (err !== CYCLE) throw err;
+    detached = value;
+    walk.paths = walk.views = null;
+  }
+  walk.around.length = 0;
+  if (walk.views !== null && walk.views.length === 0) walk.paths = walk.views = null;
+  return detached;
 }
 
 /**
@@ -1071,58 +1088,58 @@ function queueDetached(head) {
   return queueBinaryFrame(`${head},"${BINARY_KEY}":${JSON.stringify(listed)}}`, views);
 }
 
-function detach(value) {
-  const { path, around } = walk;
+/** `value` (an object, at `depth`) detached; see detachBinary. */
+function detach(value, depth) {
+  if (depth >= CHECK_FROM) {
+    const { around } = walk;
+    for (let d = CHECK_FROM; d < depth; d += 1) if (around[d] === value) throw CYCLE;
+    around[depth] = value;
+  }
+  const { keys } = walk;
+  const found = walk.views === null ? 0 : walk.views.length;
+  let copy = null;
   if (Array.isArray(value)) {
-    if (around.includes(value)) return value;
-    around.push(value);
-    let copy = null;
     for (let i = 0; i < value.length; i += 1) {
       const child = value[i];
       if (typeof child !== "object" || child === null) continue;
-      path.push(i);
-      const out = detach(child);
-      path.pop();
+      keys[depth] = i;
+      const out = detach(child, depth + 1);
       if (out !== child) {
         if (copy === null) copy = value.slice();
         copy[i] = out;
       }
     }
-    around.pop();
-    return copy === null ? value : copy;
-  }
-  const bytes = binaryBytes(value);
-  if (bytes !== null) {
-    (walk.paths ??= []).push(path.slice());
-    (walk.views ??= []).push(bytes);
-    return null;
-  }
-  if (typeof value.toJSON === "function" || around.includes(value)) return value;
-  around.push(value);
-  let copy = null;
-  // for-in (own keys first, in Object.keys order) allocates no key array.
-  for (const key in value) {
-    const child = value[key];
-    if (typeof child !== "object" || child === null || !Object.hasOwn(value, key)) continue;
-    path.push(key);
-    const out = detach(child);
-    path.pop();
-    if (out !== child) {
-      if (copy === null) copy = { ...value };
-      copy[key] = out;
+  } else if (ArrayBuffer.isView(value)) {
+    if (Buffer.isBuffer(value)) return binary(value, depth);
+    return binary(Buffer.from(value.buffer, value.byteOffset, value.byteLength), depth);
+  } else if (value instanceof ArrayBuffer || value instanceof SharedArrayBuffer) {
+    return binary(Buffer.from(value), depth);
+  } else {
+    // for-in (own keys first, in Object.keys order) allocates no key array.
+    for (const key in value) {
+      const child = value[key];
+      if (typeof child !== "object" || child === null || !Object.hasOwn(value, key)) continue;
+      keys[depth] = key;
+      const out = detach(child, depth + 1);
+      if (out !== child) {
+        if (copy === null) copy = { ...value };
+        copy[key] = out;
+      }
     }
   }
-  around.pop();
-  return copy === null ? value : copy;
+  if (copy === null) return value;
+  // JSON.stringify would not serialize what was walked, but what toJSON returns.
+  if (typeof value.toJSON === "function") {
+    walk.paths.length = walk.views.length = found;
+    return value;
+  }
+  return copy;
 }
 
-/** A Buffer over the bytes of a binary value (no copy), or null for anything else. */
-function binaryBytes(value) {
-  if (ArrayBuffer.isView(value)) {
-    if (Buffer.isBuffer(value)) return value;
-    return Buffer.from(value.buffer, value.byteOffset, value.byteLength);
-  }
-  if (value instanceof ArrayBuffer || value instanceof SharedArrayBuffer) return Buffer.from(value);
+/** Records a binary value at `depth`; null takes its place. */
+function binary(bytes, depth) {
+  (walk.paths ??= []).push(walk.keys.slice(0, depth));
+  (walk.views ??= []).push(bytes);
   return null;
 }
 
