@@ -27,6 +27,11 @@ async generators on the loop, where the items of one burst (those produced until
 waits) leave with one write. One request at a time, the reading thread is the main thread:
 while a stream waits for credit, it reads the frames that bring it (see :meth:`_Worker.
 _await_credit`). Called without ``meta.stream``, a generator answers the list of its items.
+
+Binary values (docs/PROTOCOL.md, *Binary values*; inline): a frame whose body starts with
+``0x00`` is decoded with a read-only ``memoryview`` of the frame's own bytes at each place its
+``$binary`` list names (no copy), and anything in it that does not add up is an undecodable
+frame.
 """
 
 from __future__ import annotations
@@ -101,6 +106,11 @@ _MAX_HANDLER_THREADS = 32
 #: concurrent worker's reading thread can write replies itself and never block on a pool that
 #: is not reading (0 where it does not exist: the writer thread writes every reply).
 _RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
+#: The first byte of a binary frame's body (no JSON text starts with it), the envelope key that
+#: lists its values, and the bytes before its envelope (the mark and the envelope's length).
+BINARY_MARK = b"\x00"
+BINARY_KEY = "$binary"
+_BINARY_PREFIX = 1 + 4
 
 
 class CommandError(Exception):
@@ -370,6 +380,46 @@ def _write_all(fd: int, data: bytes) -> None:
         view = memoryview(data)[written:]
         while view:
             view = view[os.write(fd, view) :]
+
+
+def _place(message: dict[str, Any], path: list[Any], value: memoryview) -> None:
+    """Put a binary value where its ``path`` leads; that place must hold ``null``."""
+    container: Any = message
+    for key in path[:-1]:
+        container = _step(container, key, path)
+    last = path[-1]
+    if _step(container, last, path) is not None:
+        raise _StreamError(f"binary value's path {_shown(path)} does not lead to null")
+    container[last] = value
+
+
+def _step(container: Any, key: Any, path: list[Any]) -> Any:
+    if type(container) is dict and type(key) is str and key in container:
+        return container[key]
+    if type(container) is list and type(key) is int and 0 <= key < len(container):
+        return container[key]
+    raise _StreamError(f"binary value's path {_shown(path)} leads nowhere")
+
+
+def _binary_entry(entry: object) -> tuple[list[Any], int]:
+    """The path and size of a ``$binary`` entry; ``_StreamError`` unless it is well formed."""
+    if type(entry) is not dict:
+        raise _StreamError(f"'$binary' entry {_shown(entry)} is not an object")
+    path, size = entry.get("path"), entry.get("size")
+    if type(path) is not list or not path or type(size) is not int or size < 0:
+        raise _StreamError(
+            f"'$binary' entry needs a non-empty 'path' and a 'size' >= 0: {_shown(entry)}"
+        )
+    if "shm" in entry:
+        raise _StreamError(
+            "'$binary' entry names a shared-memory segment, which this worker did not offer"
+        )
+    return path, size
+
+
+def _shown(value: object) -> str:
+    """A value of a frame, or a path, as JSON, for a message (cut short)."""
+    return json.dumps(value)[:300]
 
 
 def _request_id(request: dict[str, Any]) -> int:
@@ -682,7 +732,9 @@ class _Worker:
     def _decode(self, body: bytes | bytearray) -> dict[str, Any]:
         """The request a frame holds. The scanner alone decodes a frame without whitespace
         around its value (every frame a pool writes); ``decode`` takes any other, and gives
-        the reason a bad frame is refused."""
+        the reason a bad frame is refused. A binary frame starts with ``0x00``."""
+        if body and not body[0]:
+            return self._decode_binary(body)
         try:
             text = body.decode()
             try:
@@ -696,6 +748,48 @@ class _Worker:
         if type(request) is not dict:
             raise _StreamError(f"frame is not a JSON object but {type(request).__name__}")
         return request
+
+    def _decode_binary(self, body: bytes | bytearray) -> dict[str, Any]:
+        """The request of a binary frame: ``0x00``, the envelope's length J, J bytes of JSON,
+        then the values, each put where the ``$binary`` list says as a read-only view of
+        ``body`` (nothing is copied). Anything that does not add up is a ``_StreamError``,
+        and nothing beyond the body is read."""
+        size = len(body)
+        if size < _BINARY_PREFIX:
+            raise _StreamError("binary frame is shorter than its header")
+        end = _BINARY_PREFIX + int.from_bytes(body[1:_BINARY_PREFIX], "big")
+        if end > size:
+            raise _StreamError(
+                f"binary frame's envelope of {end - _BINARY_PREFIX} bytes overruns the frame "
+                f"of {size} bytes"
+            )
+        view = memoryview(body).toreadonly()
+        try:
+            text = str(view[_BINARY_PREFIX:end], "utf-8")
+        except UnicodeDecodeError as exc:
+            raise _StreamError(f"binary frame's envelope is not valid UTF-8 ({exc})") from None
+        try:
+            message = self._decoder.decode(text)
+        except (ValueError, RecursionError) as exc:
+            raise _StreamError(f"binary frame's envelope is not valid JSON ({exc})") from None
+        if type(message) is not dict:
+            kind = type(message).__name__
+            raise _StreamError(f"binary frame's envelope is not a JSON object but {kind}")
+        entries = message.pop(BINARY_KEY, None)
+        if type(entries) is not list:
+            raise _StreamError(f"binary frame has no {BINARY_KEY!r} list")
+        offset = end
+        for entry in entries:
+            path, count = _binary_entry(entry)
+            if count > size - offset:
+                raise _StreamError(
+                    f"binary value at {_shown(path)} of {count} bytes overruns the frame"
+                )
+            _place(message, path, view[offset : offset + count])
+            offset += count
+        if offset != size:
+            raise _StreamError(f"binary frame has {size - offset} bytes beyond its values")
+        return message
 
     def _handle(self, request: dict[str, Any]) -> None:
         """Answer one request (``$cancel`` and ``$credit`` are never answered)."""
@@ -1184,7 +1278,7 @@ class _Worker:
 
     def _cancel_target(self, body: bytes) -> object:
         """The id a ``$cancel`` frame names, or ``None`` if ``body`` is another frame."""
-        if b'"$cancel"' not in body:
+        if b'"$cancel"' not in body or not body[0]:  # not a $cancel, or a binary frame
             return None
         try:
             request = self._decoder.decode(body.decode())
