@@ -28,10 +28,18 @@ waits) leave with one write. One request at a time, the reading thread is the ma
 while a stream waits for credit, it reads the frames that bring it (see :meth:`_Worker.
 _await_credit`). Called without ``meta.stream``, a generator answers the list of its items.
 
-Binary values (docs/PROTOCOL.md, *Binary values*; inline): a frame whose body starts with
-``0x00`` is decoded with a read-only ``memoryview`` of the frame's own bytes at each place its
-``$binary`` list names (no copy), and anything in it that does not add up is an undecodable
-frame.
+Binary values (docs/PROTOCOL.md, *Binary values*; inline, capability ``binary`` at protocol 2): a
+frame whose body starts with ``0x00`` is decoded with a read-only ``memoryview`` of the frame's
+own bytes at each place its ``$binary`` list names (no copy), and anything in it that does not
+add up is an undecodable frame. A result or item holding ``bytes``, ``bytearray``,
+``memoryview`` or any object exporting a contiguous buffer, however deep, goes out as a binary
+frame. Finding them costs plain results nothing: the encoder's ``default`` hook, which only
+sees what JSON cannot write, stops the encoding at the first buffer (:class:`_HasBinary`), and
+only then does a walk copy the containers on the way to each one and list its path. Large
+values are written from where they are (``writev``), not copied into the frame, when nothing
+can change them before they are written: immutable ones (``bytes``, the request's own values)
+always, others only where the frame is written before the handler runs again (one request at a
+time, a result or a sync generator's item); anywhere else they are copied into the frame.
 """
 
 from __future__ import annotations
@@ -52,7 +60,7 @@ if TYPE_CHECKING:
     import select
     from collections.abc import AsyncGenerator, Callable, Coroutine, Generator
     from types import FrameType
-    from typing import Any, NoReturn, TypeVar, overload
+    from typing import Any, NoReturn, TypeAlias, TypeVar, overload
 
     Handler = Callable[..., Any]
     H = TypeVar("H", bound=Handler)
@@ -62,6 +70,10 @@ if TYPE_CHECKING:
     AsyncProducer = Coroutine[Any, Any, Any] | AsyncGenerator[Any, Any]
     #: Sends one item of a stream (or collects it).
     Send = Callable[[Any], None]
+    #: A frame to write: its bytes, or its pieces (see :class:`_Parts`).
+    Frame: TypeAlias = "bytes | _Parts"
+    #: Binary values found in a result or item: each one's path and its bytes.
+    Found = list[tuple[list[Any], memoryview]]
 else:
 
     def overload(func):  # typing.overload without typing's ~5 ms import at worker start-up
@@ -77,7 +89,7 @@ CREDIT_COMMAND = "$credit"
 _CONTROL_COMMANDS = frozenset({CANCEL_COMMAND, CREDIT_COMMAND})
 CAPABILITIES = ("cancel",)
 #: What a protocol-2 handshake answers (docs/PROTOCOL.md, *Protocol 2*).
-PROTOCOL_2_CAPABILITIES = ("cancel", "deadline", "stream")
+PROTOCOL_2_CAPABILITIES = ("cancel", "deadline", "stream", "binary")
 MAX_CONCURRENCY = 4096
 RUNTIME = "python"
 EXIT_PROTOCOL_FAULT = 3
@@ -111,6 +123,11 @@ _RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
 BINARY_MARK = b"\x00"
 BINARY_KEY = "$binary"
 _BINARY_PREFIX = 1 + 4
+#: Binary values this large are written from where they are, when they can be, not copied
+#: into their frame.
+_DIRECT_BYTES = 16 * 1024
+#: At most this many buffers per ``writev`` (Linux's ``IOV_MAX``).
+_IOV_MAX = 1024
 
 
 class CommandError(Exception):
@@ -142,6 +159,26 @@ class _Refused(Exception):
         super().__init__(message)
         self.request_id = request_id
         self.message = message
+
+
+class _HasBinary(Exception):
+    """Raised by the encoder's ``default`` hook at protocol 2: the value holds a binary value,
+    so it goes out as a binary frame (:meth:`_Worker._binary_answer`)."""
+
+
+class _Parts(list["bytes | memoryview"]):
+    """A frame in pieces, written with one ``writev``: ``bytes`` and flat byte views of large
+    binary values, written from where they are instead of being copied into the frame."""
+
+
+class _FrameBuffer(bytearray):
+    """A frame read into a buffer of its own (:meth:`_Worker._read_rest`); nothing changes it
+    once read, so views of it are as immutable as ``bytes``."""
+
+
+#: What a view's bytes may belong to for the view to be written later, from another thread:
+#: nothing can change them meanwhile (a ``bytes`` object, a frame of the input).
+_IMMUTABLE = (bytes, _FrameBuffer)
 
 
 class Context:
@@ -214,6 +251,11 @@ def command(  # noqa: F811
     A handler takes ``(args)`` or ``(args, ctx)`` and may be ``async``. A generator or async
     generator function streams its items (``yield``; a sync generator's ``return`` value, unless
     ``None``, is the last item); called with ``execute``, it answers their list.
+
+    Binary values of a request reach the handler as read-only ``memoryview`` objects (views of
+    the request's frame: copy what you keep, ``bytes(view)``); its result and items may hold
+    ``bytes``, ``bytearray``, ``memoryview`` or any object exporting a contiguous buffer (a
+    numpy array) anywhere, sent as binary values to a protocol-2 pool.
 
     ``cancellable=False`` marks a sync handler that always finishes quickly: one request at a
     time, it skips the two ``fcntl`` calls per request that make ``$cancel`` able to interrupt
@@ -374,12 +416,201 @@ def _frame(body: bytes | bytearray) -> bytes:
     return len(body).to_bytes(4, "big") + body
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    written = os.write(fd, data)
+def _write_all(fd: int, data: Frame) -> None:
+    try:
+        written = os.write(fd, data)  # type: ignore[arg-type]
+    except TypeError:  # a frame in pieces (checked only here: plain frames pay nothing)
+        if type(data) is not _Parts:
+            raise
+        return _writev_all(fd, data)
     if written < len(data):
-        view = memoryview(data)[written:]
+        view = memoryview(data)[written:]  # type: ignore[arg-type]
         while view:
             view = view[os.write(fd, view) :]
+
+
+def _writev_all(fd: int, parts: list[bytes | memoryview]) -> None:
+    while parts:
+        parts = _rest(parts, os.writev(fd, parts[:_IOV_MAX]))
+
+
+def _rest(parts: list[bytes | memoryview], written: int) -> _Parts:
+    """What of ``parts`` (bytes and flat byte views) is left once ``written`` bytes went out."""
+    for index, part in enumerate(parts):
+        size = len(part)
+        if written < size:
+            rest = _Parts(parts[index:])
+            if written:
+                rest[0] = memoryview(part)[written:]
+            return rest
+        written -= size
+    return _Parts()
+
+
+def _joined(frames: list[Frame]) -> Frame:
+    """Frames to write together as one buffer, or as pieces if a frame among them is."""
+    if len(frames) == 1:
+        return frames[0]
+    try:
+        return b"".join(frames)  # type: ignore[arg-type]  # a frame in pieces raises
+    except TypeError:  # a frame in pieces is no buffer
+        return _flat(frames)
+
+
+def _flat(frames: list[Frame]) -> _Parts:
+    """The pieces of ``frames`` in order, each run of small ones joined into one."""
+    parts = _Parts()
+    run: list[bytes | memoryview] = []
+    for frame in frames:
+        if isinstance(frame, bytes):
+            run.append(frame)
+            continue
+        for piece in frame:
+            if type(piece) is memoryview:
+                if run:
+                    parts.append(b"".join(run))
+                    run = []
+                parts.append(piece)
+            else:
+                run.append(piece)
+    if run:
+        parts.append(b"".join(run))
+    return parts
+
+
+def _size(data: Frame) -> int:
+    if isinstance(data, bytes):
+        return len(data)
+    return sum(len(piece) for piece in data)
+
+
+def _concat(first: Frame, second: Frame) -> Frame:
+    """Two frames as one, to write together."""
+    if type(first) is bytes and type(second) is bytes:
+        return first + second
+    return _flat([first, second])
+
+
+# -------------------------------------------------------------------------
+# Binary values (PROTOCOL.md, *Binary values*)
+# -------------------------------------------------------------------------
+
+
+def _binary_default(value: Any) -> NoReturn:
+    """The ``default`` hook of a protocol-2 encoder: any object exporting a buffer is a binary
+    value (the encoding stops, to go on as a binary frame); anything else is refused as the
+    standard encoder refuses it."""
+    try:
+        memoryview(value)
+    except TypeError:
+        name = type(value).__name__
+        raise TypeError(f"Object of type {name} is not JSON serializable") from None
+    raise _HasBinary
+
+
+#: Values the walk of :func:`_detached` does not look into.
+_LEAVES = frozenset({str, int, float, bool, type(None)})
+
+
+def _detached(value: Any, path: list[Any], found: Found, around: set[int]) -> Any:
+    """``value`` with ``None`` in the place of each binary value in it, those values appended
+    to ``found`` with their paths (``path`` is ``value``'s; keys as the encoder writes them).
+
+    The walk goes where the JSON encoder goes (dicts, lists and tuples), and copies only the
+    containers on the way to a binary value: the handler's own objects are left as they were.
+    ``around`` holds the containers being walked: one met again is a cycle, refused as the
+    encoder refuses it. A buffer that is not contiguous has no run of bytes to send.
+    """
+    if isinstance(value, dict):
+        return _detached_dict(value, path, found, around)
+    if isinstance(value, (list, tuple)):
+        return _detached_list(value, path, found, around)
+    if isinstance(value, (str, int, float)):
+        return value
+    try:
+        view = memoryview(value)
+    except TypeError:
+        return value  # not binary: the encoder says why it cannot be sent
+    if not view.c_contiguous:
+        raise ValueError(
+            f"the value at {_shown(path)} is a buffer that is not contiguous "
+            "(copy it first, e.g. with numpy.ascontiguousarray)"
+        )
+    found.append((path.copy(), view))
+    return None
+
+
+def _detached_dict(value: dict[Any, Any], path: list[Any], found: Found, around: set[int]) -> Any:
+    ident = id(value)
+    if ident in around:
+        raise ValueError("Circular reference detected")
+    around.add(ident)
+    copy: dict[Any, Any] | None = None
+    for key, child in value.items():
+        if type(child) in _LEAVES:
+            continue
+        path.append(key if type(key) is str else _json_key(key))
+        out = _detached(child, path, found, around)
+        path.pop()
+        if out is not child:
+            if copy is None:
+                copy = dict(value)
+            copy[key] = out
+    around.discard(ident)
+    return value if copy is None else copy
+
+
+def _detached_list(
+    value: list[Any] | tuple[Any, ...], path: list[Any], found: Found, around: set[int]
+) -> Any:
+    ident = id(value)
+    if ident in around:
+        raise ValueError("Circular reference detected")
+    around.add(ident)
+    copy: list[Any] | None = None
+    for index, child in enumerate(value):
+        if type(child) in _LEAVES:
+            continue
+        path.append(index)
+        out = _detached(child, path, found, around)
+        path.pop()
+        if out is not child:
+            if copy is None:
+                copy = list(value)
+            copy[index] = out
+    around.discard(ident)
+    return value if copy is None else copy
+
+
+def _json_key(key: object) -> str:
+    """A dict key as the JSON encoder writes it (its path step is that string)."""
+    if key is True:
+        return "true"
+    if key is False:
+        return "false"
+    if key is None:
+        return "null"
+    if isinstance(key, int):
+        return int.__repr__(key)
+    if isinstance(key, float):
+        return float.__repr__(key)
+    if isinstance(key, str):
+        return str.__str__(key)  # its text, whatever a subclass's __str__ says
+    raise TypeError(f"keys must be str, int, float, bool or None, not {type(key).__name__}")
+
+
+def _direct(view: memoryview, keep: bool) -> memoryview | None:
+    """A binary value's bytes as a flat view to write from where they are, or ``None`` to copy
+    them into the frame: a small value, one whose bytes may change before the frame is written
+    (unless ``keep``: it is written before the handler runs again), one in an unusual format."""
+    if view.nbytes < _DIRECT_BYTES or not (keep or type(view.obj) in _IMMUTABLE):
+        return None
+    if view.ndim == 1 and view.format == "B":
+        return view
+    try:
+        return view.cast("B")
+    except (TypeError, ValueError):  # a format that is not a native single character
+        return None
 
 
 def _place(message: dict[str, Any], path: list[Any], value: memoryview) -> None:
@@ -593,6 +824,9 @@ class _Worker:
         self._scan: Callable[[str, int], tuple[Any, int]]
         self._scan = self._decoder.scan_once  # type: ignore[attr-defined]
         self._encoder = json.JSONEncoder(allow_nan=False)
+        #: What encodes results and items: at protocol 2 (capability ``binary``) one whose
+        #: ``default`` stops at a binary value (:func:`_binary_default`).
+        self._result_encoder = self._encoder
         self._encode_item = _item_encoder(self._encoder)
         self._buf = b""  # input read but not yet served
         #: How the serving loop reads: ``os.read``, or the concurrent server's, which also
@@ -613,7 +847,7 @@ class _Worker:
         #: Requests read while a stream waited for credit, served once it has ended.
         self._deferred: list[bytes | bytearray] = []
         #: An async generator's item frames of this loop turn, and a write that failed.
-        self._items_out: list[bytes] = []
+        self._items_out: list[Frame] = []
         self._items_error: OSError | None = None
         self._setup_signals()
 
@@ -717,7 +951,7 @@ class _Worker:
 
     def _read_rest(self, head: bytes, end: int) -> bytearray:
         """Read exactly the rest of a frame into one buffer (no quadratic concatenation)."""
-        frame = bytearray(end)
+        frame = _FrameBuffer(end)
         frame[: len(head)] = head
         got = len(head)
         with memoryview(frame) as view:
@@ -811,9 +1045,10 @@ class _Worker:
             return self._write(self._failure_frame(request_id, "cancelled"))
         except Exception as exc:
             return self._write(self._exception_frame(request_id, name, exc))
+        # Written before the next request is read: a large binary value leaves from where it is.
         if window is None:
-            return self._write(self._success_frame(request_id, name, result))
-        return self._write(self._one_item_frames(request_id, name, result))
+            return self._write(self._success_frame(request_id, name, result, True))
+        return self._write(self._one_item_frames(request_id, name, result, True))
 
     def _route(
         self, request: dict[str, Any]
@@ -881,38 +1116,89 @@ class _Worker:
 
     # -- envelopes (thread-safe: they only read configuration) -------------
 
-    def _success_frame(self, request_id: int, name: str, result: Any) -> bytes:
+    def _success_frame(self, request_id: int, name: str, result: Any, keep: bool = False) -> Frame:
+        """The answer of a result (a binary frame if it holds binary values; ``keep``: see
+        :func:`_direct`)."""
         try:
             if type(result) is _JSONText:
                 body = f'{{"id": {request_id}, "success": true, "result": {result}}}'
             else:
-                body = self._encoder.encode({"id": request_id, "success": True, "result": result})
+                body = self._result_encoder.encode(
+                    {"id": request_id, "success": True, "result": result}
+                )
+        except _HasBinary:
+            return self._binary_answer(request_id, name, result, keep)
         except (TypeError, ValueError, RecursionError) as exc:
             return self._failure_frame(request_id, f"{name}: result cannot be sent as JSON ({exc})")
         data = body.encode()
         if len(data) > self.max_frame:
-            return self._failure_frame(
-                request_id,
-                f"{name}: response of {len(data)} bytes exceeds the frame limit "
-                f"of {self.max_frame} bytes",
-            )
+            return self._too_large(request_id, name, len(data))
         return _frame(data)
 
-    def _one_item_frames(self, request_id: int, name: str, result: Any) -> bytes:
+    def _too_large(self, request_id: int, name: str, size: int) -> bytes:
+        message = (
+            f"{name}: response of {size} bytes exceeds the frame limit of {self.max_frame} bytes"
+        )
+        return self._failure_frame(request_id, message)
+
+    def _binary_answer(self, request_id: int, name: str, result: Any, keep: bool) -> Frame:
+        """The answer of a result holding binary values, as a binary frame."""
+        found: Found = []
+        try:
+            detached = _detached(result, ["result"], found, set())
+            envelope = {"id": request_id, "success": True, "result": detached}
+            frame = self._binary_frame(envelope, found, keep)
+        except (TypeError, ValueError, RecursionError) as exc:
+            return self._failure_frame(request_id, f"{name}: result cannot be sent as JSON ({exc})")
+        if isinstance(frame, int):
+            return self._too_large(request_id, name, frame)
+        return frame
+
+    def _binary_frame(self, envelope: dict[str, Any], found: Found, keep: bool) -> Frame | int:
+        """A binary frame of ``envelope`` (``None`` at the places of the values ``found``), or
+        its size if it is over the frame limit. Large values are pieces of their own where
+        :func:`_direct` says so; the rest is copied into the frame."""
+        envelope[BINARY_KEY] = [{"path": path, "size": view.nbytes} for path, view in found]
+        head = self._encoder.encode(envelope).encode()
+        size = _BINARY_PREFIX + len(head) + sum(view.nbytes for _, view in found)
+        if size > self.max_frame:
+            return size
+        run: list[bytes | memoryview] = [
+            size.to_bytes(4, "big"), BINARY_MARK, len(head).to_bytes(4, "big"), head,
+        ]  # fmt: skip
+        parts = _Parts()
+        for _, view in found:
+            direct = _direct(view, keep)
+            if direct is None:
+                run.append(view)
+            else:
+                parts += (b"".join(run), direct)
+                run = []
+        if not parts:
+            return b"".join(run)
+        if run:
+            parts.append(b"".join(run))
+        return parts
+
+    def _one_item_frames(
+        self, request_id: int, name: str, result: Any, keep: bool = False
+    ) -> Frame:
         """The answer of a plain handler called as a stream (``meta.stream``): its result as
         the stream's one item, then the end."""
         try:
-            item = self._item_frame(request_id, result)
+            item = self._item_frame(request_id, result, keep)
         except CommandError as exc:
             return self._failure_frame(request_id, f"{name}: {exc}")
-        return item + self._success_frame(request_id, name, None)
+        return _concat(item, self._success_frame(request_id, name, None))
 
-    def _item_frame(self, request_id: int, item: Any) -> bytes:
+    def _item_frame(self, request_id: int, item: Any, keep: bool = False) -> Frame:
         """An item frame, ``{"id": ..., "item": ...}``; ``CommandError`` if the item cannot be
         sent, which ends the stream with that failure."""
         try:
             text = item if type(item) is _JSONText else self._encode_item(item)
             body = f'{{"id": {request_id}, "item": {text}}}'.encode()
+        except _HasBinary:
+            return self._binary_item(request_id, item, keep)
         except (TypeError, ValueError, RecursionError) as exc:
             raise CommandError(f"item cannot be sent as JSON ({exc})") from None
         size = len(body)
@@ -921,6 +1207,20 @@ class _Worker:
                 f"item of {size} bytes exceeds the frame limit of {self.max_frame} bytes"
             )
         return size.to_bytes(4, "big") + body
+
+    def _binary_item(self, request_id: int, item: Any, keep: bool) -> Frame:
+        """An item frame of an item holding binary values, as a binary frame."""
+        found: Found = []
+        try:
+            detached = _detached(item, ["item"], found, set())
+            frame = self._binary_frame({"id": request_id, "item": detached}, found, keep)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise CommandError(f"item cannot be sent as JSON ({exc})") from None
+        if isinstance(frame, int):
+            raise CommandError(
+                f"item of {frame} bytes exceeds the frame limit of {self.max_frame} bytes"
+            )
+        return frame
 
     def _credit_items(self, request_id: int, request: dict[str, Any]) -> int:
         """The items a ``$credit`` grants; 0, with a log line, if it is not an integer >= 1."""
@@ -943,7 +1243,7 @@ class _Worker:
         _log_traceback(name, exc)
         return self._failure_frame(request_id, f"{name}: {_describe_exception(exc)}")
 
-    def _write(self, frame: bytes) -> None:
+    def _write(self, frame: Frame) -> None:
         """Write one frame; counts the request as handled."""
         _write_all(self.output_fd, frame)
         self.handled += 1
@@ -986,6 +1286,10 @@ class _Worker:
             return
         self.protocol = 2
         self.max_in_flight = min(max_in_flight, MAX_CONCURRENCY)
+        # capability binary: results and items holding binary values go out as binary frames
+        encoder = json.JSONEncoder(allow_nan=False, default=_binary_default)
+        self._result_encoder = encoder
+        self._encode_item = _item_encoder(encoder)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -1032,8 +1336,8 @@ class _Worker:
         any time); its return value. Its ``next()`` is cancellable as a sync handler is, unless
         the handler is registered ``cancellable=False``."""
 
-        def send(item: Any) -> None:
-            _write_all(self.output_fd, self._item_frame(request_id, item))
+        def send(item: Any) -> None:  # written before the generator is resumed
+            _write_all(self.output_fd, self._item_frame(request_id, item, True))
 
         try:
             while True:
@@ -1111,7 +1415,7 @@ class _Worker:
             if error is not None:
                 raise error
 
-    def _send_soon(self, frame: bytes) -> None:
+    def _send_soon(self, frame: Frame) -> None:
         """On the loop: an item frame, written at the end of this loop turn with the others."""
         if not self._items_out:
             assert self._loop is not None
@@ -1126,7 +1430,7 @@ class _Worker:
         if not frames or self._items_error is not None:
             return
         try:
-            _write_all(self.output_fd, b"".join(frames))
+            _write_all(self.output_fd, _joined(frames))
         except OSError as exc:
             self._items_error = exc
 
@@ -1396,7 +1700,7 @@ class _ConcurrentServer:
         self._queue: deque[_Request] = deque()
         self._threads = 0
         self._idle_threads = 0
-        self._outbox: list[bytes] = []
+        self._outbox: list[Frame] = []
         self._writing = False
         #: Whether threads write the replies they make themselves (until the output refuses a
         #: non-blocking write other than by being full).
@@ -1404,7 +1708,7 @@ class _ConcurrentServer:
         self._loop_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         #: This loop turn's frames (answers and items, in order), and the requests answered.
-        self._loop_frames: list[bytes] = []
+        self._loop_frames: list[Frame] = []
         self._loop_done: list[_Request] = []
         #: The async requests and the credit for async streams of the read being served, for
         #: the loop (reading thread only).
@@ -1579,7 +1883,7 @@ class _ConcurrentServer:
         )
         if type(outcome) is GeneratorType:
             outcome = self._generate(request, outcome)
-        elif type(outcome) is not bytes:
+        elif type(outcome) is not bytes and type(outcome) is not _Parts:
             return self._start_async(request, outcome)  # type: ignore[arg-type]
         self._answer(request, outcome)
 
@@ -1598,7 +1902,7 @@ class _ConcurrentServer:
         handler thread, as this thread must not wait for a stream's credit.
         """
         outcome = self._call_sync(request_id, name, func, call_args, window)
-        if type(outcome) is bytes:
+        if type(outcome) is bytes or type(outcome) is _Parts:
             return self._reply_here(None, outcome)
         if type(outcome) is GeneratorType:
             return self._enqueue(_Request(request_id, name, _returned, (outcome,), window))
@@ -1612,7 +1916,7 @@ class _ConcurrentServer:
         func: Handler,
         call_args: tuple[Any, ...],
         window: int | None,
-    ) -> bytes | Producer:
+    ) -> Frame | Producer:
         """Call a sync handler: its answer, or what it returned to continue with: a generator
         to drive, or the coroutine (or async generator) of a sync wrapper around an async
         function, which continues as a task.
@@ -1633,7 +1937,7 @@ class _ConcurrentServer:
 
     # -- sync generators --------------------------------------------------
 
-    def _generate(self, request: _Request, gen: Generator[Any, Any, Any]) -> bytes:
+    def _generate(self, request: _Request, gen: Generator[Any, Any, Any]) -> Frame:
         """On a handler thread: drive a sync generator to its answer, streaming its items or,
         without ``meta.stream``, collecting them. A cancel stops it between items (not inside
         a ``next()``, which a thread cannot interrupt): it is closed, then answered."""
@@ -1689,7 +1993,7 @@ class _ConcurrentServer:
                     raise _Cancelled
                 self._credited.wait()
 
-    def _emit(self, frame: bytes) -> None:
+    def _emit(self, frame: Frame) -> None:
         """A handler thread's item frame: written at once, as an answer is (:meth:`_answer`),
         but the request stays in flight."""
         nowait = self._nowait
@@ -1790,6 +2094,7 @@ class _ConcurrentServer:
         """On the loop: the task has finished, so its answer is its true outcome: a handler
         that swallowed the cancel and returned is answered with its result."""
         worker = self.worker
+        frame: Frame
         if task.cancelled():
             frame = worker._failure_frame(request.id, "cancelled")
         elif (exc := task.exception()) is not None:
@@ -1800,12 +2105,12 @@ class _ConcurrentServer:
             frame = worker._success_frame(request.id, request.name, task.result())
         self._batch(request, frame)
 
-    def _batch(self, request: _Request, frame: bytes) -> None:
+    def _batch(self, request: _Request, frame: Frame) -> None:
         """On the loop: an answer of this turn; one callback posts the turn's frames together."""
         self._batch_item(frame)
         self._loop_done.append(request)
 
-    def _batch_item(self, frame: bytes) -> None:
+    def _batch_item(self, frame: Frame) -> None:
         """On the loop: a frame of this turn (an item, or an answer via :meth:`_batch`)."""
         if not self._loop_frames:
             assert self._loop is not None
@@ -1873,7 +2178,7 @@ class _ConcurrentServer:
 
     # -- replies ----------------------------------------------------------
 
-    def _answer(self, request: _Request | None, frame: bytes) -> None:
+    def _answer(self, request: _Request | None, frame: Frame) -> None:
         """A handler thread's reply: it writes it itself if it can without blocking, else
         the writer thread does."""
         nowait = self._nowait
@@ -1884,7 +2189,7 @@ class _ConcurrentServer:
         if nowait:
             self._write_ready()
 
-    def _reply_here(self, request: _Request | None, frame: bytes) -> None:
+    def _reply_here(self, request: _Request | None, frame: Frame) -> None:
         """A reply made on the reading thread. It leaves with the other replies of the read
         being served, once that read is served (:meth:`_serve_read`); the handlers run here
         are quick by their contract. Without non-blocking writes, the writer thread writes
@@ -1894,7 +2199,7 @@ class _ConcurrentServer:
             if not self._nowait:
                 self._output.notify()
 
-    def _post(self, request: _Request | None, frame: bytes) -> None:
+    def _post(self, request: _Request | None, frame: Frame) -> None:
         """With the lock held: ``request`` is no longer in flight; its reply goes to the outbox."""
         self._finish(request)
         self._outbox.append(frame)
@@ -1916,10 +2221,10 @@ class _ConcurrentServer:
         """
         frames = self._claim_output()
         while frames:
-            data = frames[0] if len(frames) == 1 else b"".join(frames)
+            data = _joined(frames)
             frames = self._after_write(data, self._write_nowait(data))
 
-    def _claim_output(self) -> list[bytes]:
+    def _claim_output(self) -> list[Frame]:
         """The replies in the outbox, for the caller to write, unless another thread writes."""
         with self._lock:
             if self._writing or not self._outbox:
@@ -1928,27 +2233,30 @@ class _ConcurrentServer:
             frames, self._outbox = self._outbox, []
             return frames
 
-    def _write_nowait(self, data: bytes) -> int:
+    def _write_nowait(self, data: Frame) -> int:
         """How much of ``data`` the output took without blocking."""
+        buffers = [data] if isinstance(data, bytes) else data[:_IOV_MAX]
         try:
-            return os.pwritev(self.worker.output_fd, [data], -1, _RWF_NOWAIT)
+            return os.pwritev(self.worker.output_fd, buffers, -1, _RWF_NOWAIT)
         except BlockingIOError:  # the pipe is full: the pool reads it soon, or never
             return 0
         except OSError:
             self._nowait = False
             return 0
 
-    def _after_write(self, data: bytes, written: int) -> list[bytes]:
+    def _after_write(self, data: Frame, written: int) -> list[Frame]:
         """The replies that came during a write, to write next; none when the outbox is
         empty, or when the output did not take all of ``data``: the rest goes back to the
         writer thread."""
+        size = _size(data)
         with self._lock:
-            if written == len(data) and self._outbox:
+            if written == size and self._outbox:
                 frames, self._outbox = self._outbox, []
                 return frames
             self._writing = False
-            if written < len(data):
-                self._outbox.insert(0, data[written:])
+            if written < size:
+                rest = data[written:] if type(data) is bytes else _rest(data, written)  # type: ignore[arg-type]
+                self._outbox.insert(0, rest)
                 self._output.notify()
             else:
                 self._settled.notify_all()  # end of input may wait for the last reply
@@ -1960,13 +2268,13 @@ class _ConcurrentServer:
         while True:
             frames = self._take_replies()
             try:
-                _write_all(fd, frames[0] if len(frames) == 1 else b"".join(frames))
+                _write_all(fd, _joined(frames))
             except OSError as exc:
                 return self._output_lost(exc)
             with self._lock:
                 self._writing = False
 
-    def _take_replies(self) -> list[bytes]:
+    def _take_replies(self) -> list[Frame]:
         """The writer thread: wait until the outbox holds replies and no other thread writes,
         then take them."""
         with self._lock:
