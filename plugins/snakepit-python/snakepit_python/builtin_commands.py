@@ -249,8 +249,20 @@ def store(args: dict[str, Any]) -> dict[str, Any]:
     session_id, key = _session_id(args), _key(args)
     if "value" not in args:
         raise CommandError("'value' is required")
-    _SESSIONS.setdefault(session_id, {})[key] = args["value"]
+    _SESSIONS.setdefault(session_id, {})[key] = _owned(args["value"])
     return {"stored": True, "session_id": session_id, "key": key}
+
+
+def _owned(value: Any) -> Any:
+    """``value`` with each binary value (a view of its request's frame) copied into ``bytes``
+    of its own: a value kept for the session must not keep the whole frame alive."""
+    if type(value) is memoryview:
+        return value.tobytes()
+    if type(value) is dict:
+        return {key: _owned(item) for key, item in value.items()}
+    if type(value) is list:
+        return [_owned(item) for item in value]
+    return value
 
 
 @command(cancellable=False)
