@@ -104,7 +104,7 @@ def encode_binary_frame(
     )
 
 
-def decode_binary_body(body: bytes, codec: Codec) -> Any:
+def decode_binary_body(body: bytes | bytearray, codec: Codec) -> Any:
     """The message of a binary frame's ``body``, each binary value in its place as ``bytes``.
 
     Anything that does not add up (the lengths, the paths, the ``$binary`` list) is a
@@ -130,13 +130,14 @@ def decode_binary_body(body: bytes, codec: Codec) -> Any:
     if not isinstance(entries, list):
         raise ProtocolError("binary frame has no '$binary' list", cause="bad_binary")
     offset = end
+    view = memoryview(body)
     for entry in entries:
         path, size = _entry(entry)
         if offset + size > len(body):
             raise ProtocolError(
                 f"binary value at {path} of {size} bytes overruns the frame", cause="bad_binary"
             )
-        _place(message, path, body[offset : offset + size])
+        _place(message, path, bytes(view[offset : offset + size]))  # one copy, as bytes
         offset += size
     if offset != len(body):
         raise ProtocolError(

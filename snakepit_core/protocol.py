@@ -19,6 +19,8 @@ from .errors import ProtocolError, ValidationError
 
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
 HEADER_BYTES = 4
+#: A frame this big that arrives in pieces is assembled in a body of its own size.
+LARGE_FRAME_BYTES = 256 * 1024
 
 
 class Codec:
@@ -38,7 +40,7 @@ class Codec:
     def encode(self, obj: Any, exact: bool = False) -> bytes:
         return self._encoder.encode(obj).encode("utf-8")
 
-    def decode(self, body: bytes) -> Any:
+    def decode(self, body: bytes | bytearray) -> Any:
         return self._decoder.decode(body.decode("utf-8"))
 
 
@@ -66,7 +68,7 @@ class OrjsonCodec(Codec):
             return super().encode(obj)
         return body
 
-    def decode(self, body: bytes) -> Any:
+    def decode(self, body: bytes | bytearray) -> Any:
         if _LONG_DIGIT_RUN in body.translate(_DIGIT_MAP):
             return super().decode(body)
         return self._loads(body)
@@ -135,7 +137,7 @@ class FrameDecoder:
     frame per read, is decoded without copying into the buffer.
     """
 
-    __slots__ = ("_buffer", "_codec", "max_frame_bytes")
+    __slots__ = ("_buffer", "_codec", "_filled", "_large", "max_frame_bytes")
 
     def __init__(
         self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, codec: Codec = DEFAULT_CODEC
@@ -143,13 +145,18 @@ class FrameDecoder:
         self.max_frame_bytes = max_frame_bytes
         self._codec = codec
         self._buffer = bytearray()
+        #: A large frame's body, allocated at its announced size and filled as reads come.
+        self._large: bytearray | None = None
+        self._filled = 0
 
     @property
     def pending_bytes(self) -> int:
         """Bytes received that do not form a whole frame yet (a truncated frame at EOF)."""
-        return len(self._buffer)
+        return len(self._buffer) + self._filled
 
     def feed(self, data: bytes) -> list[Any]:
+        if self._large is not None:
+            return self._fill(data)
         if not self._buffer:
             size = len(data)
             if size >= HEADER_BYTES:
@@ -172,13 +179,38 @@ class FrameDecoder:
                 )
             end = HEADER_BYTES + length
             if len(buffer) < end:
+                if length >= LARGE_FRAME_BYTES:
+                    self._start_large(length)
                 break
             body = bytes(buffer[HEADER_BYTES:end])
             del buffer[:end]
             messages.append(self._decode(body))
         return messages
 
-    def _decode(self, body: bytes) -> Any:
+    def _start_large(self, length: int) -> None:
+        """The buffer holds the start of a large frame: move it into a body of its full size,
+        where the rest is copied as it comes (one copy, instead of appending, slicing and
+        copying the whole frame out)."""
+        self._large = bytearray(length)
+        received = len(self._buffer) - HEADER_BYTES
+        self._large[:received] = memoryview(self._buffer)[HEADER_BYTES:]
+        self._filled = received
+        self._buffer.clear()
+
+    def _fill(self, data: bytes) -> list[Any]:
+        body = self._large
+        assert body is not None
+        taken = min(len(data), len(body) - self._filled)
+        body[self._filled : self._filled + taken] = memoryview(data)[:taken]
+        self._filled += taken
+        if self._filled < len(body):
+            return []
+        self._large, self._filled = None, 0
+        message = self._decode(body)
+        rest = data[taken:]
+        return [message, *self.feed(rest)] if rest else [message]
+
+    def _decode(self, body: bytes | bytearray) -> Any:
         if body[:1] == BINARY_MARK:
             return decode_binary_body(body, self._codec)
         try:

@@ -149,3 +149,27 @@ async def test_binary_for_a_worker_without_the_capability_is_refused_before_send
         assert worker.requests == sent, "something was sent"
         assert await pool.execute("echo", {"ok": 1}) == {"ok": 1}
         assert pool.stats()["in_flight"] == 0
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=lambda c: c.name)
+@pytest.mark.parametrize("piece", [1, 7, 4096, 65536, 1 << 20])
+def test_large_frames_in_pieces_decode_the_same_with_what_follows(codec, piece):
+    """A large frame is assembled in a body of its own size as its pieces come; the frames
+    before and after it, in the same reads, are decoded as usual."""
+    big = bytes(range(256)) * 4096  # 1 MiB: over the large-frame size
+    message = {"id": 1, "success": True, "result": {"big": big, "text": "é" * 300_000}}
+    checked = check_arguments(message["result"], adapter="a", command="c")
+    large = encode_binary_frame(
+        message, [(("result", *p), v) for p, v in checked.binary], 1 << 24, codec
+    )
+    small = len(b'{"id":2,"success":true,"result":null}').to_bytes(4, "big")
+    small += b'{"id":2,"success":true,"result":null}'
+    stream = small + large + small
+    decoder = FrameDecoder(1 << 24, codec)
+    messages = []
+    for start in range(0, len(stream), piece):
+        messages += decoder.feed(stream[start : start + piece])
+    assert [m["id"] for m in messages] == [2, 1, 2]
+    assert messages[1]["result"] == {"big": big, "text": "é" * 300_000}
+    assert type(messages[1]["result"]["big"]) is bytes
+    assert decoder.pending_bytes == 0
