@@ -13,6 +13,7 @@ import select
 import struct
 import subprocess
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -22,8 +23,26 @@ def frame(message: bytes | Mapping[str, Any]) -> bytes:
     return struct.pack(">I", len(body)) + body
 
 
+def binary_body(envelope: Any, attachments: bytes = b"") -> bytes:
+    """A binary frame's body (PROTOCOL.md, *Binary values*): 0x00, the envelope's length, the
+    envelope (JSON-encoded here, or bytes exactly as given), the attachments."""
+    head = envelope if isinstance(envelope, bytes) else json.dumps(envelope).encode()
+    return b"\x00" + struct.pack(">I", len(head)) + head + attachments
+
+
+def write_syscalls(pid: int) -> int:
+    """The write system calls ``pid`` has made so far (Linux ``/proc/<pid>/io``)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("syscw:"):
+            return int(line.split()[1])
+    raise AssertionError("no syscw in /proc/<pid>/io")
+
+
 class RawWorker:
     """One worker process driven frame by frame."""
+
+    #: The result of its handshake, once :meth:`shake_hands` ran.
+    handshake_answer: dict[str, Any]
 
     def __init__(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> None:
         full_env = dict(os.environ)
@@ -106,6 +125,17 @@ class RawWorker:
         frame = self.call("ping", {"worker_id": worker_id, "initialization": True})
         assert frame["success"] is True and frame["result"]["status"] == "ok", frame
         return frame
+
+    def shake_hands(self, max_in_flight: int | None, worker_id: str = "raw-1") -> dict[str, Any]:
+        """The handshake a pool sends: a protocol-2 pool's with ``max_in_flight``, a
+        protocol-1 pool's with None. Its result is kept as :attr:`handshake_answer`."""
+        args: dict[str, Any] = {"worker_id": worker_id, "initialization": True}
+        if max_in_flight is not None:
+            args["max_in_flight"] = max_in_flight
+        response = self.call("ping", args)
+        assert response["success"] is True, response
+        self.handshake_answer = response["result"]
+        return self.handshake_answer
 
     def close_stdin(self) -> None:
         assert self.proc.stdin is not None

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from snakepit_node.plugin import node_adapter, snakepit_adapters
 
-from raw_worker import RawWorker, frame
+from raw_worker import RawWorker, frame, write_syscalls
 
 WORKER = Path(__file__).parent / "bridges" / "node_concurrency.js"
 PING_KEYS = ["status", "uptime", "requests_handled", "worker_id", "runtime", "capabilities", "pid"]
@@ -68,13 +68,6 @@ def receive_all(worker: RawWorker, count: int, timeout: float = 10) -> list[dict
     ids = [r["id"] for r in responses]
     assert len(set(ids)) == len(ids), ids
     return responses
-
-
-def write_syscalls(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
-        if line.startswith("syscw:"):
-            return int(line.split()[1])
-    raise AssertionError("no syscw in /proc/<pid>/io")
 
 
 def stderr_after_eof(worker: RawWorker) -> str:

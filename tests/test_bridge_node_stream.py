@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from snakepit_node.plugin import node_adapter, snakepit_adapters
 
-from raw_worker import RawWorker, frame
+from raw_worker import RawWorker, frame, write_syscalls
 
 # User-defined handlers of every kind, written with the library.
 WORKER = r"""
@@ -127,13 +127,6 @@ def stderr_after_eof(worker: RawWorker) -> str:
     worker.close_stdin()
     assert worker.wait() == 0
     return worker.stderr_text()
-
-
-def write_syscalls(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
-        if line.startswith("syscw:"):
-            return int(line.split()[1])
-    raise AssertionError("no syscw in /proc/<pid>/io")
 
 
 def ok(request_id: int, result: Any = None) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from snakepit_core.binary import encode_binary_frame
 from snakepit_core.protocol import STDLIB_CODEC, FrameDecoder
 
 from raw_worker import RawWorker, frame
+from raw_worker import binary_body as body
 
 BRIDGE = [sys.executable, str(plugin.BRIDGE_PATH)]
 MiB = 1 << 20
@@ -698,12 +699,6 @@ def test_a_plain_binary_result_as_a_stream_is_its_one_item(
 # -------------------------------------------------------------------------------------------
 # Malformed binary frames: the stream cannot be trusted, exit 3
 # -------------------------------------------------------------------------------------------
-
-
-def body(envelope: Any, attachments: bytes = b"") -> bytes:
-    """A binary frame's body: 0x00, the envelope's length, the envelope, the attachments."""
-    head = envelope if isinstance(envelope, bytes) else json.dumps(envelope).encode()
-    return b"\x00" + struct.pack(">I", len(head)) + head + attachments
 
 
 def request(entries: Any, args: Any = None, request_id: int = 1) -> dict[str, Any]:

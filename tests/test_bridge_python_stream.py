@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from snakepit_python import plugin
 
-from raw_worker import RawWorker, frame
+from raw_worker import RawWorker, frame, write_syscalls
 
 BRIDGE = [sys.executable, str(plugin.BRIDGE_PATH)]
 
@@ -162,11 +162,7 @@ TIMEOUT = 10.0
 QUIET = 0.2
 
 
-class Worker(RawWorker):
-    """A worker and its answer to the handshake."""
-
-    handshake_answer: dict[str, Any]
-
+Worker = RawWorker
 
 Start = Callable[..., Worker]
 
@@ -182,12 +178,7 @@ def start(tmp_path: Path) -> Iterator[Start]:
     def start(max_in_flight: int | None, *, custom: bool = False, **env: str) -> Worker:
         worker = Worker([sys.executable, str(script)] if custom else BRIDGE, env=env)
         workers.append(worker)
-        args: dict[str, Any] = {"worker_id": "raw-s", "initialization": True}
-        if max_in_flight is not None:
-            args["max_in_flight"] = max_in_flight
-        response = worker.call("ping", args)
-        assert response["success"] is True, response
-        worker.handshake_answer = response["result"]
+        worker.shake_hands(max_in_flight, "raw-s")
         return worker
 
     yield start
@@ -260,13 +251,6 @@ def stderr_after_exit(worker: RawWorker) -> str:
     worker.close_stdin()
     assert worker.wait(TIMEOUT) == 0
     return worker.stderr_text()
-
-
-def write_syscalls(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
-        if line.startswith("syscw:"):
-            return int(line.split()[1])
-    raise AssertionError("no syscw in /proc/<pid>/io")
 
 
 both_modes = pytest.mark.parametrize("max_in_flight", [1, 4])

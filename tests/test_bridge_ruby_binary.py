@@ -64,8 +64,6 @@ MIB = 1024 * 1024
 class Worker(RawWorker):
     """A worker and its answer to the handshake."""
 
-    handshake_answer: dict[str, Any]
-
     def send_binary(
         self, command: str, args: dict[str, Any], binary: dict[tuple[Any, ...], bytes], **meta: Any
     ) -> int:
@@ -118,12 +116,7 @@ def start(tmp_path: Path) -> Iterator[Start]:
             (adapter,) = snakepit_adapters()
             worker = Worker(adapter.command_line(), env=env)
         workers.append(worker)
-        args: dict[str, Any] = {"worker_id": "raw-b", "initialization": True}
-        if max_in_flight is not None:
-            args["max_in_flight"] = max_in_flight
-        response = worker.call("ping", args)
-        assert response["success"] is True, response
-        worker.handshake_answer = response["result"]
+        worker.shake_hands(max_in_flight, "raw-b")
         return worker
 
     yield start

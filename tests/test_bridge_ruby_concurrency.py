@@ -40,11 +40,7 @@ end
 """
 
 
-class Worker(RawWorker):
-    """A worker and its answer to the handshake."""
-
-    handshake_answer: dict[str, Any]
-
+Worker = RawWorker
 
 Start = Callable[..., Worker]
 
@@ -68,12 +64,7 @@ def start(tmp_path: Path) -> Iterator[Start]:
         else:
             worker = Worker(bridge_argv())
         workers.append(worker)
-        args: dict[str, Any] = {"worker_id": "raw-2", "initialization": True}
-        if max_in_flight is not None:
-            args["max_in_flight"] = max_in_flight
-        response = worker.call("ping", args)
-        assert response["success"] is True, response
-        worker.handshake_answer = response["result"]
+        worker.shake_hands(max_in_flight, "raw-2")
         return worker
 
     yield start

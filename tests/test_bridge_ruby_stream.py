@@ -55,11 +55,7 @@ TIMEOUT = 10.0
 QUIET = 0.3
 
 
-class Worker(RawWorker):
-    """A worker and its answer to the handshake."""
-
-    handshake_answer: dict[str, Any]
-
+Worker = RawWorker
 
 Start = Callable[..., Worker]
 
@@ -79,12 +75,7 @@ def start(tmp_path: Path) -> Iterator[Start]:
             (adapter,) = snakepit_adapters()
             worker = Worker(adapter.command_line())
         workers.append(worker)
-        args: dict[str, Any] = {"worker_id": "raw-s", "initialization": True}
-        if max_in_flight is not None:
-            args["max_in_flight"] = max_in_flight
-        response = worker.call("ping", args)
-        assert response["success"] is True, response
-        worker.handshake_answer = response["result"]
+        worker.shake_hands(max_in_flight, "raw-s")
         return worker
 
     yield start
