@@ -58,7 +58,7 @@ if TYPE_CHECKING:
     import asyncio
     import contextvars
     import select
-    from collections.abc import AsyncGenerator, Callable, Coroutine, Generator
+    from collections.abc import AsyncGenerator, Callable, Coroutine, Generator, Iterable
     from types import FrameType
     from typing import Any, NoReturn, TypeAlias, TypeVar, overload
 
@@ -521,10 +521,8 @@ def _detached(value: Any, path: list[Any], found: Found, around: set[int]) -> An
     ``around`` holds the containers being walked: one met again is a cycle, refused as the
     encoder refuses it. A buffer that is not contiguous has no run of bytes to send.
     """
-    if isinstance(value, dict):
-        return _detached_dict(value, path, found, around)
-    if isinstance(value, (list, tuple)):
-        return _detached_list(value, path, found, around)
+    if isinstance(value, (dict, list, tuple)):
+        return _detached_container(value, path, found, around)
     if isinstance(value, (str, int, float)):
         return value
     try:
@@ -540,44 +538,33 @@ def _detached(value: Any, path: list[Any], found: Found, around: set[int]) -> An
     return None
 
 
-def _detached_dict(value: dict[Any, Any], path: list[Any], found: Found, around: set[int]) -> Any:
-    ident = id(value)
-    if ident in around:
-        raise ValueError("Circular reference detected")
-    around.add(ident)
-    copy: dict[Any, Any] | None = None
-    for key, child in value.items():
-        if type(child) in _LEAVES:
-            continue
-        path.append(key if type(key) is str else _json_key(key))
-        out = _detached(child, path, found, around)
-        path.pop()
-        if out is not child:
-            if copy is None:
-                copy = dict(value)
-            copy[key] = out
-    around.discard(ident)
-    return value if copy is None else copy
-
-
-def _detached_list(
-    value: list[Any] | tuple[Any, ...], path: list[Any], found: Found, around: set[int]
+def _detached_container(
+    value: dict[Any, Any] | list[Any] | tuple[Any, ...],
+    path: list[Any],
+    found: Found,
+    around: set[int],
 ) -> Any:
+    """:func:`_detached` of a dict, list or tuple: its children walked, a copy made (a dict
+    or a list, as the encoder writes it) only if one of them changed."""
     ident = id(value)
     if ident in around:
         raise ValueError("Circular reference detected")
     around.add(ident)
-    copy: list[Any] | None = None
-    for index, child in enumerate(value):
+    is_dict = isinstance(value, dict)
+    entries: Iterable[tuple[Any, Any]] = (
+        value.items() if isinstance(value, dict) else enumerate(value)
+    )
+    copy: Any = None
+    for key, child in entries:
         if type(child) in _LEAVES:
             continue
-        path.append(index)
+        path.append(key if not is_dict or type(key) is str else _json_key(key))
         out = _detached(child, path, found, around)
         path.pop()
         if out is not child:
             if copy is None:
-                copy = list(value)
-            copy[index] = out
+                copy = dict(value) if is_dict else list(value)
+            copy[key] = out
     around.discard(ident)
     return value if copy is None else copy
 
