@@ -40,7 +40,6 @@ class StreamItems:
         "buffer",
         "credit_left",
         "first_at",
-        "received",
         "streaming",
         "taken",
         "waiter",
@@ -54,7 +53,6 @@ class StreamItems:
         self.streaming = False
         #: Items the worker may still send before it needs more credit.
         self.credit_left = window
-        self.received = 0
         #: Items the consumer has taken.
         self.taken = 0
         #: ``time.monotonic()`` of the first item (or of the one result).
@@ -67,7 +65,6 @@ class StreamItems:
         if self.credit_left <= 0:
             return False
         self.credit_left -= 1
-        self.received += 1
         if not self.first_at:
             self.first_at = time.monotonic()
         self.buffer.append(item)
@@ -203,7 +200,6 @@ class Stream:
             self._end(None)
         if not self._items.first_at:
             self._items.first_at = time.monotonic()
-        self._items.received += 1
         self._items.taken += 1
         item = self._processed(call, result)
         self._end(None, raise_stop=False)
