@@ -10,11 +10,16 @@ import contextlib
 import json
 import os
 import select
+import shutil
 import struct
 import subprocess
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+#: The segment-name prefix tests give a worker (PROTOCOL.md, *Shared memory*).
+SHM_PREFIX = "w0123456789abcdef-"
 
 
 def frame(message: bytes | Mapping[str, Any]) -> bytes:
@@ -28,6 +33,60 @@ def binary_body(envelope: Any, attachments: bytes = b"") -> bytes:
     envelope (JSON-encoded here, or bytes exactly as given), the attachments."""
     head = envelope if isinstance(envelope, bytes) else json.dumps(envelope).encode()
     return b"\x00" + struct.pack(">I", len(head)) + head + attachments
+
+
+def split_binary_body(body: bytes) -> tuple[dict[str, Any], list[bytes]]:
+    """A binary frame's body taken apart: its envelope (``$binary`` included) and its inline
+    attachments in order (an entry with ``shm`` takes none)."""
+    assert body[:1] == b"\x00", body[:40]
+    (length,) = struct.unpack(">I", body[1:5])
+    envelope: dict[str, Any] = json.loads(body[5 : 5 + length])
+    attachments, offset = [], 5 + length
+    for entry in envelope["$binary"]:
+        if "shm" not in entry:
+            attachments.append(body[offset : offset + entry["size"]])
+            offset += entry["size"]
+    assert offset == len(body), f"{len(body) - offset} bytes beyond the attachments"
+    return envelope, attachments
+
+
+@contextlib.contextmanager
+def private_shm_dir() -> Iterator[Path]:
+    """A fresh 0700 directory on /dev/shm, as a pool's run directory is, removed afterwards."""
+    directory = Path(tempfile.mkdtemp(prefix="snakepit-test-", dir="/dev/shm"))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def shm_env(
+    directory: Path,
+    threshold: int,
+    *,
+    prefix: str = SHM_PREFIX,
+    text_threshold: int | None = None,
+    max_payload_bytes: int | None = None,
+) -> dict[str, str]:
+    """The environment a pool gives a worker to which it offers shared memory."""
+    env = {
+        "SNAKEPIT_SHM_DIR": str(directory),
+        "SNAKEPIT_SHM_PREFIX": prefix,
+        "SNAKEPIT_SHM_THRESHOLD": str(threshold),
+    }
+    if text_threshold is not None:
+        env["SNAKEPIT_TEXT_THRESHOLD"] = str(text_threshold)
+    if max_payload_bytes is not None:
+        env["SNAKEPIT_MAX_PAYLOAD_BYTES"] = str(max_payload_bytes)
+    return env
+
+
+def on_small_tmpfs(directory: Path, size: str, argv: Sequence[str]) -> list[str]:
+    """``argv`` run with a tmpfs of ``size`` (``"1m"``) mounted over ``directory``, in a
+    private mount namespace (``unshare -rm``: no root needed, nothing outside sees it), so
+    that segments beyond ``size`` fail with ENOSPC as on a full /dev/shm."""
+    script = 'mount -t tmpfs -o "size=$1" tmpfs "$2" && shift 2 && exec "$@"'
+    return ["unshare", "-rm", "sh", "-c", script, "sh", size, str(directory), *argv]
 
 
 def write_syscalls(pid: int) -> int:
@@ -94,9 +153,13 @@ class RawWorker:
         return chunks
 
     def receive(self, timeout: float = 10.0) -> dict[str, Any]:
-        (length,) = struct.unpack(">I", self._read_exactly(4, timeout))
-        frame: dict[str, Any] = json.loads(self._read_exactly(length, timeout))
+        frame: dict[str, Any] = json.loads(self.receive_body(timeout))
         return frame
+
+    def receive_body(self, timeout: float = 10.0) -> bytes:
+        """The next frame's body, exactly as sent (a binary frame's too)."""
+        (length,) = struct.unpack(">I", self._read_exactly(4, timeout))
+        return self._read_exactly(length, timeout)
 
     def call(
         self, command: str, args: Mapping[str, Any] | None = None, timeout: float = 10.0
