@@ -3,15 +3,18 @@
 Run by :mod:`snakepit_core.watchdog` as ``python -I -S _watchdog.py`` in its own session, with
 its stdin a pipe from the parent. The first line is the parent's ``SNAKEPIT_RUN_ID`` (sent on
 the pipe because a command line is readable by every user); then the parent writes ``+PGID``
-when a worker starts and ``-PGID`` when it is gone. When stdin reaches EOF the parent has exited
-(cleanly or by SIGKILL): every process group still listed is sent SIGKILL, which also takes the
-workers' own children. A group is only killed if one of its processes still belongs to this
-user and carries the run id, so a process group id reused by someone else is never touched.
+when a worker starts and ``-PGID`` when it is gone, and ``=PATH`` for its shared-memory
+directory. When stdin reaches EOF the parent has exited (cleanly or by SIGKILL): every process
+group still listed is sent SIGKILL, which also takes the workers' own children, and then the
+directory is removed if its ``.run`` file names the run (so no other directory is touched).
+A group is only killed if one of its processes still belongs to this user and carries the run
+id, so a process group id reused by someone else is never touched.
 Standard library only, so it starts in milliseconds.
 """
 
 import contextlib
 import os
+import shutil
 import signal
 import sys
 
@@ -20,7 +23,7 @@ def main() -> None:
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
     run_id = sys.stdin.buffer.readline().strip()
-    groups = listed_groups()
+    groups, directories = listed()
     # Where /proc exists, kill only groups that still hold a process of this run; elsewhere
     # the recorded groups are all there is to go on.
     if os.path.isdir("/proc"):
@@ -28,21 +31,41 @@ def main() -> None:
     for pgid in groups:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)
+    for directory in directories:
+        remove_directory_of_run(directory, run_id)
 
 
-def listed_groups() -> set[int]:
-    """The groups still listed when stdin ends (``+PGID`` adds, ``-PGID`` removes)."""
+def listed() -> tuple[set[int], set[bytes]]:
+    """The groups still listed when stdin ends (``+PGID`` adds, ``-PGID`` removes) and the
+    directories (``=PATH``)."""
     groups = set()
+    directories = set()
     for line in sys.stdin.buffer:
-        text = line.strip()
-        if not text:
+        text = line.rstrip(b"\n")
+        if not text.strip():
             continue
-        sign, pgid = text[:1], int(text[1:])
-        if sign == b"+":
-            groups.add(pgid)
+        sign, rest = text[:1], text[1:]
+        if sign == b"=":
+            directories.add(rest)
+        elif sign == b"+":
+            groups.add(int(rest))
         else:
-            groups.discard(pgid)
-    return groups
+            groups.discard(int(rest))
+    return groups, directories
+
+
+def remove_directory_of_run(directory: bytes, run_id: bytes) -> None:
+    """Remove ``directory`` if its ``.run`` file (not a link) holds ``run_id``."""
+    try:
+        fd = os.open(os.path.join(directory, b".run"), os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return
+    try:
+        if os.read(fd, 200) != run_id:
+            return
+    finally:
+        os.close(fd)
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def is_ours(pid: str) -> bool:

@@ -2,15 +2,17 @@
 
 A frame that carries binary values has a body of ``0x00``, a 4-byte length ``J``, ``J`` bytes
 of JSON (the envelope, with ``null`` where each binary value belongs and a ``"$binary"`` list
-saying where each goes) and then the values' bytes, back to back. Finding where binary values
-are costs nothing extra: :func:`~snakepit_core.json_values.check_arguments` records them while
-it checks the arguments, and only frames that carry some pay for the rest.
+saying where each goes) and then the values' bytes, back to back. Long strings may travel the
+same way as their UTF-8 (*text attachments*: no JSON escaping or scanning), and big values of
+either kind in shared-memory segments instead of the frame (:mod:`.shm`). Finding these values
+costs nothing extra: :func:`~snakepit_core.json_values.check_arguments` records them while it
+checks the arguments, and only frames that carry some pay for the rest.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from .errors import ProtocolError, ValidationError
 
@@ -25,6 +27,11 @@ _LENGTH_BYTES = 4
 #: The envelope key that lists the binary values.
 BINARY_KEY = "$binary"
 _PREFIX = 1 + 4
+
+#: Strings this long (in characters) or longer travel as text attachments to workers that take
+#: them: below it, JSON's escaping costs less than a separate value. Workers are told it in
+#: ``SNAKEPIT_TEXT_THRESHOLD``.
+TEXT_THRESHOLD = 32768
 
 #: Where a binary value is (keys and indexes from the envelope's root), and its bytes.
 Path = tuple[str | int, ...]
@@ -49,7 +56,7 @@ def binary_view(value: Any) -> memoryview | None:
     return view.cast("B") if view.ndim != 1 or view.format != "B" else view
 
 
-def _detached(message: dict[str, Any], binary: Sequence[Binary]) -> dict[str, Any]:
+def _detached(message: dict[str, Any], attachments: Sequence[Attachment]) -> dict[str, Any]:
     """``message`` with ``None`` at every binary value's place, copying only the containers on
     the way there (the caller's own objects are left as they were)."""
     #: The copy of each container met (by the id of the original and of the copy itself).
@@ -63,7 +70,8 @@ def _detached(message: dict[str, Any], binary: Sequence[Binary]) -> dict[str, An
         return copied
 
     root: dict[str, Any] = own(message)
-    for path, _ in binary:
+    for attachment in attachments:
+        path = attachment.path
         container: Any = root
         for key in path[:-1]:
             child = own(container[key])
@@ -73,42 +81,86 @@ def _detached(message: dict[str, Any], binary: Sequence[Binary]) -> dict[str, An
     return root
 
 
+class Attachment(NamedTuple):
+    """A value that travels beside the envelope: binary, or the UTF-8 of a long string."""
+
+    path: Path
+    data: memoryview
+    #: The bytes are a string's UTF-8 (a text attachment, capability ``text``).
+    text: bool = False
+    #: The shared-memory segment that holds the bytes (then they are not in the frame).
+    segment: str | None = None
+
+
+class SegmentReader(Protocol):
+    """Where the shared-memory segments a worker names are read (:class:`.shm.Segments`)."""
+
+    def read(self, name: str, size: int) -> bytes: ...
+
+
+def check_payload(size: int, max_payload_bytes: int, what: str = "request") -> None:
+    """``ValidationError`` if a message of ``size`` bytes in all is over the payload limit."""
+    if size > max_payload_bytes:
+        raise ValidationError(
+            f"{what} is {size} bytes with its binary values, over the maximum payload of "
+            f"{max_payload_bytes} bytes (max_payload_bytes)"
+        )
+
+
 def encode_binary_frame(
     message: dict[str, Any],
-    binary: Sequence[Binary],
+    attachments: Sequence[Attachment | Binary],
     max_frame_bytes: int,
     codec: Codec,
     exact: bool = False,
+    max_payload_bytes: int | None = None,
 ) -> bytes:
-    """One frame of ``message`` whose ``binary`` values (paths from its root) travel as bytes
-    after the envelope; ``ValidationError`` if it is too big."""
-    envelope = _detached(message, binary)
-    envelope[BINARY_KEY] = [{"path": list(path), "size": view.nbytes} for path, view in binary]
+    """One frame of ``message`` whose ``attachments`` (paths from its root) travel as bytes
+    after the envelope, or in their segments; ``ValidationError`` if it is too big. A plain
+    ``(path, view)`` pair is an inline binary value."""
+    parts = [a if isinstance(a, Attachment) else Attachment(a[0], a[1]) for a in attachments]
+    envelope = _detached(message, parts)
+    envelope[BINARY_KEY] = [_entry_of(attachment) for attachment in parts]
     try:
         head = codec.encode(envelope, exact)
     except (TypeError, ValueError, RecursionError) as exc:
         raise ValidationError(f"arguments are not valid JSON: {exc}") from None
-    size = _PREFIX + len(head) + sum(view.nbytes for _, view in binary)
+    inline = [a.data for a in parts if a.segment is None]
+    size = _PREFIX + len(head) + sum(data.nbytes for data in inline)
     if size > max_frame_bytes:
         raise ValidationError(
             f"request is {size} bytes, over the maximum frame size of {max_frame_bytes} bytes"
         )
-    return b"".join(
-        [
-            size.to_bytes(_LENGTH_BYTES, "big"),
-            BINARY_MARK,
-            len(head).to_bytes(4, "big"),
-            head,
-            *(view for _, view in binary),
-        ]
-    )
+    if max_payload_bytes is not None:
+        check_payload(
+            _PREFIX + len(head) + sum(a.data.nbytes for a in parts), max_payload_bytes
+        )
+    header = [size.to_bytes(_LENGTH_BYTES, "big"), BINARY_MARK, len(head).to_bytes(4, "big")]
+    return b"".join([*header, head, *inline])
 
 
-def decode_binary_body(body: bytes | bytearray, codec: Codec) -> Any:
-    """The message of a binary frame's ``body``, each binary value in its place as ``bytes``.
+def _entry_of(attachment: Attachment) -> dict[str, Any]:
+    entry: dict[str, Any] = {"path": list(attachment.path), "size": attachment.data.nbytes}
+    if attachment.text:
+        entry["text"] = True
+    if attachment.segment is not None:
+        entry["shm"] = attachment.segment
+    return entry
 
-    Anything that does not add up (the lengths, the paths, the ``$binary`` list) is a
-    ``ProtocolError``; nothing beyond the body is ever read.
+
+def decode_binary_body(
+    body: bytes | bytearray,
+    codec: Codec,
+    segments: SegmentReader | None = None,
+    max_payload_bytes: int | None = None,
+) -> Any:
+    """The message of a binary frame's ``body``, each binary value in its place as ``bytes``
+    and each text attachment as ``str``; values in shared memory are read from ``segments``
+    (a frame naming one without ``segments`` is refused).
+
+    Anything that does not add up (the lengths, the paths, the ``$binary`` list, the payload
+    limit) is a ``ProtocolError``, found before any segment is read; nothing beyond the body
+    or a segment is ever read.
     """
     if len(body) < _PREFIX:
         raise ProtocolError("binary frame is shorter than its header", cause="bad_binary")
@@ -126,27 +178,55 @@ def decode_binary_body(body: bytes | bytearray, codec: Codec) -> Any:
         ) from None
     if not isinstance(message, dict):
         raise ProtocolError("binary frame's envelope is not an object", cause="not_an_object")
-    entries = message.pop(BINARY_KEY, None)
-    if not isinstance(entries, list):
+    raw_entries = message.pop(BINARY_KEY, None)
+    if not isinstance(raw_entries, list):
         raise ProtocolError("binary frame has no '$binary' list", cause="bad_binary")
+    entries = [_entry(entry, segments) for entry in raw_entries]
+    inline = sum(size for _, size, _, segment in entries if segment is None)
+    if end + inline > len(body):
+        raise ProtocolError(
+            f"binary frame's values of {inline} bytes overrun the {len(body) - end} bytes "
+            "after its envelope",
+            cause="bad_binary",
+        )
+    if end + inline < len(body):
+        raise ProtocolError(
+            f"binary frame has {len(body) - end - inline} bytes beyond its values",
+            cause="bad_binary",
+        )
+    if max_payload_bytes is not None:
+        total = len(body) + sum(size for _, size, _, segment in entries if segment is not None)
+        if total > max_payload_bytes:
+            raise ProtocolError(
+                f"message of {total} bytes with its values is over the maximum payload of "
+                f"{max_payload_bytes} bytes",
+                cause="oversized_payload",
+            )
     offset = end
     view = memoryview(body)
-    for entry in entries:
-        path, size = _entry(entry)
-        if offset + size > len(body):
-            raise ProtocolError(
-                f"binary value at {path} of {size} bytes overruns the frame", cause="bad_binary"
-            )
-        _place(message, path, bytes(view[offset : offset + size]))  # one copy, as bytes
-        offset += size
-    if offset != len(body):
-        raise ProtocolError(
-            f"binary frame has {len(body) - offset} bytes beyond its values", cause="bad_binary"
-        )
+    for path, size, text, segment in entries:
+        if segment is None:
+            data: bytes | memoryview = view[offset : offset + size]
+            offset += size
+        else:
+            assert segments is not None
+            data = segments.read(segment, size)
+        _place(message, path, _text(data, path) if text else bytes(data))  # one copy
     return message
 
 
-def _entry(entry: Any) -> tuple[list[Any], int]:
+def _text(data: bytes | memoryview, path: list[Any]) -> str:
+    try:
+        return str(data, "utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(
+            f"text value at {path} is not UTF-8 ({exc.reason} at byte {exc.start})",
+            cause="bad_binary",
+        ) from None
+
+
+def _entry(entry: Any, segments: SegmentReader | None) -> tuple[list[Any], int, bool, str | None]:
+    """A ``$binary`` entry's path, size, whether it is text, and its segment (or None)."""
     if not isinstance(entry, dict):
         raise ProtocolError(f"'$binary' entry {entry!r} is not an object", cause="bad_binary")
     path, size = entry.get("path"), entry.get("size")
@@ -155,15 +235,21 @@ def _entry(entry: Any) -> tuple[list[Any], int]:
             f"'$binary' entry needs a non-empty 'path' and a 'size' >= 0: {entry!r}"[:300],
             cause="bad_binary",
         )
-    if "shm" in entry:
-        raise ProtocolError(
-            "'$binary' entry names a shared-memory segment, which this pool did not offer",
-            cause="bad_binary",
-        )
-    return path, size
+    segment = entry.get("shm")
+    if segment is not None:
+        if segments is None:
+            raise ProtocolError(
+                "'$binary' entry names a shared-memory segment, which this pool did not offer",
+                cause="bad_segment",
+            )
+        if type(segment) is not str:
+            raise ProtocolError(
+                f"'$binary' entry's 'shm' is not a name: {entry!r}"[:300], cause="bad_segment"
+            )
+    return path, size, entry.get("text") is True, segment
 
 
-def _place(message: dict[str, Any], path: list[Any], value: bytes) -> None:
+def _place(message: dict[str, Any], path: list[Any], value: bytes | str) -> None:
     """Put ``value`` where ``path`` leads; that place must hold ``null``."""
     container: Any = message
     for key in path[:-1]:

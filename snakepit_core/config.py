@@ -14,6 +14,10 @@ from typing import Any, TypedDict
 from .errors import ConfigError
 from .protocol import DEFAULT_MAX_FRAME_BYTES, get_codec
 
+#: Values of this many bytes or more go through shared memory (measured: BENCHMARKS.md).
+DEFAULT_SHM_THRESHOLD = 256 * 1024
+DEFAULT_MAX_PAYLOAD_BYTES = 1 << 30
+
 AFFINITY_MODES: tuple[str, ...] = ("prefer", "strict", "strict_fail_fast")
 JSON_CODECS: tuple[str, ...] = ("auto", "orjson", "json")
 WORKER_OUTPUTS: tuple[str, ...] = ("stderr", "logging")
@@ -38,6 +42,11 @@ class PoolConfig:
     cleanup_retry_interval: float = 0.1
     cleanup_max_retries: int = 10
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    #: Binary values and long strings of this many bytes or more travel through shared memory
+    #: (tmpfs) instead of the pipe, where workers take it; None keeps everything on the pipe.
+    shm_threshold_bytes: int | None = DEFAULT_SHM_THRESHOLD
+    #: Bounds one request or response with all its values, shared memory included.
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
     #: Requests in flight per worker (protocol 2 bridges; protocol-1 bridges take one).
     worker_concurrency: int = 1
     #: Items a worker may stream ahead of the consumer (``execute_stream``'s backpressure).
@@ -93,6 +102,8 @@ class PoolOptions(TypedDict, total=False):
     cleanup_retry_interval: float
     cleanup_max_retries: int
     max_frame_bytes: int
+    shm_threshold_bytes: int | None
+    max_payload_bytes: int
     worker_concurrency: int
     stream_window: int
     json_codec: str
@@ -122,6 +133,7 @@ _POSITIVE_INTS = (
     "crash_loop_threshold",
     "latency_window",
     "max_frame_bytes",
+    "max_payload_bytes",
 )
 _NON_NEGATIVE_INTS = ("pool_max_queue_size", "max_requests_per_worker")
 _POSITIVE_FLOATS = (
@@ -187,6 +199,21 @@ def validate_config(config: PoolConfig, *, source: str) -> None:
     memory = config.max_worker_memory_mb
     if memory is not None and (not _is_number(memory) or memory <= 0):
         fail("max_worker_memory_mb", "must be a number of MiB > 0, or None for no limit")
+    threshold = config.shm_threshold_bytes
+    if threshold is not None and (
+        not _is_int(threshold) or not 1 <= threshold <= config.max_frame_bytes
+    ):
+        fail(
+            "shm_threshold_bytes",
+            f"must be an integer from 1 to max_frame_bytes ({config.max_frame_bytes}), or None"
+            " for no shared memory",
+        )
+    if config.max_payload_bytes < config.max_frame_bytes:
+        fail(
+            "max_payload_bytes",
+            f"must be at least max_frame_bytes ({config.max_frame_bytes}): a payload is one"
+            " frame and its values in shared memory",
+        )
     if config.session_affinity not in AFFINITY_MODES:
         fail("session_affinity", f"must be one of {', '.join(AFFINITY_MODES)}")
     if config.worker_output not in WORKER_OUTPUTS:

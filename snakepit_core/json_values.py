@@ -11,7 +11,8 @@ The check also tells the codec whether orjson can encode the value exactly: it c
 integers beyond 64 bits, non-string keys (which ``json`` turns into strings its own way),
 subclasses of the JSON types, and nesting deeper than orjson's limit. Binary values (bytes,
 bytearray, memoryview, any contiguous buffer such as a numpy array) are accepted anywhere and
-listed with their paths, for the binary frame (:mod:`.binary`).
+listed with their paths, for the binary frame (:mod:`.binary`), and so are long strings (text
+attachments).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple, NoReturn
 
-from .binary import Binary, binary_view
+from .binary import TEXT_THRESHOLD, Binary, binary_view
 from .errors import ValidationError
 
 #: Arguments nested deeper than this are refused (every bundled bridge decodes this depth).
@@ -42,6 +43,9 @@ class CheckedArguments(NamedTuple):
     #: Their binary values (bytes, buffers), each with its path from ``args``, in the order
     #: met; empty for plain JSON.
     binary: Sequence[Binary]
+    #: Their strings of :data:`~.binary.TEXT_THRESHOLD` characters or more, with their
+    #: paths: a worker that takes text attachments gets them as UTF-8, not JSON.
+    texts: Sequence[tuple[tuple[str | int, ...], str]] = ()
 
 
 #: What empty arguments are.
@@ -57,6 +61,7 @@ def check_arguments(args: dict[str, Any], *, adapter: str, command: str) -> Chec
     """
     needs_stdlib = False
     binary: list[Binary] = []
+    texts: list[tuple[tuple[str | int, ...], str]] = []
     # Only containers go on the stack; scalars are checked where they are met.
     stack: list[tuple[Any, tuple[Any, ...]]] = [(args, ())]
     while stack:
@@ -81,7 +86,11 @@ def check_arguments(args: dict[str, Any], *, adapter: str, command: str) -> Chec
             entries = enumerate(container)
         for key, value in entries:
             kind = type(value)
-            if kind is str or kind is bool or value is None:
+            if kind is str:
+                if len(value) >= TEXT_THRESHOLD:
+                    texts.append(((*path, key), value))
+                continue
+            if kind is bool or value is None:
                 continue
             if kind is int:
                 if not _ORJSON_MIN_INT <= value <= _ORJSON_MAX_INT:
@@ -110,7 +119,7 @@ def check_arguments(args: dict[str, Any], *, adapter: str, command: str) -> Chec
                         "(send a str, number, bool, None, list, dict or bytes)",
                     )
                 binary.append(((*path, key), view))
-    return CheckedArguments(needs_stdlib, binary)
+    return CheckedArguments(needs_stdlib, binary, texts)
 
 
 def _binary(value: Any, adapter: str, command: str, path: tuple[Any, ...]) -> memoryview | None:

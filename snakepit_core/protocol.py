@@ -14,7 +14,7 @@ import math
 import reprlib
 from typing import Any
 
-from .binary import BINARY_MARK, decode_binary_body
+from .binary import BINARY_MARK, SegmentReader, decode_binary_body
 from .errors import ProtocolError, ValidationError
 
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
@@ -137,13 +137,29 @@ class FrameDecoder:
     frame per read, is decoded without copying into the buffer.
     """
 
-    __slots__ = ("_buffer", "_codec", "_filled", "_large", "max_frame_bytes")
+    __slots__ = (
+        "_buffer",
+        "_codec",
+        "_filled",
+        "_large",
+        "_segments",
+        "max_frame_bytes",
+        "max_payload_bytes",
+    )
 
     def __init__(
-        self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, codec: Codec = DEFAULT_CODEC
+        self,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        codec: Codec = DEFAULT_CODEC,
+        segments: SegmentReader | None = None,
+        max_payload_bytes: int | None = None,
     ) -> None:
         self.max_frame_bytes = max_frame_bytes
+        #: Bounds a binary frame with its values in shared memory (None: no bound).
+        self.max_payload_bytes = max_payload_bytes
         self._codec = codec
+        #: Where the segments named by binary frames are read; None refuses them.
+        self._segments = segments
         self._buffer = bytearray()
         #: A large frame's body, allocated at its announced size and filled as reads come.
         self._large: bytearray | None = None
@@ -212,7 +228,7 @@ class FrameDecoder:
 
     def _decode(self, body: bytes | bytearray) -> Any:
         if body[:1] == BINARY_MARK:
-            return decode_binary_body(body, self._codec)
+            return decode_binary_body(body, self._codec, self._segments, self.max_payload_bytes)
         try:
             message = self._codec.decode(body)
         except (ValueError, RecursionError) as exc:  # every codec's errors, deep nesting

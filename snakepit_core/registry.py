@@ -29,7 +29,6 @@ only for runs that are alive; they are forgotten when their pool stops or the ru
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import logging
 import os
@@ -43,6 +42,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .private_dirs import Unusable, open_private_dir
 from .runinfo import current_run_id, process_start_time, run_is_dead
 
 __all__ = [
@@ -191,38 +191,9 @@ def _describe(mode: int) -> str:
 def _open_private_dir(directory: Path) -> int:
     """An fd of ``directory`` (created 0700 if missing) after checking that only we control it."""
     try:
-        directory.mkdir(mode=0o700, parents=True)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise _Unusable(
-            f"cannot create {directory}: {exc.strerror}",
-            _elsewhere(f"make sure {directory.parent} exists and is writable"),
-        ) from None
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # the kernel reports either for a link
-            kind = "a symbolic link" if directory.is_symlink() else "not a directory"
-            raise _Unusable(f"{directory} is {kind}", _elsewhere(f"remove {directory}")) from None
-        raise _Unusable(
-            f"{directory} cannot be opened ({exc.strerror})", _elsewhere(f"check {directory}")
-        ) from None
-    info = os.fstat(fd)
-    if info.st_uid != os.getuid():
-        os.close(fd)
-        raise _Unusable(
-            f"{directory} is owned by uid {info.st_uid}, not by you (uid {os.getuid()})",
-            _elsewhere(f"if you did not create it, someone else did: have {directory} removed"),
-        )
-    if info.st_mode & 0o077:
-        os.close(fd)
-        raise _Unusable(
-            f"{directory} has mode {stat.S_IMODE(info.st_mode):04o}, not 0700: others can see"
-            " or replace the database in it",
-            _elsewhere(f"check its content and run `chmod 700 {directory}`"),
-        )
-    return fd
+        return open_private_dir(directory, _elsewhere)
+    except Unusable as exc:
+        raise _Unusable(exc.reason, exc.remedy) from None
 
 
 def _check_file(dir_fd: int, path: Path, create: bool) -> tuple[int, int] | None:

@@ -43,6 +43,8 @@ class Watchdog:
         self._pipe = -1
         #: The groups being watched, re-sent to a new watchdog if the old one was killed.
         self._groups: set[int] = set()
+        #: Shared-memory directories to remove when this process dies (re-sent likewise).
+        self._directories: set[Path] = set()
 
     def _start(self) -> None:
         """Start a watchdog and tell it the run id and every watched group."""
@@ -69,7 +71,11 @@ class Watchdog:
         finally:
             os.close(read)
         self._pipe = write
-        lines = [current_run_id().encode(), *(b"+%d" % group for group in self._groups)]
+        lines = [
+            current_run_id().encode(),
+            *(b"+%d" % group for group in self._groups),
+            *(b"=" + os.fsencode(directory) for directory in self._directories),
+        ]
         self._write(b"\n".join(lines) + b"\n")
 
     def _write(self, data: bytes) -> bool:
@@ -100,6 +106,13 @@ class Watchdog:
         self._groups.discard(pgid)
         self._send(b"-%d\n" % pgid)
 
+    def remove_at_exit(self, directory: Path) -> None:
+        """Remove ``directory`` (this run's shared-memory segments) if this process dies.
+
+        The watchdog removes it only if its ``.run`` file names this run."""
+        self._directories.add(directory)
+        self._send(b"=" + os.fsencode(directory) + b"\n")
+
     @property
     def pid(self) -> int | None:
         return None if self._process is None else self._process.pid
@@ -113,6 +126,7 @@ class Watchdog:
         self._lock = threading.Lock()
         self._process = None
         self._groups = set()
+        self._directories = set()
 
 
 _watchdog = Watchdog()

@@ -21,11 +21,11 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .adapter import Adapter
-from .binary import encode_binary_frame
+from .binary import TEXT_THRESHOLD, Attachment, check_payload, encode_binary_frame
 from .config import PoolConfig
 from .errors import (
     ProtocolError,
@@ -39,6 +39,7 @@ from .json_values import PLAIN, CheckedArguments, format_path
 from .launcher import launch_argv
 from .protocol import FrameDecoder, check_response, encode_frame, get_codec
 from .registry import get_registry
+from .shm import SHM_ROOT, Segments, get_shared_memory
 from .watchdog import get_watchdog
 
 if TYPE_CHECKING:
@@ -209,7 +210,15 @@ class Worker:
         self._transport: asyncio.SubprocessTransport | None = None
         self._stdin: asyncio.WriteTransport | None = None
         self._codec = get_codec(config.json_codec)
-        self._decoder = FrameDecoder(config.max_frame_bytes, self._codec)
+        #: Its view of the shared-memory segments, when the pool offers them.
+        self._segments: Segments | None = None
+        if config.shm_threshold_bytes is not None:
+            shared = get_shared_memory()
+            if shared is not None:
+                self._segments = Segments(shared, config.shm_threshold_bytes)
+        self._decoder = FrameDecoder(
+            config.max_frame_bytes, self._codec, self._segments, config.max_payload_bytes
+        )
         self._stderr_partial = b""
         self._forward_stderr = config.worker_output == "stderr"
         self._next_id = 0
@@ -246,13 +255,16 @@ class Worker:
         self.state = "starting"
         self.started_at = time.monotonic()
         argv = launch_argv(self.adapter.command_line())
-        env = self.adapter.worker_env(
-            {
-                "SNAKEPIT_WORKER_ID": self.id,
-                "SNAKEPIT_RUN_ID": self.run_id,
-                "SNAKEPIT_MAX_FRAME_BYTES": str(self.config.max_frame_bytes),
-            }
-        )
+        offered = {
+            "SNAKEPIT_WORKER_ID": self.id,
+            "SNAKEPIT_RUN_ID": self.run_id,
+            "SNAKEPIT_MAX_FRAME_BYTES": str(self.config.max_frame_bytes),
+            "SNAKEPIT_MAX_PAYLOAD_BYTES": str(self.config.max_payload_bytes),
+            "SNAKEPIT_TEXT_THRESHOLD": str(TEXT_THRESHOLD),
+        }
+        if self._segments is not None:
+            offered.update(self._segments.environment())
+        env = self.adapter.worker_env(offered)
         try:
             transport, _ = await self._loop.subprocess_exec(
                 lambda: _WorkerProtocol(self),
@@ -380,8 +392,9 @@ class Worker:
             else:
                 stream = None
         message = {"id": request_id, "command": command, "args": args, "meta": meta}
-        if checked.binary:
-            frame = self._binary_frame(command, message, checked)
+        segments: list[str] = []
+        if checked.binary or (checked.texts and "text" in self.capabilities):
+            frame = self._binary_frame(command, message, checked, segments)
         else:
             frame = encode_frame(message, self.config.max_frame_bytes, self._codec, checked.exact)
         loop = self._loop
@@ -390,15 +403,25 @@ class Worker:
         deadline = loop.time() + timeout
         self._queue_frame(frame)
         self._next_id = self.last_request_id = request_id
-        self._requests[request_id] = _Request(command, deadline, timeout, future, stream)
+        request = _Request(command, deadline, timeout, future, stream)
+        if segments:
+            request.segments = segments
+            request.shared = self._segments
+        self._requests[request_id] = request
         self._watch_deadline(deadline)
         self.requests += 1
         return future
 
     def _binary_frame(
-        self, command: str, message: dict[str, Any], checked: CheckedArguments
+        self,
+        command: str,
+        message: dict[str, Any],
+        checked: CheckedArguments,
+        segments: list[str],
     ) -> bytes:
-        if "binary" not in self.capabilities:
+        """The frame of a request with binary values or long strings; the shared-memory
+        segments it names are appended to ``segments`` (deleted again if it cannot be sent)."""
+        if checked.binary and "binary" not in self.capabilities:
             path, _ = checked.binary[0]
             field = format_path(path)
             raise ValidationError(
@@ -410,10 +433,54 @@ class Worker:
                 field=field,
                 rule="binary",
             )
-        binary = [(("args", *path), view) for path, view in checked.binary]
-        return encode_binary_frame(
-            message, binary, self.config.max_frame_bytes, self._codec, checked.exact
-        )
+        attachments = [Attachment(("args", *path), view) for path, view in checked.binary]
+        if "text" in self.capabilities:
+            attachments.extend(_text_attachments(checked.texts))
+        if not attachments:  # only strings that cannot be UTF-8: plain JSON
+            return encode_frame(message, self.config.max_frame_bytes, self._codec, checked.exact)
+        config = self.config
+        check_payload(sum(a.data.nbytes for a in attachments), config.max_payload_bytes)
+        no_room = self._into_segments(attachments, segments)
+        try:
+            return encode_binary_frame(
+                message,
+                attachments,
+                config.max_frame_bytes,
+                self._codec,
+                checked.exact,
+                config.max_payload_bytes,
+            )
+        except ValidationError as exc:
+            if self._segments is not None:
+                self._segments.shared.delete(segments)
+            if no_room:
+                raise ValidationError(
+                    f"{exc.message} (shared memory had no room for its biggest values: is "
+                    f"{SHM_ROOT} full?)"
+                ) from None
+            raise
+
+    def _into_segments(self, attachments: list[Attachment], segments: list[str]) -> bool:
+        """Move the values at or above the threshold into new segments (names appended to
+        ``segments``); True if some found no room and stay inline."""
+        shared = self._segments
+        if shared is None or "shm" not in self.capabilities:
+            return False
+        no_room = False
+        for index, attachment in enumerate(attachments):
+            if attachment.data.nbytes < shared.threshold:
+                continue
+            try:
+                name = shared.shared.write(attachment.data)
+            except BaseException:
+                shared.shared.delete(segments)
+                raise
+            if name is None:
+                no_room = True
+                continue
+            segments.append(name)
+            attachments[index] = attachment._replace(segment=name)
+        return no_room
 
     def _queue_frame(self, frame: bytes) -> None:
         """Frames queued in one loop iteration leave in one write (one system call).
@@ -687,6 +754,8 @@ class Worker:
             self._flush_handle.cancel()
             self._flush_handle = None
         self.state = "dead"
+        if self._segments is not None:
+            self._segments.clean_up()
         if self.pid is not None:
             get_registry().remove(self.pid)
             get_watchdog().forget(self.pid)
@@ -781,6 +850,8 @@ class _Request:
         "command",
         "deadline",
         "future",
+        "segments",
+        "shared",
         "stream",
         "stuck",
         "timeout",
@@ -804,12 +875,35 @@ class _Request:
         self.abandoned = False
         self.cancel_timer: asyncio.TimerHandle | None = None
         self.stuck = False
+        #: The shared-memory segments of its values (the pool's: deleted when it ends).
+        self.segments: list[str] = _NO_SEGMENTS
+        self.shared: Segments | None = None
 
     def settle(self) -> None:
-        """The worker answered (or died): no cancel deadline is pending any more."""
+        """The worker answered (or died): no cancel deadline is pending any more, and the
+        request's segments are deleted (a mapping the worker still holds stays valid)."""
         if self.cancel_timer is not None:
             self.cancel_timer.cancel()
             self.cancel_timer = None
+        if self.shared is not None:
+            self.shared.shared.delete(self.segments)
+            self.shared = None
+
+
+_NO_SEGMENTS: list[str] = []
+
+
+def _text_attachments(texts: Sequence[tuple[tuple[str | int, ...], str]]) -> list[Attachment]:
+    """Long strings as UTF-8 attachments; one that is not UTF-8 (a lone surrogate) stays in
+    the JSON, which escapes it."""
+    attachments = []
+    for path, text in texts:
+        try:
+            data = text.encode()
+        except UnicodeEncodeError:
+            continue
+        attachments.append(Attachment(("args", *path), memoryview(data), True))
+    return attachments
 
 
 class _CommandFailure(Exception):

@@ -123,7 +123,7 @@ def test_paths_that_lead_nowhere_and_sizes_that_do_not_add_up_are_protocol_error
     cases = {
         "leads nowhere": ({**answer, "$binary": [{"path": ["result", "y"], "size": 1}]}, b"a"),
         "not lead to null": ({**answer, "$binary": [{"path": ["result"], "size": 1}]}, b"a"),
-        "overruns": ({**answer, "$binary": [{"path": ["result", "x"], "size": 9}]}, b"a"),
+        "overrun": ({**answer, "$binary": [{"path": ["result", "x"], "size": 9}]}, b"a"),
         "beyond its values": ({**answer, "$binary": [{"path": ["result", "x"], "size": 1}]}, b"ab"),
         "no '\\$binary' list": (answer, b""),
         "shared-memory": (
