@@ -154,12 +154,16 @@ def conformance(adapters: tuple[str, ...], exitfirst: bool, worker_concurrency: 
 
 @main.command()
 def reap() -> None:
-    """Kill worker processes left behind by snakepit runs whose parent died."""
+    """Kill worker processes and remove shared-memory segments left behind by snakepit runs
+    whose parent died."""
     from .registry import get_registry
+    from .shm import reap_dead_runs
 
     report = get_registry().reap_dead_runs()
+    directories = reap_dead_runs()
     console.print(
-        f"dead runs: {report.runs}; processes killed: {len(report.killed)} {report.killed}"
+        f"dead runs: {report.runs}; processes killed: {len(report.killed)} {report.killed};"
+        f" segment directories removed: {directories}"
     )
 
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from .config import PoolConfig
 from .errors import AdapterUnavailable, PoolStopped, SnakepitError, StartupError
 from .registry import get_registry
+from .shm import reap_dead_runs as reap_dead_segments
 from .telemetry import Attr, PoolTelemetry
 from .worker import Worker, describe_exit
 
@@ -119,6 +120,7 @@ class Supervisor:
 
     def before_start(self) -> None:
         get_registry().reap_dead_runs()
+        reap_dead_segments()
 
     def after_start(self) -> None:
         self._tasks.spawn(self._refill_loop(), "refill")
