@@ -14,6 +14,7 @@ ended, is not shown.
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 import time
@@ -64,6 +65,7 @@ def run_doctor(console: Console) -> bool:
         )
         print_remedy(console, "install setpriv: apt-get install -y util-linux")
     print_registry(console)
+    print_shared_memory(console)
     healthy = print_background_problems(console) and healthy
     console.print(f"JSON codec: {escape(get_codec(load_config(None, {}).json_codec).name)}")
     try:
@@ -107,6 +109,28 @@ def print_registry(console: Console) -> None:
         "orphans of a parent that dies are not reaped. "
         f"Remedy: {escape(registry.disabled.remedy)}",
         highlight=False,
+    )
+
+
+def print_shared_memory(console: Console) -> None:
+    """Whether big values can go through shared memory, and how much room there is."""
+    from .private_dirs import Unusable
+    from .shm import SHM_ROOT, open_user_root, user_root
+
+    try:
+        os.close(open_user_root())
+    except Unusable as exc:
+        console.print(
+            f"shared memory: [yellow]unavailable[/yellow] ({escape(exc.reason)}); big values"
+            " go through the pipe"
+        )
+        print_remedy(console, exc.remedy)
+        return
+    room = os.statvfs(SHM_ROOT)
+    free = room.f_bavail * room.f_frsize
+    console.print(
+        f"shared memory: {OK} {escape(str(user_root()))} ({free / 2**20:,.0f} MiB free on"
+        f" {SHM_ROOT}; a value that finds no room goes through the pipe)"
     )
 
 

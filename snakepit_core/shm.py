@@ -78,6 +78,16 @@ def _is_tmpfs(path: Path) -> bool:
     return kind == "tmpfs"
 
 
+def open_user_root() -> int:
+    """An fd of :func:`user_root`, made if missing; ``Unusable`` if there is no tmpfs or the
+    directory is not this user's alone."""
+    if not SHM_ROOT.is_dir() or not _is_tmpfs(SHM_ROOT):
+        raise Unusable(
+            f"{SHM_ROOT} is not a tmpfs directory", _elsewhere("shared memory needs Linux tmpfs")
+        )
+    return open_private_dir(user_root(), _elsewhere)
+
+
 class SharedMemory:
     """This process's segment directory (one per run, thread-safe)."""
 
@@ -90,10 +100,8 @@ class SharedMemory:
     @classmethod
     def create(cls) -> SharedMemory:
         """Make the run's directory; :class:`~.private_dirs.Unusable` if it cannot be trusted."""
-        if not SHM_ROOT.is_dir() or not _is_tmpfs(SHM_ROOT):
-            raise Unusable(f"{SHM_ROOT} is not a tmpfs directory", _elsewhere("nothing to do"))
         root = user_root()
-        root_fd = open_private_dir(root, _elsewhere)
+        root_fd = open_user_root()
         try:
             name = secrets.token_hex(8)
             os.mkdir(name, 0o700, dir_fd=root_fd)

@@ -119,6 +119,7 @@ def test_a_healthy_doctor_exits_0_and_keeps_every_bracket():
     done = snakepit("doctor", env={"COLUMNS": "300"})
     assert done.returncode == 0, done.stdout + done.stderr
     assert "remedy:" not in done.stdout
+    assert f"shared memory: ok /dev/shm/snakepit-{os.getuid()} (" in done.stdout
     if importlib.util.find_spec("uvloop") is None:
         assert "pip install 'snakepit-core[fast]' adds uvloop and orjson" in done.stdout
 
