@@ -18,12 +18,12 @@ import pytest
 
 from snakepit_core import Pool, PoolConfig, ScriptAdapter
 from snakepit_core.binary import TEXT_THRESHOLD
+from snakepit_core.conformance.polling import eventually_sync
 from snakepit_core.errors import ConfigError, ProtocolError, ValidationError
 from snakepit_core.runinfo import current_run_id
 from snakepit_core.shm import RUN_FILE, get_shared_memory, reap_dead_runs, user_root
 
 from conftest import BRIDGES, eventually
-from snakepit_core.conformance.polling import eventually_sync
 
 THRESHOLD = 4096
 
@@ -80,10 +80,20 @@ async def test_values_take_the_lane_their_size_says_and_segments_go_when_request
         )
         by_path = {tuple(lane["path"]): lane for lane in lanes}
         assert by_path == {
-            ("args", "big"): {"path": ["args", "big"], "text": False, "lane": "shm", "exists": True},
+            ("args", "big"): {
+                "path": ["args", "big"],
+                "text": False,
+                "lane": "shm",
+                "exists": True,
+            },
             ("args", "small"): {"path": ["args", "small"], "text": False, "lane": "inline"},
             ("args", "empty"): {"path": ["args", "empty"], "text": False, "lane": "inline"},
-            ("args", "n", 0): {"path": ["args", "n", 0], "text": True, "lane": "shm", "exists": True},
+            ("args", "n", 0): {
+                "path": ["args", "n", 0],
+                "text": True,
+                "lane": "shm",
+                "exists": True,
+            },
         }
         assert files() == set()  # the request ended: its segments are gone
         echoed = await p.execute("echo", {"big": big, "small": small, "t": text})
