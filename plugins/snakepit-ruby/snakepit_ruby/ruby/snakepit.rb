@@ -28,6 +28,14 @@
 # its request, and any ASCII-8BIT String in its result or items goes out as binary, without
 # base64; every other String is text. Mind the few standard methods that give ASCII-8BIT text
 # (IO#read(n), Array#pack, String.new, Etc.uname): `.encode(Encoding::UTF_8)` what is text.
+# The lane a value travels never changes its type: a binary value is an ASCII-8BIT String
+# whether it came inline or in a shared-memory segment (read into the String with one copy:
+# Ruby's standard library has no mmap), and a text attachment is a UTF-8 String like any other
+# text. Going out, a UTF-8 String of at least SNAKEPIT_TEXT_THRESHOLD bytes (when the pool set
+# it) travels as a text attachment, and a value of at least SNAKEPIT_SHM_THRESHOLD bytes through
+# a segment in SNAKEPIT_SHM_DIR (when the pool offered shared memory; inline if the segment
+# cannot be written, a full /dev/shm); the handler does nothing for either. A result over
+# SNAKEPIT_MAX_PAYLOAD_BYTES (1 GiB by default) is answered with success: false.
 #
 # Only Ruby's standard library is used, so a worker may start with `ruby --disable-gems`.
 
@@ -41,7 +49,9 @@ module Snakepit
   # how many requests this bridge takes at once).
   CAPABILITIES = ["cancel"].freeze
   PROTOCOL = 2
-  PROTOCOL_CAPABILITIES = ["cancel", "deadline", "stream", "binary"].freeze
+  PROTOCOL_CAPABILITIES = ["cancel", "deadline", "stream", "binary", "text"].freeze
+  # The protocol-2 capabilities of a worker the pool offered shared memory (SNAKEPIT_SHM_DIR).
+  SHM_CAPABILITIES = [*PROTOCOL_CAPABILITIES, "shm"].freeze
   MAX_CONCURRENCY = 4096
   # Threads that run handlers at most, under protocol 2; more requests wait in arrival order.
   MAX_THREADS = 64
@@ -49,6 +59,10 @@ module Snakepit
   CREDIT = "$credit"
   BINARY = "$binary" # the envelope key that says where a binary frame's values go
   DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
+  DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024 * 1024
+  # A text threshold no String reaches (a Fixnum, so that the walk's comparison stays cheap):
+  # without SNAKEPIT_TEXT_THRESHOLD no String goes out as a text attachment.
+  NO_TEXT = 1 << 61
   # Python's json gives up near 1000 levels; JSON's default of 100 would refuse real data.
   MAX_NESTING = 1000
   LIBRARY_FILE = __FILE__
@@ -109,13 +123,14 @@ module Snakepit
 
   # Serves `handlers` ({name => callable}) and those the block registers; never returns.
   def self.run(handlers = {}, &setup)
-    limit = max_frame_bytes
+    limits = { max_frame_bytes: max_frame_bytes, max_payload_bytes: max_payload_bytes,
+               text_threshold: text_threshold, shm: SharedMemory.from_env }
     unless handlers.respond_to?(:each_pair)
       raise SetupError, "Snakepit.run takes a Hash of handlers, got #{handlers.inspect}"
     end
 
     server = Server.new
-    channel = Channel.take_over_stdio(limit) # before the block runs, so that its output is safe
+    channel = Channel.take_over_stdio(**limits) # before the block runs, so that its output is safe
     handlers.each_pair { |name, handler| server.command(name, handler) }
     setup&.call(server)
     server.serve(channel)
@@ -125,13 +140,30 @@ module Snakepit
   end
 
   def self.max_frame_bytes
-    value = ENV.fetch("SNAKEPIT_MAX_FRAME_BYTES", "")
-    return DEFAULT_MAX_FRAME_BYTES if value.empty?
+    env_integer("SNAKEPIT_MAX_FRAME_BYTES", 1) || DEFAULT_MAX_FRAME_BYTES
+  end
 
-    limit = value.match?(/\A[0-9]+\z/) ? value.to_i : 0
-    return limit if limit.positive?
+  def self.max_payload_bytes
+    env_integer("SNAKEPIT_MAX_PAYLOAD_BYTES", 1) || DEFAULT_MAX_PAYLOAD_BYTES
+  end
 
-    raise SetupError, "SNAKEPIT_MAX_FRAME_BYTES must be a positive integer, got #{value.inspect}"
+  # The length in bytes from which a String goes out as a text attachment; NO_TEXT without
+  # SNAKEPIT_TEXT_THRESHOLD.
+  def self.text_threshold
+    [env_integer("SNAKEPIT_TEXT_THRESHOLD", 0) || NO_TEXT, NO_TEXT].min
+  end
+
+  # The integer in the environment variable `name` (at least `minimum`), nil if it is unset or
+  # empty; anything else is a SetupError.
+  def self.env_integer(name, minimum)
+    value = ENV.fetch(name, "")
+    return nil if value.empty?
+
+    number = value.match?(/\A[0-9]+\z/) ? value.to_i : -1
+    return number if number >= minimum
+
+    kind = minimum.positive? ? "a positive integer" : "an integer >= 0"
+    raise SetupError, "#{name} must be #{kind}, got #{value.inspect}"
   end
 
   # `text` as valid UTF-8, so that an error message can always be sent as JSON.
@@ -176,30 +208,35 @@ module Snakepit
     end
   end
 
-  # `value` with nil in the place of each binary value (ASCII-8BIT String) in it, which go to
-  # `found` as [path, string], `path` from the envelope's root (`path` is where `value` is).
-  # Only the Hashes and Arrays on the way to a binary value are copied: the handler's own
-  # objects are left as they were. Deeper than the JSON generator goes (a cycle) is an
-  # EncodeError, as the generator would raise.
+  # `value` with nil in the place of each binary value (ASCII-8BIT String) in it, and of each
+  # String of at least `text` bytes that can go out as a text attachment (Snakepit.text?); they
+  # go to `found` as [path, string, text], `path` from the envelope's root (`path` is where
+  # `value` is), `text` whether it is a text attachment. Only the Hashes and Arrays on the way
+  # to such a value are copied: the handler's own objects are left as they were. Deeper than the
+  # JSON generator goes (a cycle) is an EncodeError, as the generator would raise.
   #
   # Every result and item of a protocol-2 worker passes through here, so it is written for
   # speed: loops rather than blocks (a block called from C, as by each_pair, also costs machine
   # stack at every level, and a thread has too little for MAX_NESTING levels), the type tests
-  # inline and ordered by how common they are, a number costing two tests.
-  def self.detach(value, path, found)
+  # inline and ordered by how common they are, a number costing two tests, a short String three.
+  def self.detach(value, path, found, text = NO_TEXT)
     if value.is_a?(String)
-      return value unless value.encoding == Encoding::BINARY
-
-      found << [path.dup, value]
+      if value.encoding == Encoding::BINARY
+        found << [path.dup, value, false]
+      elsif value.bytesize >= text && text?(value)
+        found << [path.dup, value, true]
+      else
+        return value
+      end
       return nil
     end
-    return detach_hash(value, path, found, 2) if value.is_a?(Hash) # the envelope is depth 1
-    return detach_array(value, path, found, 2) if value.is_a?(Array)
+    return detach_hash(value, path, found, 2, text) if value.is_a?(Hash) # the envelope is depth 1
+    return detach_array(value, path, found, 2, text) if value.is_a?(Array)
 
     value
   end
 
-  def self.detach_hash(hash, path, found, depth)
+  def self.detach_hash(hash, path, found, depth, text)
     too_deep(depth) if depth > MAX_NESTING
     copy = nil
     keys = hash.keys
@@ -210,14 +247,18 @@ module Snakepit
       index += 1
       item = hash[key]
       if item.is_a?(String)
-        next unless item.encoding == Encoding::BINARY
-
-        found << [[*path, json_key(key)], item]
+        if item.encoding == Encoding::BINARY
+          found << [[*path, json_key(key)], item, false]
+        elsif item.bytesize >= text && text?(item)
+          found << [[*path, json_key(key)], item, true]
+        else
+          next
+        end
         detached = nil
       elsif item.is_a?(Numeric) then next
       elsif item.is_a?(Hash) || item.is_a?(Array)
         path << json_key(key)
-        detached = detach_container(item, path, found, depth + 1)
+        detached = detach_container(item, path, found, depth + 1, text)
         path.pop
         next if detached.equal?(item)
       else next
@@ -227,7 +268,7 @@ module Snakepit
     copy || hash
   end
 
-  def self.detach_array(array, path, found, depth)
+  def self.detach_array(array, path, found, depth, text)
     too_deep(depth) if depth > MAX_NESTING
     copy = nil
     index = -1
@@ -236,14 +277,18 @@ module Snakepit
       index += 1
       item = array[index]
       if item.is_a?(String)
-        next unless item.encoding == Encoding::BINARY
-
-        found << [[*path, index], item]
+        if item.encoding == Encoding::BINARY
+          found << [[*path, index], item, false]
+        elsif item.bytesize >= text && text?(item)
+          found << [[*path, index], item, true]
+        else
+          next
+        end
         detached = nil
       elsif item.is_a?(Numeric) then next
       elsif item.is_a?(Hash) || item.is_a?(Array)
         path << index
-        detached = detach_container(item, path, found, depth + 1)
+        detached = detach_container(item, path, found, depth + 1, text)
         path.pop
         next if detached.equal?(item)
       else next
@@ -253,10 +298,18 @@ module Snakepit
     copy || array
   end
 
-  def self.detach_container(container, path, found, depth)
-    return detach_hash(container, path, found, depth) if container.is_a?(Hash)
+  def self.detach_container(container, path, found, depth, text)
+    return detach_hash(container, path, found, depth, text) if container.is_a?(Hash)
 
-    detach_array(container, path, found, depth)
+    detach_array(container, path, found, depth, text)
+  end
+
+  # Whether the String `string` (not ASCII-8BIT) can go out as a text attachment: its bytes are
+  # valid UTF-8 in a UTF-8 (or US-ASCII) String. Any other String stays in the JSON, which
+  # transcodes it, or refuses it as it always did (invalid UTF-8).
+  def self.text?(string)
+    encoding = string.encoding
+    (encoding == Encoding::UTF_8 || encoding == Encoding::US_ASCII) && string.valid_encoding?
   end
 
   # A Hash key as JSON writes it: a String as it is, anything else as its to_s.
@@ -298,21 +351,33 @@ module Snakepit
     # Moves the protocol off fd 0 and fd 1: `puts`, `system("echo")` and a child reading stdin
     # then reach stderr and /dev/null, never the frames. Ruby's dup is close-on-exec, so child
     # processes do not inherit the private descriptors either.
-    def self.take_over_stdio(max_frame_bytes)
+    def self.take_over_stdio(max_frame_bytes:, **limits)
       input = STDIN.dup
       output = STDOUT.dup
       STDIN.reopen(File::NULL)
       STDOUT.reopen(STDERR)
       STDOUT.sync = true # the pool logs worker output line by line; do not hold it back
-      new(input, output, max_frame_bytes)
+      new(input, output, max_frame_bytes, **limits)
     end
 
-    def initialize(input, output, max_frame_bytes)
+    # `max_payload_bytes` bounds a response's envelope and values together, `text_threshold` is
+    # the length in bytes from which a String goes out as a text attachment, `shm` the pool's
+    # SharedMemory (nil when it offered none).
+    def initialize(input, output, max_frame_bytes, max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+                   text_threshold: NO_TEXT, shm: nil)
       @input = input.binmode
       @output = output.binmode
       @output.sync = true
       @max = max_frame_bytes
+      @max_payload = max_payload_bytes
+      @text = text_threshold
+      @shm = shm
       @binary = false
+    end
+
+    # Whether the pool offered shared memory, so that the handshake declares `shm`.
+    def shm?
+      !@shm.nil?
     end
 
     # The next frame as a Hash, or nil at the end of input.
@@ -336,21 +401,25 @@ module Snakepit
 
     # `message` as one frame (header and body in one string, so it goes out in one write).
     # `value_key` names the key whose value may hold binary values ("result", "item"): once
-    # binary is on, any ASCII-8BIT String in it makes the frame a binary frame. Safe to call
+    # binary is on, any ASCII-8BIT String in it (and any String long enough to be a text
+    # attachment) makes the frame a binary frame, its values written to shared-memory segments
+    # from the threshold on. Such a message is bounded by the payload limit too. Safe to call
     # from several threads at once.
     def encode(message, value_key = nil)
       if @binary && value_key
         found = []
         value = message[value_key]
-        detached = Snakepit.detach(value, [value_key], found)
+        detached = Snakepit.detach(value, [value_key], found, @text)
         unless found.empty?
           message = message.merge(value_key => detached) # the caller's message stays as it was
           return encode_binary(message, found)
         end
       end
       body = generate(message)
-      limit(body.bytesize)
-      [body.bytesize, body].pack("Na*")
+      size = body.bytesize
+      payload_limit(size) if value_key && size > @max_payload
+      limit(size)
+      [size, body].pack("Na*")
     end
 
     def write(frame)
@@ -368,17 +437,61 @@ module Snakepit
       raise EncodeError, "response of #{size} bytes exceeds the frame limit #{@max}" if size > @max
     end
 
-    # A binary frame of `message` (nil in the place of each value) and `found`, its binary
-    # values as [[path, string], ...]: built in one buffer, each value's bytes copied once.
+    def payload_limit(size)
+      raise EncodeError, "response of #{size} bytes exceeds the payload limit of " \
+                         "#{@max_payload} bytes"
+    end
+
+    # A binary frame of `message` (nil in the place of each value) and `found`, its values as
+    # [[path, string, text], ...]: those of at least the shared-memory threshold written to
+    # segments (inline when that fails), the others built into one buffer, each value's bytes
+    # copied once. A frame that is not sent (over a limit, a result the generator refuses)
+    # deletes the segments it made.
     def encode_binary(message, found)
-      message[BINARY] = found.map { |path, bytes| { "path" => path, "size" => bytes.bytesize } }
+      total = 0 # the bytes of all values, inline and shared
+      entries = found.map do |path, bytes, text|
+        total += bytes.bytesize
+        entry = { "path" => path, "size" => bytes.bytesize }
+        entry["text"] = true if text
+        entry
+      end
+      message[BINARY] = entries
+      # Values over the limit by themselves: refused before any segment is written (the size
+      # said is that of the frame with every value inline).
+      payload_limit(generate(message).bytesize + total) if total > @max_payload
+      if @shm
+        segments = [] # the segments written for this frame, to delete unless it is sent
+        share(found, entries, segments)
+      end
       head = generate(message).force_encoding(Encoding::BINARY) # a new String: ours to relabel
-      size = found.sum(BINARY_PREFIX + head.bytesize) { |_, bytes| bytes.bytesize }
+      payload_limit(head.bytesize + total) if head.bytesize + total > @max_payload
+      inline = found.each_index.reject { |index| entries[index].key?("shm") }
+      size = inline.sum(BINARY_PREFIX + head.bytesize) { |index| found[index][1].bytesize }
       limit(size)
       frame = String.new(capacity: HEADER_BYTES + size, encoding: Encoding::BINARY)
       frame << [size, BINARY_MARK, head.bytesize].pack(BINARY_HEADER) << head
-      found.each { |_, bytes| frame << bytes }
+      inline.each do |index|
+        _, bytes, text = found[index]
+        frame << (text ? bytes.b : bytes) # .b shares the bytes: UTF-8 text, relabelled
+      end
+      segments = nil # the frame names them: from now on they are the pool's
       frame
+    ensure
+      @shm.delete(segments) if segments
+    end
+
+    # Writes each value of at least the threshold to a new segment and names it in its entry,
+    # and in `names`.
+    def share(found, entries, names)
+      found.each_with_index do |(_, bytes), index|
+        next unless @shm.takes?(bytes.bytesize)
+
+        name = @shm.write(bytes)
+        next unless name # could not write it: inline
+
+        names << name
+        entries[index]["shm"] = name
+      end
     end
 
     # One generator per thread for every response: configuring a new one costs a third of a
@@ -437,20 +550,32 @@ module Snakepit
       raise ProtocolError, "binary frame has no '$binary' list" unless entries.is_a?(Array)
 
       entries.each do |entry|
-        path, length = binary_entry(entry)
-        if offset + length > size
+        path, length, segment, text = binary_entry(entry)
+        if segment
+          bytes = @shm.read(segment, length)
+        elsif offset + length > size
           raise ProtocolError, "binary value at #{brief(path)} of #{length} bytes overruns " \
                                "the frame"
+        else
+          bytes = body.byteslice(offset, length)
+          offset += length
         end
-
-        place(frame, path, body.byteslice(offset, length))
-        offset += length
+        place(frame, path, text ? text(bytes, path) : bytes)
       end
       return frame if offset == size
 
       raise ProtocolError, "binary frame has #{size - offset} bytes beyond its values"
     end
 
+    # The String of a text entry's `bytes` (a String of our own: relabelled, not copied).
+    def text(bytes, path)
+      bytes.force_encoding(Encoding::UTF_8)
+      return bytes if bytes.valid_encoding?
+
+      raise ProtocolError, "text value at #{brief(path)} is not valid UTF-8"
+    end
+
+    # An entry of "$binary" as [path, size, segment name or nil, whether it is text].
     def binary_entry(entry)
       unless entry.is_a?(Hash)
         raise ProtocolError, "'$binary' entry #{brief(entry)} is not an object"
@@ -462,11 +587,24 @@ module Snakepit
         raise ProtocolError, "'$binary' entry needs a non-empty 'path' and a 'size' >= 0: " \
                              "#{brief(entry)}"
       end
-      if entry.key?("shm")
-        raise ProtocolError, "'$binary' entry names a shared-memory segment, which this " \
-                             "worker did not offer"
+      segment = entry.key?("shm") ? segment_name(entry) : nil
+      text = entry["text"]
+      unless text.nil? || text == true || text == false
+        raise ProtocolError, "'$binary' entry's 'text' must be true or false: #{brief(entry)}"
       end
-      [path, length]
+      [path, length, segment, text]
+    end
+
+    # The segment an entry with "shm" names: a file name in the pool's directory.
+    def segment_name(entry)
+      if @shm.nil?
+        raise ProtocolError, "'$binary' entry names a shared-memory segment, which this " \
+                             "worker was not offered"
+      end
+      name = entry["shm"]
+      return name if SharedMemory.name?(name)
+
+      raise ProtocolError, "'$binary' entry's 'shm' is not a segment's name: #{brief(entry)}"
     end
 
     # Puts `bytes` where `path` leads in `frame`; that place must hold null.
@@ -492,6 +630,118 @@ module Snakepit
 
     def brief(value)
       value.inspect[0, 200]
+    end
+  end
+
+  # The pool's shared-memory directory (PROTOCOL.md, "Shared memory"), when it offered one
+  # (SNAKEPIT_SHM_DIR): request segments are read from it, response segments created in it.
+  #
+  # Ruby's standard library has neither mmap nor posix_fallocate. A request segment is read
+  # into a String (one copy), from a descriptor opened without following a symlink and without
+  # blocking (a FIFO), once it is known to be a regular file at least as long as announced. A
+  # response segment is created exclusively (O_CREAT|O_EXCL|O_NOFOLLOW, and close-on-exec as
+  # Ruby opens every file), mode 0600, and filled with write(2): on a full tmpfs that fails
+  # with ENOSPC (where a mapping would die of SIGBUS), and the value goes inline instead.
+  class SharedMemory
+    READ_FLAGS = File::RDONLY | File::NOFOLLOW | File::NONBLOCK | File::BINARY
+    CREATE_FLAGS = File::CREAT | File::EXCL | File::NOFOLLOW | File::WRONLY | File::BINARY
+    MODE = 0o600
+    NEVER = 1 << 61 # a threshold no value reaches: no prefix, no threshold, no segments written
+
+    # The pool's offer in the environment, or nil without SNAKEPIT_SHM_DIR.
+    def self.from_env
+      directory = ENV.fetch("SNAKEPIT_SHM_DIR", "")
+      return nil if directory.empty?
+
+      threshold = Snakepit.env_integer("SNAKEPIT_SHM_THRESHOLD", 0)
+      new(directory, ENV.fetch("SNAKEPIT_SHM_PREFIX", ""), threshold)
+    end
+
+    # Whether `name` can name a segment: a file name, not a path ("." and ".." are not files).
+    def self.name?(name)
+      name.is_a?(String) && !name.empty? && name != "." && name != ".." &&
+        !name.include?("/") && !name.include?("\0")
+    end
+
+    # Without a prefix (or one that is not a file name's start) or a threshold, no response
+    # segment is ever written: every value goes inline.
+    def initialize(directory, prefix, threshold)
+      @directory = directory
+      @prefix = prefix
+      usable = threshold && SharedMemory.name?("#{prefix}0")
+      @threshold = usable ? [threshold, NEVER].min : NEVER
+      @counter = 0 # guarded by @lock
+      @lock = Mutex.new
+      @warned = false
+    end
+
+    # Whether a value of `size` bytes goes through a segment.
+    def takes?(size)
+      size >= @threshold
+    end
+
+    # The first `size` bytes of the request segment `name` (a valid name), as an ASCII-8BIT
+    # String; a segment that is missing, a symlink, not a regular file or shorter than `size`
+    # is a ProtocolError. The segment stays as it is: the pool deletes it.
+    def read(name, size)
+      File.open(File.join(@directory, name), READ_FLAGS) do |file|
+        stat = file.stat
+        unless stat.file?
+          raise ProtocolError, "shared-memory segment #{name.inspect} is not a regular file"
+        end
+        if stat.size < size
+          raise ProtocolError, "shared-memory segment #{name.inspect} has #{stat.size} bytes, " \
+                               "fewer than its size of #{size}"
+        end
+        bytes = size.zero? ? String.new(encoding: Encoding::BINARY) : file.read(size)
+        return bytes if bytes && bytes.bytesize == size
+
+        raise ProtocolError, "shared-memory segment #{name.inspect} ended after " \
+                             "#{bytes.to_s.bytesize} of #{size} bytes"
+      end
+    rescue SystemCallError, IOError => e
+      raise ProtocolError, "cannot read shared-memory segment #{name.inspect} (#{e.message})"
+    end
+
+    # Writes `bytes` to a new segment and gives its name, or nil (logged once) if it cannot be
+    # created or filled (ENOSPC, EDQUOT, ...): then nothing is left behind.
+    def write(bytes)
+      name = "#{@prefix}#{@lock.synchronize { @counter += 1 }}"
+      path = File.join(@directory, name)
+      file = File.new(path, CREATE_FLAGS, MODE) # nothing to delete if this fails
+      begin
+        fill(file, bytes)
+      ensure
+        file.close
+      end
+      done = true
+      name
+    rescue SystemCallError, IOError => e
+      unless @warned
+        @warned = true
+        Snakepit.log("cannot write a shared-memory segment in #{@directory} (#{e.message}): " \
+                     "sending such values inline (not logged again)")
+      end
+      nil
+    ensure
+      delete([name]) if file && !done
+    end
+
+    # Deletes the segments `names` (response segments that were not sent).
+    def delete(names)
+      names.each do |name|
+        File.unlink(File.join(@directory, name))
+      rescue SystemCallError
+        nil # gone already; the pool deletes whatever has the prefix when the worker exits
+      end
+    end
+
+    private
+
+    def fill(file, bytes)
+      size = bytes.bytesize
+      written = file.syswrite(bytes)
+      written += file.syswrite(bytes.byteslice(written, size - written)) while written < size
     end
   end
 
@@ -707,9 +957,11 @@ module Snakepit
     private
 
     # Masked, so that a $cancel stops the handler between two items, never inside a write.
+    # Encoding is masked too: a frame whose segments are written is sent, never abandoned.
     def send_item(item)
-      frame = @channel.encode({ "id" => @id, "item" => item }, "item")
-      Thread.handle_interrupt(UNCANCELLABLE) { @output.call(frame) }
+      Thread.handle_interrupt(UNCANCELLABLE) do
+        @output.call(@channel.encode({ "id" => @id, "item" => item }, "item"))
+      end
       @streaming = true
     end
 
@@ -1150,13 +1402,17 @@ module Snakepit
       result = {
         "status" => "ok", "uptime" => uptime, "requests_handled" => @requests_handled,
         "worker_id" => @worker_id, "runtime" => RUNTIME,
-        "capabilities" => v2 ? PROTOCOL_CAPABILITIES : CAPABILITIES, "pid" => Process.pid
+        "capabilities" => v2 ? protocol_capabilities : CAPABILITIES, "pid" => Process.pid
       }
       return result unless v2
 
       result["protocol"] = PROTOCOL
       result["max_concurrency"] = MAX_CONCURRENCY
       result
+    end
+
+    def protocol_capabilities
+      @channel.shm? ? SHM_CAPABILITIES : PROTOCOL_CAPABILITIES
     end
 
     # A `max_in_flight` N (an integer >= 1) asks for protocol 2: the pool then sends up to
