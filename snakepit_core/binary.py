@@ -132,9 +132,7 @@ def encode_binary_frame(
             f"request is {size} bytes, over the maximum frame size of {max_frame_bytes} bytes"
         )
     if max_payload_bytes is not None:
-        check_payload(
-            _PREFIX + len(head) + sum(a.data.nbytes for a in parts), max_payload_bytes
-        )
+        check_payload(_PREFIX + len(head) + sum(a.data.nbytes for a in parts), max_payload_bytes)
     header = [size.to_bytes(_LENGTH_BYTES, "big"), BINARY_MARK, len(head).to_bytes(4, "big")]
     return b"".join([*header, head, *inline])
 
