@@ -90,6 +90,22 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
+def offered_environment(
+    worker_id: str, run_id: str, config: PoolConfig, segments: Segments | None
+) -> dict[str, str]:
+    """What the pool tells a worker in its environment (docs/PROTOCOL.md)."""
+    offered = {
+        "SNAKEPIT_WORKER_ID": worker_id,
+        "SNAKEPIT_RUN_ID": run_id,
+        "SNAKEPIT_MAX_FRAME_BYTES": str(config.max_frame_bytes),
+        "SNAKEPIT_MAX_PAYLOAD_BYTES": str(config.max_payload_bytes),
+        "SNAKEPIT_TEXT_THRESHOLD": str(TEXT_THRESHOLD),
+    }
+    if segments is not None:
+        offered.update(segments.environment())
+    return offered
+
+
 class _WorkerProtocol(asyncio.SubprocessProtocol):
     """Routes the subprocess's events to its :class:`Worker`."""
 
@@ -255,16 +271,9 @@ class Worker:
         self.state = "starting"
         self.started_at = time.monotonic()
         argv = launch_argv(self.adapter.command_line())
-        offered = {
-            "SNAKEPIT_WORKER_ID": self.id,
-            "SNAKEPIT_RUN_ID": self.run_id,
-            "SNAKEPIT_MAX_FRAME_BYTES": str(self.config.max_frame_bytes),
-            "SNAKEPIT_MAX_PAYLOAD_BYTES": str(self.config.max_payload_bytes),
-            "SNAKEPIT_TEXT_THRESHOLD": str(TEXT_THRESHOLD),
-        }
-        if self._segments is not None:
-            offered.update(self._segments.environment())
-        env = self.adapter.worker_env(offered)
+        env = self.adapter.worker_env(
+            offered_environment(self.id, self.run_id, self.config, self._segments)
+        )
         try:
             transport, _ = await self._loop.subprocess_exec(
                 lambda: _WorkerProtocol(self),

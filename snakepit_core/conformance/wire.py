@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..adapter import Adapter
-from ..protocol import DEFAULT_MAX_FRAME_BYTES
+from ..config import PoolConfig
+from ..shm import Segments, get_shared_memory
+from ..worker import offered_environment
 
 #: Envelope keys a response may carry (``timestamp`` is optional).
 SUCCESS_KEYS = frozenset({"id", "success", "result", "timestamp"})
@@ -109,15 +111,15 @@ class WireWorker:
     def __init__(self, adapter: Adapter, worker_id: str = "conformance-1") -> None:
         self.adapter = adapter
         self.worker_id = worker_id
-        self.max_frame_bytes = DEFAULT_MAX_FRAME_BYTES
+        config = PoolConfig()
+        self.max_frame_bytes = config.max_frame_bytes
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed by kill()
-        env = adapter.worker_env(
-            {
-                "SNAKEPIT_WORKER_ID": worker_id,
-                "SNAKEPIT_RUN_ID": f"conformance-{os.getpid()}",
-                "SNAKEPIT_MAX_FRAME_BYTES": str(self.max_frame_bytes),
-            }
-        )
+        shared = get_shared_memory()
+        segments = None
+        if shared is not None and config.shm_threshold_bytes is not None:
+            segments = Segments(shared, config.shm_threshold_bytes)
+        run_id = f"conformance-{os.getpid()}"
+        env = adapter.worker_env(offered_environment(worker_id, run_id, config, segments))
         self.proc = subprocess.Popen(
             adapter.command_line(),
             stdin=subprocess.PIPE,
