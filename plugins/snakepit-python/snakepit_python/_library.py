@@ -40,14 +40,37 @@ values are written from where they are (``writev``), not copied into the frame, 
 can change them before they are written: immutable ones (``bytes``, the request's own values)
 always, others only where the frame is written before the handler runs again (one request at a
 time, a result or a sync generator's item); anywhere else they are copied into the frame.
+
+Text attachments and shared memory (docs/PROTOCOL.md, *Text attachments*, *Shared memory*,
+*Limits*; capabilities ``text`` at protocol 2, and ``shm`` when ``SNAKEPIT_SHM_DIR`` is set).
+What handlers get and give: a request's text entry reaches the handler as an ordinary ``str``
+(decoded from the frame, or straight from its segment's mapping, which is not kept); a binary
+value from a segment is a read-only ``memoryview`` of an ``mmap`` of that file (zero-copy:
+``numpy.frombuffer(view, dtype)`` works on it), valid for as long as the handler keeps it,
+also after the pool has deleted the file (copy it, ``bytes(view)``, only to keep it small:
+a view keeps its whole mapping alive, as an inline one keeps its frame). Handlers return
+values as before: with ``SNAKEPIT_TEXT_THRESHOLD`` set, every string of a result or item at
+least that many code points long goes out as a text attachment (a string with lone
+surrogates, which has no UTF-8, stays in the JSON), and every value (binary, or a text
+attachment's UTF-8) of at least ``SNAKEPIT_SHM_THRESHOLD`` bytes goes into a new segment
+``<SNAKEPIT_SHM_PREFIX><n>`` (created exclusively, mode 0600, its size reserved with
+``posix_fallocate``, written with ``os.write``, never mapped), or inline if the segment cannot
+be made or filled (a full ``/dev/shm``). Long strings cost small results nothing: the C
+encoder writes every string through a hook that only compares its length, and the walk that
+takes values out of a result runs only once the hook (or a buffer) has stopped the encoding.
+A response whose envelope and values add up beyond ``SNAKEPIT_MAX_PAYLOAD_BYTES`` (1 GiB by
+default) is answered with a failure before any segment is made.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import itertools
 import json
 import os
 import signal
+import stat
 import sys
 import time
 import warnings
@@ -72,8 +95,8 @@ if TYPE_CHECKING:
     Send = Callable[[Any], None]
     #: A frame to write: its bytes, or its pieces (see :class:`_Parts`).
     Frame: TypeAlias = "bytes | _Parts"
-    #: Binary values found in a result or item: each one's path and its bytes.
-    Found = list[tuple[list[Any], memoryview]]
+    #: Values found in a result or item: each one's path, its bytes, and whether it is text.
+    Found = list[tuple[list[Any], memoryview, bool]]
 else:
 
     def overload(func):  # typing.overload without typing's ~5 ms import at worker start-up
@@ -88,8 +111,11 @@ CREDIT_COMMAND = "$credit"
 #: The frames of the protocol itself, never answered.
 _CONTROL_COMMANDS = frozenset({CANCEL_COMMAND, CREDIT_COMMAND})
 CAPABILITIES = ("cancel",)
-#: What a protocol-2 handshake answers (docs/PROTOCOL.md, *Protocol 2*).
-PROTOCOL_2_CAPABILITIES = ("cancel", "deadline", "stream", "binary")
+#: What a protocol-2 handshake answers (docs/PROTOCOL.md, *Protocol 2*), and what it adds when
+#: the pool offers shared memory (``SNAKEPIT_SHM_DIR``).
+PROTOCOL_2_CAPABILITIES = ("cancel", "deadline", "stream", "binary", "text")
+SHM_CAPABILITY = "shm"
+DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024 * 1024
 MAX_CONCURRENCY = 4096
 RUNTIME = "python"
 EXIT_PROTOCOL_FAULT = 3
@@ -128,6 +154,13 @@ _BINARY_PREFIX = 1 + 4
 _DIRECT_BYTES = 16 * 1024
 #: At most this many buffers per ``writev`` (Linux's ``IOV_MAX``).
 _IOV_MAX = 1024
+#: A threshold that is never reached: the lane it guards is off.
+_NEVER = sys.maxsize
+_O_CLOEXEC: int = getattr(os, "O_CLOEXEC", 0)
+#: How a request segment is opened (non-blocking: a FIFO put there must not hang the worker)
+#: and how a response segment is created (docs/PROTOCOL.md, *Shared memory*).
+_OPEN_SEGMENT = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _O_CLOEXEC
+_NEW_SEGMENT = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _O_CLOEXEC
 
 
 class CommandError(Exception):
@@ -177,8 +210,9 @@ class _FrameBuffer(bytearray):
 
 
 #: What a view's bytes may belong to for the view to be written later, from another thread:
-#: nothing can change them meanwhile (a ``bytes`` object, a frame of the input).
-_IMMUTABLE = (bytes, _FrameBuffer)
+#: nothing can change them meanwhile (a ``bytes`` object, a frame of the input, and once one
+#: has been mapped, a request segment: see :func:`_map_segment`).
+_IMMUTABLE: set[type] = {bytes, _FrameBuffer}
 
 
 class Context:
@@ -369,6 +403,62 @@ def _max_frame_bytes() -> int:
     return value
 
 
+class _Lanes:
+    """How values travel besides inline, as the pool's environment says (docs/PROTOCOL.md,
+    *Text attachments*, *Shared memory*, *Limits*).
+
+    ``text_threshold`` is ``None`` without ``SNAKEPIT_TEXT_THRESHOLD`` (no string goes out as
+    text); ``shm_dir`` is ``None`` unless the pool offered shared memory; response segments are
+    made only with a prefix and a threshold too (``shm_threshold`` is ``None`` otherwise).
+    """
+
+    __slots__ = ("max_payload", "shm_dir", "shm_prefix", "shm_threshold", "text_threshold")
+
+    def __init__(
+        self,
+        max_payload: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        text_threshold: int | None = None,
+        shm_dir: str | None = None,
+        shm_prefix: str = "",
+        shm_threshold: int | None = None,
+    ) -> None:
+        self.max_payload = max_payload
+        self.text_threshold = text_threshold
+        self.shm_dir = shm_dir
+        self.shm_prefix = shm_prefix
+        self.shm_threshold = shm_threshold if shm_dir and shm_prefix else None
+
+
+def _lanes() -> _Lanes:
+    """The lanes from the environment; ``_BadStart`` for a value that is not what the pool
+    gives (a number that is no integer, a prefix that is no file name)."""
+    prefix = os.environ.get("SNAKEPIT_SHM_PREFIX", "")
+    if "/" in prefix or prefix in (".", ".."):
+        raise _BadStart(f"SNAKEPIT_SHM_PREFIX={prefix!r} cannot begin a file name")
+    return _Lanes(
+        _integer_setting("SNAKEPIT_MAX_PAYLOAD_BYTES", 1) or DEFAULT_MAX_PAYLOAD_BYTES,
+        _integer_setting("SNAKEPIT_TEXT_THRESHOLD", 0),
+        os.environ.get("SNAKEPIT_SHM_DIR") or None,
+        prefix,
+        _integer_setting("SNAKEPIT_SHM_THRESHOLD", 0),
+    )
+
+
+def _integer_setting(name: str, minimum: int) -> int | None:
+    """An integer from the environment (unset or empty: ``None``); ``_BadStart`` if it is not
+    one of at least ``minimum``."""
+    raw = os.environ.get(name, "")
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise _BadStart(f"{name}={raw!r} is not an integer >= {minimum}")
+    return value
+
+
 def _check_registrations() -> None:
     if _REFUSED:
         raise _BadStart("; ".join(_REFUSED))
@@ -398,18 +488,42 @@ class _JSONText(str):
 
 _json_string = json.encoder.encode_basestring_ascii  # how the encoder writes a string
 _CAPABILITIES_JSON = json.dumps(list(CAPABILITIES))
-_PROTOCOL_2_CAPABILITIES_JSON = json.dumps(list(PROTOCOL_2_CAPABILITIES))
 
 
-def _item_encoder(encoder: json.JSONEncoder) -> Callable[[Any], str]:
-    """What ``encoder.encode`` does, several times faster per item: its C encoder made once,
+def _item_encoder(encoder: json.JSONEncoder, long: int = _NEVER) -> Callable[[Any], str]:
+    """What ``encoder.encode`` does, several times faster per value: its C encoder made once,
     not per call. Without the check for circular references (its state would be shared by
-    threads): a cycle fails as a ``RecursionError``, as a too deeply nested value does."""
+    threads): a cycle fails as a ``RecursionError``, as a too deeply nested value does.
+
+    With ``long`` (the text threshold), a string of at least ``long`` code points stops the
+    encoding with ``_HasBinary`` (it may go out as a text attachment): the C encoder hands each
+    string, dict keys too, to a hook that compares its length before escaping it."""
     make = json.encoder.c_make_encoder  # type: ignore[attr-defined]
-    if make is None:
-        return encoder.encode
-    chunks = make(None, encoder.default, _json_string, None, ": ", ", ", False, False, False)
+    if make is None:  # the pure-Python json: the length of the text tells instead
+        if long == _NEVER:
+            return encoder.encode
+
+        def encode_checked(value: Any) -> str:
+            text = encoder.encode(value)
+            if len(text) >= long:
+                raise _HasBinary
+            return text
+
+        return encode_checked
+    string = _json_string if long == _NEVER else _long_string_hook(long)
+    chunks = make(None, encoder.default, string, None, ": ", ", ", False, False, False)
     return lambda value: "".join(chunks(value, 0))
+
+
+def _long_string_hook(long: int) -> Callable[[str], str]:
+    """How the encoder writes a string, unless it is at least ``long`` code points long."""
+
+    def string(text: str, len: Any = len, long: int = long, escape: Any = _json_string) -> str:
+        if len(text) >= long:  # locals, not globals: this runs for every string
+            raise _HasBinary
+        return escape(text)  # type: ignore[no-any-return]
+
+    return string
 
 
 def _frame(body: bytes | bytearray) -> bytes:
@@ -508,22 +622,37 @@ def _binary_default(value: Any) -> NoReturn:
     raise _HasBinary
 
 
-#: Values the walk of :func:`_detached` does not look into.
+#: Values the walk of :func:`_detached` does not look into; with text attachments on, strings
+#: are looked at too.
 _LEAVES = frozenset({str, int, float, bool, type(None)})
+_SCALARS = frozenset({int, float, bool, type(None)})
 
 
-def _detached(value: Any, path: list[Any], found: Found, around: set[int]) -> Any:
-    """``value`` with ``None`` in the place of each binary value in it, those values appended
-    to ``found`` with their paths (``path`` is ``value``'s; keys as the encoder writes them).
+def _detached(
+    value: Any, path: list[Any], found: Found, around: set[int], long: int = _NEVER
+) -> Any:
+    """``value`` with ``None`` in the place of each binary value in it, and of each string of
+    at least ``long`` code points that has a UTF-8 form (a text attachment), those values
+    appended to ``found`` with their paths (``path`` is ``value``'s; keys as the encoder writes
+    them).
 
     The walk goes where the JSON encoder goes (dicts, lists and tuples), and copies only the
-    containers on the way to a binary value: the handler's own objects are left as they were.
-    ``around`` holds the containers being walked: one met again is a cycle, refused as the
-    encoder refuses it. A buffer that is not contiguous has no run of bytes to send.
+    containers on the way to a value taken out: the handler's own objects are left as they
+    were. ``around`` holds the containers being walked: one met again is a cycle, refused as
+    the encoder refuses it. A buffer that is not contiguous has no run of bytes to send.
     """
     if isinstance(value, (dict, list, tuple)):
-        return _detached_container(value, path, found, around)
-    if isinstance(value, (str, int, float)):
+        return _detached_container(value, path, found, around, long)
+    if isinstance(value, str):
+        if len(value) < long:
+            return value
+        try:
+            data = str.encode(value)  # its text, whatever a subclass's encode says
+        except UnicodeEncodeError:  # a lone surrogate: no UTF-8, so it stays in the JSON
+            return value
+        found.append((path.copy(), memoryview(data), True))
+        return None
+    if isinstance(value, (int, float)):
         return value
     try:
         view = memoryview(value)
@@ -534,7 +663,7 @@ def _detached(value: Any, path: list[Any], found: Found, around: set[int]) -> An
             f"the value at {_shown(path)} is a buffer that is not contiguous "
             "(copy it first, e.g. with numpy.ascontiguousarray)"
         )
-    found.append((path.copy(), view))
+    found.append((path.copy(), view, False))
     return None
 
 
@@ -543,6 +672,7 @@ def _detached_container(
     path: list[Any],
     found: Found,
     around: set[int],
+    long: int,
 ) -> Any:
     """:func:`_detached` of a dict, list or tuple: its children walked, a copy made (a dict
     or a list, as the encoder writes it) only if one of them changed."""
@@ -555,11 +685,12 @@ def _detached_container(
         value.items() if isinstance(value, dict) else enumerate(value)
     )
     copy: Any = None
+    leaves = _LEAVES if long == _NEVER else _SCALARS
     for key, child in entries:
-        if type(child) in _LEAVES:
+        if type(child) in leaves:
             continue
         path.append(key if not is_dict or type(key) is str else _json_key(key))
-        out = _detached(child, path, found, around)
+        out = _detached(child, path, found, around, long)
         path.pop()
         if out is not child:
             if copy is None:
@@ -600,8 +731,8 @@ def _direct(view: memoryview, keep: bool) -> memoryview | None:
         return None
 
 
-def _place(message: dict[str, Any], path: list[Any], value: memoryview) -> None:
-    """Put a binary value where its ``path`` leads; that place must hold ``null``."""
+def _place(message: dict[str, Any], path: list[Any], value: memoryview | str) -> None:
+    """Put a binary (or text) value where its ``path`` leads; that place must hold ``null``."""
     container: Any = message
     for key in path[:-1]:
         container = _step(container, key, path)
@@ -619,8 +750,10 @@ def _step(container: Any, key: Any, path: list[Any]) -> Any:
     raise _StreamError(f"binary value's path {_shown(path)} leads nowhere")
 
 
-def _binary_entry(entry: object) -> tuple[list[Any], int]:
-    """The path and size of a ``$binary`` entry; ``_StreamError`` unless it is well formed."""
+def _binary_entry(entry: object, shared: bool) -> tuple[list[Any], int, str | None, bool]:
+    """The path, size, segment name (``None``: inline) and text flag of a ``$binary`` entry;
+    ``_StreamError`` unless it is well formed (a segment only where shared memory was
+    offered, ``shared``, and named by a file name of the segment directory)."""
     if type(entry) is not dict:
         raise _StreamError(f"'$binary' entry {_shown(entry)} is not an object")
     path, size = entry.get("path"), entry.get("size")
@@ -628,11 +761,148 @@ def _binary_entry(entry: object) -> tuple[list[Any], int]:
         raise _StreamError(
             f"'$binary' entry needs a non-empty 'path' and a 'size' >= 0: {_shown(entry)}"
         )
-    if "shm" in entry:
+    text = entry.get("text", False)
+    if type(text) is not bool:
+        raise _StreamError(f"'$binary' entry's 'text' is not a boolean: {_shown(entry)}")
+    segment = entry.get("shm")
+    if segment is None:
+        return path, size, None, text
+    if not shared:
         raise _StreamError(
             "'$binary' entry names a shared-memory segment, which this worker did not offer"
         )
-    return path, size
+    if type(segment) is not str or not segment or segment in (".", "..") or "/" in segment:
+        raise _StreamError(
+            f"'$binary' entry's 'shm' is not a file name in the segment directory: {_shown(entry)}"
+        )
+    return path, size, segment, text
+
+
+def _text_of(data: memoryview, path: list[Any]) -> str:
+    """A text entry's string; ``_StreamError`` if its bytes are not UTF-8."""
+    try:
+        return str(data, "utf-8")
+    except UnicodeDecodeError as exc:
+        raise _StreamError(f"text value at {_shown(path)} is not valid UTF-8 ({exc})") from None
+
+
+# -------------------------------------------------------------------------
+# Shared-memory segments (PROTOCOL.md, *Shared memory*)
+# -------------------------------------------------------------------------
+
+#: ``mmap.mmap``'s subclass for request segments, made on the first one (``mmap`` stays out
+#: of start-up); the keyword arguments of every mapping.
+_Segment: Any = None
+_MAP_OPTIONS: dict[str, Any] = {}
+
+
+def _segment_class() -> Any:
+    """The type of request segments' mappings: nothing writes to them (the pool does not
+    change a segment during its request), so a view of one is as immutable as ``bytes``."""
+    global _Segment
+    if _Segment is None:
+        import mmap
+
+        class _RequestSegment(mmap.mmap):
+            """A request segment mapped read-only (no copy of its bytes)."""
+
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # no fault per page
+        _MAP_OPTIONS.update(flags=flags, prot=mmap.PROT_READ)
+        if sys.version_info >= (3, 13):
+            _MAP_OPTIONS["trackfd"] = False  # the mapping needs no descriptor of its own
+        _IMMUTABLE.add(_RequestSegment)
+        _Segment = _RequestSegment
+    return _Segment
+
+
+def _map_segment(
+    directory: str, name: str, size: int, text: bool, path: list[Any]
+) -> memoryview | str:
+    """A request segment's first ``size`` bytes: a read-only view of its mapping, or with
+    ``text`` the string they are (decoded from the mapping, which is then dropped).
+
+    The file is opened read-only with ``O_NOFOLLOW`` (a symlink is refused) and must be a
+    regular file of at least ``size`` bytes; anything else is a ``_StreamError``. The
+    descriptor is closed at once: the mapping stays valid after the pool deletes the file and
+    is unmapped only when nothing refers to it any more (never closed under a handler's view).
+    """
+    cls = _segment_class()
+    try:
+        fd = os.open(os.path.join(directory, name), _OPEN_SEGMENT)
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
+        raise _StreamError(f"shared-memory segment {name!r} cannot be opened ({exc})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise _StreamError(f"shared-memory segment {name!r} is not a regular file")
+        if info.st_size < size:
+            raise _StreamError(
+                f"shared-memory segment {name!r} has {info.st_size} bytes, "
+                f"fewer than its size of {size}"
+            )
+        if size == 0:  # nothing to map (mmap refuses a length of 0)
+            return "" if text else memoryview(b"")
+        mapping = cls(fd, size, **_MAP_OPTIONS)
+    except OSError as exc:
+        raise _StreamError(f"shared-memory segment {name!r} cannot be mapped ({exc})") from None
+    finally:
+        os.close(fd)
+    if not text:
+        return memoryview(mapping)
+    try:
+        with memoryview(mapping) as view:
+            return _text_of(view, path)
+    finally:
+        mapping.close()
+
+
+def _write_segment(path: str, data: memoryview) -> bool:
+    """Create the response segment ``path`` holding ``data`` (flat bytes): ``O_CREAT|O_EXCL|
+    O_NOFOLLOW``, mode 0600, its size reserved first (``posix_fallocate``, so a full tmpfs
+    says ``ENOSPC`` here rather than a write coming up short), written with ``os.write``
+    (never mapped: a full tmpfs would raise SIGBUS), closed. False, leaving nothing behind,
+    if any of it fails: the value then goes inline."""
+    try:
+        fd = os.open(path, _NEW_SEGMENT, 0o600)
+    except OSError:  # ENOSPC, EMFILE, EEXIST, ...: nothing was made
+        return False
+    try:
+        try:
+            size = len(data)
+            if size and _FALLOCATE is not None:
+                _FALLOCATE(fd, 0, size)
+            written = 0
+            while written < size:
+                written += os.write(fd, data[written:])
+        finally:
+            os.close(fd)
+    except BaseException as exc:  # a full disk, or SIGTERM's SystemExit on the way out
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        if isinstance(exc, OSError):
+            return False
+        raise
+    return True
+
+
+_FALLOCATE: Callable[[int, int, int], None] | None = getattr(os, "posix_fallocate", None)
+
+
+def _flat_bytes(view: memoryview) -> memoryview:
+    """A contiguous buffer's bytes as a flat view (a copy only for a format ``cast`` refuses)."""
+    if view.ndim == 1 and view.format == "B":
+        return view
+    try:
+        return view.cast("B")
+    except (TypeError, ValueError):
+        return memoryview(view.tobytes())
+
+
+class _OverLimit(Exception):
+    """A response or item too large for the frame or payload limit."""
+
+    def __init__(self, size: int, kind: str, limit: int) -> None:
+        super().__init__(f"{size} bytes exceeds the {kind} limit of {limit} bytes")
 
 
 def _shown(value: object) -> str:
@@ -790,10 +1060,27 @@ class _Worker:
     the rest, with this object's framing, routing and envelopes.
     """
 
-    def __init__(self, input_fd: int, output_fd: int, max_frame: int) -> None:
+    def __init__(
+        self, input_fd: int, output_fd: int, max_frame: int, lanes: _Lanes | None = None
+    ) -> None:
         self.input_fd = input_fd
         self.output_fd = output_fd
         self.max_frame = max_frame
+        lanes = lanes or _Lanes()
+        self.lanes = lanes
+        self.max_payload = lanes.max_payload
+        #: A plain JSON answer at most this long needs no look at which limit it is over.
+        self._plain_limit = min(max_frame, lanes.max_payload)
+        #: Strings at least this long go out as text attachments (from the protocol-2
+        #: handshake on, when the pool set a text threshold); values at least ``_shm_out``
+        #: bytes long go out in response segments, named with the counter's numbers.
+        self._long = _NEVER
+        self._shm_out = _NEVER if lanes.shm_threshold is None else lanes.shm_threshold
+        self._segment_numbers = itertools.count()
+        capabilities = PROTOCOL_2_CAPABILITIES
+        if lanes.shm_dir is not None:
+            capabilities += (SHM_CAPABILITY,)
+        self._protocol_2_capabilities = json.dumps(list(capabilities))
         self.worker_id = os.environ.get("SNAKEPIT_WORKER_ID", "")
         self.pid = os.getpid()
         self.started = time.monotonic()
@@ -812,9 +1099,11 @@ class _Worker:
         self._scan = self._decoder.scan_once  # type: ignore[attr-defined]
         self._encoder = json.JSONEncoder(allow_nan=False)
         #: What encodes results and items: at protocol 2 (capability ``binary``) one whose
-        #: ``default`` stops at a binary value (:func:`_binary_default`).
+        #: ``default`` stops at a binary value (:func:`_binary_default`), and with a text
+        #: threshold at a long string too; ``_result_encoder`` is the same with the check for
+        #: cycles, which says why a value that failed with ``RecursionError`` cannot be sent.
         self._result_encoder = self._encoder
-        self._encode_item = _item_encoder(self._encoder)
+        self._encode_value = _item_encoder(self._encoder)
         self._buf = b""  # input read but not yet served
         #: How the serving loop reads: ``os.read``, or the concurrent server's, which also
         #: wakes when no reply can be written any more.
@@ -972,9 +1261,10 @@ class _Worker:
 
     def _decode_binary(self, body: bytes | bytearray) -> dict[str, Any]:
         """The request of a binary frame: ``0x00``, the envelope's length J, J bytes of JSON,
-        then the values, each put where the ``$binary`` list says as a read-only view of
-        ``body`` (nothing is copied). Anything that does not add up is a ``_StreamError``,
-        and nothing beyond the body is read."""
+        then the inline values, each put where the ``$binary`` list says as a read-only view
+        of ``body`` (nothing is copied), a text entry as its string. A segment's value is a
+        view of its mapping (:func:`_map_segment`). Anything that does not add up is a
+        ``_StreamError``, and nothing beyond the body (or a segment's ``size``) is read."""
         size = len(body)
         if size < _BINARY_PREFIX:
             raise _StreamError("binary frame is shorter than its header")
@@ -1000,14 +1290,23 @@ class _Worker:
         if type(entries) is not list:
             raise _StreamError(f"binary frame has no {BINARY_KEY!r} list")
         offset = end
+        directory = self.lanes.shm_dir
         for entry in entries:
-            path, count = _binary_entry(entry)
-            if count > size - offset:
+            path, count, segment, text = _binary_entry(entry, directory is not None)
+            value: memoryview | str
+            if segment is not None:
+                assert directory is not None
+                value = _map_segment(directory, segment, count, text, path)
+            elif count > size - offset:
                 raise _StreamError(
                     f"binary value at {_shown(path)} of {count} bytes overruns the frame"
                 )
-            _place(message, path, view[offset : offset + count])
-            offset += count
+            else:
+                value = view[offset : offset + count]
+                offset += count
+                if text:
+                    value = _text_of(value, path)
+            _place(message, path, value)
         if offset != size:
             raise _StreamError(f"binary frame has {size - offset} bytes beyond its values")
         return message
@@ -1104,57 +1403,96 @@ class _Worker:
     # -- envelopes (thread-safe: they only read configuration) -------------
 
     def _success_frame(self, request_id: int, name: str, result: Any, keep: bool = False) -> Frame:
-        """The answer of a result (a binary frame if it holds binary values; ``keep``: see
-        :func:`_direct`)."""
+        """The answer of a result (a binary frame if it holds binary values or long strings;
+        ``keep``: see :func:`_direct`)."""
         try:
-            if type(result) is _JSONText:
-                body = f'{{"id": {request_id}, "success": true, "result": {result}}}'
-            else:
-                body = self._result_encoder.encode(
-                    {"id": request_id, "success": True, "result": result}
-                )
+            try:
+                text = result if type(result) is _JSONText else self._encode_value(result)
+            except RecursionError:  # a cycle or a value nested too deep: the check says which
+                text = self._result_encoder.encode(result)
         except _HasBinary:
             return self._binary_answer(request_id, name, result, keep)
         except (TypeError, ValueError, RecursionError) as exc:
-            return self._failure_frame(request_id, f"{name}: result cannot be sent as JSON ({exc})")
-        data = body.encode()
-        if len(data) > self.max_frame:
-            return self._too_large(request_id, name, len(data))
+            return self._unsendable(request_id, name, exc)
+        return self._plain_answer(request_id, name, text)
+
+    def _plain_answer(self, request_id: int, name: str, text: str) -> bytes:
+        """The answer of a result that is JSON ``text``, unless it is over a limit."""
+        data = f'{{"id": {request_id}, "success": true, "result": {text}}}'.encode()
+        if len(data) > self._plain_limit:
+            return self._too_large(request_id, name, self._over(len(data)))
         return _frame(data)
 
-    def _too_large(self, request_id: int, name: str, size: int) -> bytes:
-        message = (
-            f"{name}: response of {size} bytes exceeds the frame limit of {self.max_frame} bytes"
-        )
-        return self._failure_frame(request_id, message)
+    def _over(self, size: int) -> _OverLimit:
+        """The limit a message of ``size`` bytes, all in one frame, is over (the payload's
+        first: with it, no frame could carry the message)."""
+        if size > self.max_payload:
+            return _OverLimit(size, "payload", self.max_payload)
+        return _OverLimit(size, "frame", self.max_frame)
+
+    def _too_large(self, request_id: int, name: str, over: _OverLimit) -> bytes:
+        return self._failure_frame(request_id, f"{name}: response of {over}")
+
+    def _unsendable(self, request_id: int, name: str, exc: Exception) -> bytes:
+        return self._failure_frame(request_id, f"{name}: result cannot be sent as JSON ({exc})")
 
     def _binary_answer(self, request_id: int, name: str, result: Any, keep: bool) -> Frame:
-        """The answer of a result holding binary values, as a binary frame."""
+        """The answer of a result holding binary values or long strings, as a binary frame
+        (a plain one if no value is taken out after all: a long string that stays in the JSON,
+        lone surrogates, or a long dict key)."""
         found: Found = []
         try:
-            detached = _detached(result, ["result"], found, set())
+            detached = _detached(result, ["result"], found, set(), self._long)
+            if not found:
+                return self._plain_answer(request_id, name, self._result_encoder.encode(result))
             envelope = {"id": request_id, "success": True, "result": detached}
-            frame = self._binary_frame(envelope, found, keep)
+            return self._binary_frame(envelope, found, keep)
+        except _OverLimit as over:
+            return self._too_large(request_id, name, over)
         except (TypeError, ValueError, RecursionError) as exc:
-            return self._failure_frame(request_id, f"{name}: result cannot be sent as JSON ({exc})")
-        if isinstance(frame, int):
-            return self._too_large(request_id, name, frame)
-        return frame
+            return self._unsendable(request_id, name, exc)
 
-    def _binary_frame(self, envelope: dict[str, Any], found: Found, keep: bool) -> Frame | int:
-        """A binary frame of ``envelope`` (``None`` at the places of the values ``found``), or
-        its size if it is over the frame limit. Large values are pieces of their own where
-        :func:`_direct` says so; the rest is copied into the frame."""
-        envelope[BINARY_KEY] = [{"path": path, "size": view.nbytes} for path, view in found]
+    def _binary_frame(self, envelope: dict[str, Any], found: Found, keep: bool) -> Frame:
+        """A binary frame of ``envelope`` (``None`` at the places of the values ``found``).
+
+        Values of at least ``SNAKEPIT_SHM_THRESHOLD`` bytes go into new response segments
+        (inline where one cannot be made or filled); the others follow the envelope, large
+        ones as pieces of their own where :func:`_direct` says so, the rest copied into the
+        frame. ``_OverLimit`` if the envelope and all the values are over the payload limit
+        (checked before any segment is made; the size counted is the frame's as if every
+        value were inline), or what goes into the frame is over the frame limit (then the
+        segments made are deleted).
+        """
+        entries: list[dict[str, Any]] = []
+        total = shared_bytes = 0
+        shm_out = self._shm_out
+        for path, view, text in found:
+            size = view.nbytes
+            total += size
+            entry: dict[str, Any] = {"path": path, "size": size}
+            if text:
+                entry["text"] = True
+            if size >= shm_out:
+                entry["shm"] = f"{self.lanes.shm_prefix}{next(self._segment_numbers)}"
+                shared_bytes += size
+            entries.append(entry)
+        envelope[BINARY_KEY] = entries
         head = self._encoder.encode(envelope).encode()
-        size = _BINARY_PREFIX + len(head) + sum(view.nbytes for _, view in found)
-        if size > self.max_frame:
-            return size
+        payload = _BINARY_PREFIX + len(head) + total
+        if payload > self.max_payload:
+            raise _OverLimit(payload, "payload", self.max_payload)
+        size = payload - shared_bytes
+        if size > self.max_frame:  # even with every segment made
+            raise _OverLimit(size, "frame", self.max_frame)
+        if shared_bytes:
+            head, size = self._write_segments(envelope, entries, found, head, size)
         run: list[bytes | memoryview] = [
             size.to_bytes(4, "big"), BINARY_MARK, len(head).to_bytes(4, "big"), head,
         ]  # fmt: skip
         parts = _Parts()
-        for _, view in found:
+        for (_, view, _), entry in zip(found, entries, strict=True):
+            if "shm" in entry:
+                continue
             direct = _direct(view, keep)
             if direct is None:
                 run.append(view)
@@ -1166,6 +1504,43 @@ class _Worker:
         if run:
             parts.append(b"".join(run))
         return parts
+
+    def _write_segments(
+        self,
+        envelope: dict[str, Any],
+        entries: list[dict[str, Any]],
+        found: Found,
+        head: bytes,
+        size: int,
+    ) -> tuple[bytes, int]:
+        """Write the values whose entries name a segment, each into its segment; an entry
+        whose segment could not be made loses its name (the value goes inline). Returns the
+        envelope's JSON and the frame's size after that; ``_OverLimit`` if the values that
+        went inline make the frame too large, once the segments made are deleted again."""
+        directory = self.lanes.shm_dir
+        assert directory is not None
+        made: list[str] = []
+        inline = False
+        for (_, view, _), entry in zip(found, entries, strict=True):
+            name = entry.get("shm")
+            if name is None:
+                continue
+            if _write_segment(os.path.join(directory, name), _flat_bytes(view)):
+                made.append(name)
+            else:
+                del entry["shm"]
+                size += view.nbytes
+                inline = True
+        if not inline:
+            return head, size
+        old, head = len(head), self._encoder.encode(envelope).encode()
+        size += len(head) - old
+        if size > self.max_frame:
+            for name in made:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(directory, name))
+            raise _OverLimit(size, "frame", self.max_frame)
+        return head, size
 
     def _one_item_frames(
         self, request_id: int, name: str, result: Any, keep: bool = False
@@ -1182,32 +1557,36 @@ class _Worker:
         """An item frame, ``{"id": ..., "item": ...}``; ``CommandError`` if the item cannot be
         sent, which ends the stream with that failure."""
         try:
-            text = item if type(item) is _JSONText else self._encode_item(item)
-            body = f'{{"id": {request_id}, "item": {text}}}'.encode()
+            try:
+                text = item if type(item) is _JSONText else self._encode_value(item)
+            except RecursionError:  # a cycle or a value nested too deep: the check says which
+                text = self._result_encoder.encode(item)
         except _HasBinary:
             return self._binary_item(request_id, item, keep)
         except (TypeError, ValueError, RecursionError) as exc:
             raise CommandError(f"item cannot be sent as JSON ({exc})") from None
+        return self._plain_item(request_id, text)
+
+    def _plain_item(self, request_id: int, text: str) -> bytes:
+        body = f'{{"id": {request_id}, "item": {text}}}'.encode()
         size = len(body)
-        if size > self.max_frame:
-            raise CommandError(
-                f"item of {size} bytes exceeds the frame limit of {self.max_frame} bytes"
-            )
+        if size > self._plain_limit:
+            raise CommandError(f"item of {self._over(size)}")
         return size.to_bytes(4, "big") + body
 
     def _binary_item(self, request_id: int, item: Any, keep: bool) -> Frame:
-        """An item frame of an item holding binary values, as a binary frame."""
+        """An item frame of an item holding binary values or long strings, as a binary frame
+        (a plain one if none is taken out after all)."""
         found: Found = []
         try:
-            detached = _detached(item, ["item"], found, set())
-            frame = self._binary_frame({"id": request_id, "item": detached}, found, keep)
+            detached = _detached(item, ["item"], found, set(), self._long)
+            if not found:
+                return self._plain_item(request_id, self._result_encoder.encode(item))
+            return self._binary_frame({"id": request_id, "item": detached}, found, keep)
+        except _OverLimit as over:
+            raise CommandError(f"item of {over}") from None
         except (TypeError, ValueError, RecursionError) as exc:
             raise CommandError(f"item cannot be sent as JSON ({exc})") from None
-        if isinstance(frame, int):
-            raise CommandError(
-                f"item of {frame} bytes exceeds the frame limit of {self.max_frame} bytes"
-            )
-        return frame
 
     def _credit_items(self, request_id: int, request: dict[str, Any]) -> int:
         """The items a ``$credit`` grants; 0, with a log line, if it is not an integer >= 1."""
@@ -1255,7 +1634,7 @@ class _Worker:
         if asks and self.handled == 0:
             self._negotiate(args["max_in_flight"])
         protocol_2 = asks and self.protocol == 2
-        capabilities = _PROTOCOL_2_CAPABILITIES_JSON if protocol_2 else _CAPABILITIES_JSON
+        capabilities = self._protocol_2_capabilities if protocol_2 else _CAPABILITIES_JSON
         # requests_handled counts this request too, as every bundled bridge does.
         text = (
             f'{{"status": "ok", "uptime": {time.monotonic() - self.started!r}, '
@@ -1273,10 +1652,13 @@ class _Worker:
             return
         self.protocol = 2
         self.max_in_flight = min(max_in_flight, MAX_CONCURRENCY)
-        # capability binary: results and items holding binary values go out as binary frames
+        # capability binary: results and items holding binary values go out as binary frames,
+        # and with a text threshold from the pool, so do those holding long strings
         encoder = json.JSONEncoder(allow_nan=False, default=_binary_default)
         self._result_encoder = encoder
-        self._encode_item = _item_encoder(encoder)
+        if self.lanes.text_threshold is not None:
+            self._long = self.lanes.text_threshold
+        self._encode_value = _item_encoder(encoder, self._long)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -2315,20 +2697,22 @@ def run() -> NoReturn:
     """Serve the registered commands on stdin/stdout until end of input, then exit.
 
     Exits 0 on end of input or SIGTERM, 3 on a frame that cannot be decoded, and 2 before
-    reading anything if a command could not be registered or ``SNAKEPIT_MAX_FRAME_BYTES`` is
-    not a positive integer. Output from before this call is flushed to stderr if it is still
-    buffered; with unbuffered stdout (``PYTHONUNBUFFERED``) it has already reached the pool, so
-    print nothing at import time.
+    reading anything if a command could not be registered, ``SNAKEPIT_MAX_FRAME_BYTES`` is
+    not a positive integer, or ``SNAKEPIT_MAX_PAYLOAD_BYTES``, ``SNAKEPIT_TEXT_THRESHOLD``,
+    ``SNAKEPIT_SHM_THRESHOLD`` or ``SNAKEPIT_SHM_PREFIX`` is not what the pool gives. Output
+    from before this call is flushed to stderr if it is still buffered; with unbuffered stdout
+    (``PYTHONUNBUFFERED``) it has already reached the pool, so print nothing at import time.
     """
     global _WORKER
     try:
         _check_registrations()
         max_frame = _max_frame_bytes()
+        lanes = _lanes()
     except _BadStart as problem:
         _log(f"{problem}; exiting with status {EXIT_BAD_START}")
         sys.exit(EXIT_BAD_START)
     input_fd, output_fd = _protect_stdio()
-    _WORKER = _Worker(input_fd, output_fd, max_frame)
+    _WORKER = _Worker(input_fd, output_fd, max_frame, lanes)
     sys.exit(_WORKER.serve())
 
 
