@@ -488,7 +488,8 @@ def test_response_over_the_frame_limit_is_refused(
     worker.handshake()
     assert worker.result("big", {"n": 4000}) == "x" * 4000
     message = worker.error("big", {"n": 5000})
-    assert message == "big: response exceeds the frame limit of 4096 bytes"
+    size = len(json.dumps({"id": 3, "success": True, "result": "x" * 5000}, separators=(",", ":")))
+    assert message == f"big: response of {size} bytes exceeds the frame limit of 4096 bytes"
     assert worker.result("ping")["status"] == "ok"
 
 

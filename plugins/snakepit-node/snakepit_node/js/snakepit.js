@@ -39,14 +39,27 @@
  * its `finally` blocks run. Called without `meta.stream`, it answers the array of its items. A
  * plain handler asked for a stream answers its result as the one item.
  *
- * Binary values (capability `binary`, declared at protocol 2). A binary value of a request
- * reaches the handler as a Buffer (a view of the frame's bytes, not a copy), wherever it is in
- * the args. A result or item may hold any Buffer, typed array, DataView or ArrayBuffer, however
- * deep: it goes out as a binary frame (PROTOCOL.md, *Binary values*), its bytes not copied
- * unless small. At protocol 1 results are plain JSON, a Buffer as JSON.stringify writes it.
- * Shared-memory segments (capability `shm`) are not offered.
+ * Binary values (capabilities `binary` and `text`, declared at protocol 2; `shm` too when the
+ * pool offers shared memory with SNAKEPIT_SHM_DIR). Handlers get every binary value of a request
+ * as a Buffer, wherever it is in the args and however it came: inline (a view of the frame's
+ * bytes, not a copy) or in a shared-memory segment (read into a Buffer of its own: one copy, as
+ * Node has no mmap; the segment is opened read-only with O_NOFOLLOW and left to the pool). A
+ * text attachment arrives as an ordinary string. A result or item may hold any Buffer, typed
+ * array, DataView or ArrayBuffer, however deep: it goes out as a binary frame (PROTOCOL.md,
+ * *Binary values*), its bytes not copied unless small; one of at least SNAKEPIT_SHM_THRESHOLD
+ * bytes is written to a new segment SNAKEPIT_SHM_DIR/<SNAKEPIT_SHM_PREFIX><n> instead (created
+ * with O_CREAT|O_EXCL|O_NOFOLLOW, mode 0600, written with write(), never mmap, and closed before
+ * the frame naming it leaves; a segment that cannot be made or filled, say on a full /dev/shm,
+ * is deleted and the value sent inline). With SNAKEPIT_TEXT_THRESHOLD set, every string of the
+ * result at least that long (in UTF-16 code units, String#length) goes out as a text attachment
+ * (its UTF-8 bytes, inline or in a segment) instead of inside the JSON, unless it holds a lone
+ * surrogate, which UTF-8 cannot carry; the caller gets the same string. A response whose
+ * envelope and values add up beyond SNAKEPIT_MAX_PAYLOAD_BYTES (1 GiB by default) is refused
+ * with "<command>: response of N bytes exceeds the payload limit of M bytes", leaving no
+ * segment behind. At protocol 1 results are plain JSON, a Buffer as JSON.stringify writes it.
  */
 
+const { isUtf8 } = require("buffer"); // Node 18.14 and later; TextDecoder before
 const fs = require("fs");
 const { setImmediate: nextTurn } = require("timers/promises");
 const { inspect } = require("util");
@@ -54,11 +67,14 @@ const { inspect } = require("util");
 const VERSION = "0.2.0";
 const RUNTIME = "node";
 const CAPABILITIES_V1 = Object.freeze(["cancel"]);
-const CAPABILITIES_V2 = Object.freeze(["cancel", "deadline", "stream", "binary"]);
+const CAPABILITIES_V2 = Object.freeze(["cancel", "deadline", "stream", "binary", "text"]);
+/** CAPABILITIES_V2 with `shm`, when the pool offers shared memory (SNAKEPIT_SHM_DIR). */
+const CAPABILITIES_V2_SHM = Object.freeze([...CAPABILITIES_V2, "shm"]);
 const PROTOCOL = 2;
 /** What one worker takes at once: `max_concurrency` of the protocol-2 handshake answer. */
 const MAX_CONCURRENCY = 4096;
 const DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024;
+const DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024 * 1024;
 const EXIT_PROTOCOL_ERROR = 3;
 const EXIT_STARTUP_ERROR = 2;
 const HEADER_BYTES = 4;
@@ -66,7 +82,7 @@ const HEADER_BYTES = 4;
 const SCRATCH_BYTES = 64 * 1024;
 const SHRINK_BYTES = 1024 * 1024;
 const FD_DIRS = ["/proc/self/fd/", "/dev/fd/"];
-const { O_RDONLY, O_WRONLY, O_APPEND } = fs.constants;
+const { O_RDONLY, O_WRONLY, O_APPEND, O_CREAT, O_EXCL, O_NOFOLLOW, O_NONBLOCK } = fs.constants;
 
 // Moving the protocol channels aside must happen before anything creates process.stdout or
 // process.stdin, so it runs as soon as the library is required.
@@ -90,8 +106,18 @@ const state = {
   /** Requests waiting for a free slot, by id, in arrival order (a Map keeps insertion order). */
   queued: new Map(),
   maxFrameBytes: DEFAULT_MAX_FRAME_BYTES,
+  /** SNAKEPIT_MAX_PAYLOAD_BYTES: one message's envelope and values, inline and shared. */
+  maxPayloadBytes: DEFAULT_MAX_PAYLOAD_BYTES,
+  /** What a plain JSON frame may take: the smaller of the two limits. */
+  maxJsonBytes: DEFAULT_MAX_FRAME_BYTES,
   /** Binary values go out as binary frames: a protocol-2 handshake declared `binary`. */
   binary: false,
+  /**
+   * Shared memory, when the pool offers it (SNAKEPIT_SHM_DIR): the directory, the prefix of
+   * the segments this worker makes, the size from which values go in one, and the number of
+   * the next segment; null without.
+   */
+  shm: null,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -302,7 +328,7 @@ function parseJson(bytes, what = "frame") {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Binary frames (PROTOCOL.md, *Binary values*; inline values only, no shared memory)
+// Binary frames (PROTOCOL.md, *Binary values*: inline, text and shared-memory entries)
 // ---------------------------------------------------------------------------------------------
 
 /** The first byte of a binary frame's body: no JSON text starts with it. */
@@ -313,9 +339,10 @@ const BINARY_KEY = "$binary";
 
 /**
  * The request of a binary frame's body: the envelope (0x00, its 4-byte length J, J bytes of
- * JSON) with a Buffer at each place its `$binary` list names, in attachment order. Each Buffer
- * is a view of `body`: nothing is copied. Anything that does not add up is a FrameError, and
- * nothing beyond the body is read.
+ * JSON) with a value at each place its `$binary` list names, in order: a Buffer, a view of
+ * `body` (nothing is copied) for an inline entry, a Buffer read from the segment for a `shm`
+ * entry, and for a `text` entry the string its UTF-8 bytes spell. Anything that does not add
+ * up is a FrameError, and nothing beyond the body (or a segment's `size`) is read.
  */
 function parseBinary(body) {
   if (body.length < BINARY_PREFIX) throw new FrameError("binary frame is shorter than its header");
@@ -332,14 +359,20 @@ function parseBinary(body) {
   delete message[BINARY_KEY];
   let offset = end;
   for (const entry of entries) {
-    const { path, size } = binaryEntry(entry);
-    if (size > body.length - offset) {
-      throw new FrameError(
-        `binary value at ${JSON.stringify(path)} of ${size} bytes overruns the frame`,
-      );
+    const { path, size, text, shm } = binaryEntry(entry);
+    let bytes;
+    if (shm === undefined) {
+      if (size > body.length - offset) {
+        throw new FrameError(
+          `binary value at ${JSON.stringify(path)} of ${size} bytes overruns the frame`,
+        );
+      }
+      bytes = body.subarray(offset, offset + size);
+      offset += size;
+    } else {
+      bytes = readSegment(shm, size, path);
     }
-    place(message, path, body.subarray(offset, offset + size));
-    offset += size;
+    place(message, path, text ? textOf(bytes, path) : bytes);
   }
   if (offset !== body.length) {
     throw new FrameError(`binary frame has ${body.length - offset} bytes beyond its values`);
@@ -354,12 +387,85 @@ function binaryEntry(entry) {
   if (!Array.isArray(path) || path.length === 0 || !Number.isSafeInteger(size) || size < 0) {
     throw new FrameError(`'$binary' entry needs a non-empty 'path' and a 'size' >= 0: ${shown()}`);
   }
-  if (Object.hasOwn(entry, "shm")) {
+  const text = Object.hasOwn(entry, "text") ? entry.text : false;
+  if (typeof text !== "boolean") {
+    throw new FrameError(`'$binary' entry's 'text' is neither true nor false: ${shown()}`);
+  }
+  if (!Object.hasOwn(entry, "shm")) return { path, size, text, shm: undefined };
+  if (state.shm === null) {
     throw new FrameError(
       "'$binary' entry names a shared-memory segment, which this worker did not offer",
     );
   }
-  return { path, size };
+  const { shm } = entry;
+  if (
+    typeof shm !== "string" ||
+    shm === "" ||
+    shm === "." ||
+    shm === ".." ||
+    shm.includes("/") ||
+    shm.includes("\0")
+  ) {
+    throw new FrameError(`'$binary' entry's 'shm' is not a segment's file name: ${shown()}`);
+  }
+  return { path, size, text, shm };
+}
+
+/**
+ * The first `size` bytes of the request segment `name`, in a Buffer of their own (one copy:
+ * Node's standard library has no mmap). The file is opened read-only with O_NOFOLLOW (a
+ * symlink is refused) and O_NONBLOCK (a FIFO cannot hang the worker), must be a regular file of
+ * at least `size` bytes, and is never changed: it is the pool's, which deletes it. Anything else
+ * is a FrameError.
+ */
+function readSegment(name, size, path) {
+  const what = `shared-memory segment '${name}' (value at ${JSON.stringify(path)})`;
+  let fd;
+  try {
+    fd = fs.openSync(`${state.shm.dir}/${name}`, O_RDONLY | O_NOFOLLOW | O_NONBLOCK);
+  } catch (err) {
+    const reason = err.code === "ELOOP" ? "it is a symbolic link" : describe(err);
+    throw new FrameError(`${what} cannot be opened: ${reason}`);
+  }
+  try {
+    const stat = fs.fstatSync(fd);
+    if (!stat.isFile()) throw new FrameError(`${what} is not a regular file`);
+    if (stat.size < size) {
+      throw new FrameError(`${what} has ${stat.size} bytes, fewer than its size of ${size}`);
+    }
+    let bytes;
+    try {
+      bytes = Buffer.allocUnsafe(size);
+    } catch (err) {
+      throw new FrameError(`${what} of ${size} bytes cannot be held: ${describe(err)}`);
+    }
+    for (let filled = 0; filled < size; ) {
+      const count = fs.readSync(fd, bytes, filled, size - filled, filled);
+      if (count === 0) throw new FrameError(`${what} ended after ${filled} of ${size} bytes`);
+      filled += count;
+    }
+    return bytes;
+  } catch (err) {
+    if (err instanceof FrameError) throw err;
+    throw new FrameError(`${what} cannot be read: ${describe(err)}`);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/**
+ * A text entry's string. Its bytes must be UTF-8 (which no lone surrogate can be); a BOM is
+ * kept, as the string's first character.
+ */
+function textOf(bytes, path) {
+  const what = `text value at ${JSON.stringify(path)}`;
+  if (isUtf8 === undefined) return decodeUtf8(bytes, what);
+  if (!isUtf8(bytes)) throw new FrameError(`${what} is not valid UTF-8`);
+  try {
+    return bytes.toString("utf8");
+  } catch (err) {
+    throw new FrameError(`${what} of ${bytes.length} bytes cannot be a string: ${describe(err)}`);
+  }
 }
 
 /** Puts `value` where `path` leads in `message`; that place must hold null. */
@@ -419,7 +525,10 @@ const output = {
   directBytes: 0,
 };
 
-/** Queues one frame; false (and nothing queued) if its body is over the frame limit. */
+/**
+ * Queues one JSON frame; returns null, or the body's size in bytes if it is over the frame or
+ * payload limit (state.maxJsonBytes), and then nothing is queued.
+ */
 function queueFrame(json) {
   const at = output.length + HEADER_BYTES;
   let length;
@@ -427,15 +536,15 @@ function queueFrame(json) {
     length = output.buffer.write(json, at); // a UTF-16 unit is at most 3 UTF-8 bytes
   } else {
     length = Buffer.byteLength(json);
-    if (length > state.maxFrameBytes) return false;
+    if (length > state.maxJsonBytes) return length;
     reserve(HEADER_BYTES + length);
     output.buffer.write(json, at);
   }
-  if (length > state.maxFrameBytes) return false;
+  if (length > state.maxJsonBytes) return length;
   output.buffer.writeUInt32BE(length, output.length);
   output.length = at + length;
   scheduleFlush();
-  return true;
+  return null;
 }
 
 function scheduleFlush() {
@@ -921,18 +1030,13 @@ function sendItem(id, item) {
   try {
     json = JSON.stringify(state.binary ? detachBinary(item, "item") : item);
   } catch (err) {
-    walk.paths = walk.views = null;
+    forgetDetached();
     return `item is not JSON-serializable: ${describe(err)}`;
   }
   // As for a result, undefined (no JSON form) goes as null.
   const head = `{"id":${id},"item":${json === undefined ? "null" : json}`;
-  if (walk.views === null) {
-    if (queueFrame(head + "}")) return null;
-    return `item exceeds the frame limit of ${state.maxFrameBytes} bytes`;
-  }
-  const size = queueDetached(head);
-  if (size === null) return null;
-  return `item of ${size} bytes exceeds the frame limit of ${state.maxFrameBytes} bytes`;
+  if (walk.views === null) return tooBig("item", queueFrame(head + "}"));
+  return queueDetached(head, "item");
 }
 
 function sendResult(id, command, result) {
@@ -940,24 +1044,28 @@ function sendResult(id, command, result) {
   try {
     json = JSON.stringify(state.binary ? detachBinary(result, "result") : result);
   } catch (err) {
-    walk.paths = walk.views = null;
+    forgetDetached();
     return sendError(id, `${command}: result is not JSON-serializable: ${describe(err)}`);
   }
   // undefined (and functions) have no JSON form: a handler that returns nothing returns null.
   const head = `{"id":${id},"success":true,"result":${json === undefined ? "null" : json}`;
-  if (walk.views === null) {
-    if (!queueFrame(head + "}")) {
-      sendError(id, `${command}: response exceeds the frame limit of ${state.maxFrameBytes} bytes`);
-    }
-    return;
+  const refusal =
+    walk.views === null
+      ? tooBig("response", queueFrame(head + "}"))
+      : queueDetached(head, "response");
+  if (refusal !== null) sendError(id, `${command}: ${refusal}`);
+}
+
+/**
+ * Why a `what` ("response" or "item") of `size` bytes (null: it fitted) was refused: the
+ * payload limit when it is over that, else the frame limit; null for none.
+ */
+function tooBig(what, size) {
+  if (size === null) return null;
+  if (size > state.maxPayloadBytes) {
+    return `${what} of ${size} bytes exceeds the payload limit of ${state.maxPayloadBytes} bytes`;
   }
-  const size = queueDetached(head);
-  if (size !== null) {
-    sendError(
-      id,
-      `${command}: response of ${size} bytes exceeds the frame limit of ${state.maxFrameBytes} bytes`,
-    );
-  }
+  return `${what} of ${size} bytes exceeds the frame limit of ${state.maxFrameBytes} bytes`;
 }
 
 function sendError(id, message) {
@@ -1004,13 +1112,14 @@ function isPlainObject(value) {
 function ping(args) {
   if (typeof args.worker_id === "string") state.workerId = args.worker_id;
   const v2 = args.max_in_flight !== undefined && setMaxInFlight(args.max_in_flight);
+  const v2Capabilities = state.shm === null ? CAPABILITIES_V2 : CAPABILITIES_V2_SHM;
   const answer = {
     status: "ok",
     uptime: process.uptime(),
     requests_handled: state.requestsHandled,
     worker_id: state.workerId,
     runtime: RUNTIME,
-    capabilities: v2 ? CAPABILITIES_V2 : CAPABILITIES_V1,
+    capabilities: v2 ? v2Capabilities : CAPABILITIES_V1,
     pid: process.pid,
   };
   if (v2) {
@@ -1036,10 +1145,12 @@ function setMaxInFlight(value) {
 
 /**
  * The walk of detachBinary: the key or index taken at each depth (`keys[0]` is the envelope's
- * member), the containers at each depth from CHECK_FROM on, and what it found: each binary
- * value's path and its bytes (a Buffer over its memory, no copy), or null for none.
+ * member), the containers at each depth from CHECK_FROM on, and what it found: each value's
+ * path, its bytes (a Buffer over a binary value's memory, no copy, or a string's UTF-8) and
+ * whether it is text, or null for none. `textFrom` is the String length from which strings go
+ * as text attachments: SNAKEPIT_TEXT_THRESHOLD, or Infinity without it.
  */
-const walk = { keys: [], around: [], paths: null, views: null };
+const walk = { keys: [], around: [], paths: null, views: null, texts: null, textFrom: Infinity };
 /**
  * Below this depth the walk does not look for cycles (JSON.stringify refuses them anyway):
  * a cycle goes on forever, so it is found further down, at the cost of walking the part of
@@ -1049,19 +1160,32 @@ const CHECK_FROM = 64;
 /** Thrown through the walk when it meets a cycle: JSON.stringify then says what is wrong. */
 const CYCLE = Symbol("cycle");
 
+/** A string UTF-8 can carry: one without a lone surrogate (those stay in the JSON). */
+const isWellFormed =
+  typeof String.prototype.isWellFormed === "function"
+    ? (string) => string.isWellFormed()
+    : (string) => !LONE_SURROGATE.test(string);
+const LONE_SURROGATE = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/;
+
 /**
  * `value` with null in the place of each binary value (any Buffer, typed array, DataView,
- * ArrayBuffer or SharedArrayBuffer, however deep), those values and their paths, from `root`
- * ("result" or "item"), left in `walk.paths` and `walk.views` (null when there are none: then
- * `value` itself is returned). Only the arrays and objects on the way to a binary value are
- * copied, shallowly; the handler's own are left as they were. The walk goes where
- * JSON.stringify goes (array elements, own enumerable string keys), and an object with a
- * `toJSON` method is left to it. It costs a fifth or so of JSON.stringify's time, and only at
- * protocol 2.
+ * ArrayBuffer or SharedArrayBuffer, however deep) and of each string of at least
+ * `walk.textFrom` UTF-16 units, those values and their paths, from `root` ("result" or
+ * "item"), left in `walk` (`views` null when there are none: then `value` itself is returned).
+ * Only the arrays and objects on the way to such a value are copied, shallowly; the handler's
+ * own are left as they were. The walk goes where JSON.stringify goes (array elements, own
+ * enumerable string keys), and an object with a `toJSON` method is left to it. It costs a
+ * fifth or so of JSON.stringify's time, and only at protocol 2.
  */
 function detachBinary(value, root) {
-  walk.paths = walk.views = null;
-  if (typeof value !== "object" || value === null) return value;
+  walk.paths = walk.views = walk.texts = null;
+  if (typeof value !== "object" || value === null) {
+    if (typeof value !== "string" || value.length < walk.textFrom || !isWellFormed(value)) {
+      return value;
+    }
+    walk.keys[0] = root;
+    return text(value, 1);
+  }
   walk.keys[0] = root;
   let detached;
   try {
@@ -1069,23 +1193,74 @@ function detachBinary(value, root) {
   } catch (err) {
     if (err !== CYCLE) throw err;
     detached = value;
-    walk.paths = walk.views = null;
+    forgetDetached();
   }
   walk.around.length = 0;
-  if (walk.views !== null && walk.views.length === 0) walk.paths = walk.views = null;
+  if (walk.views !== null && walk.views.length === 0) forgetDetached();
   return detached;
+}
+
+function forgetDetached() {
+  walk.paths = walk.views = walk.texts = null;
 }
 
 /**
  * Queues `head`, an envelope without its closing brace, as a binary frame of the values
- * detachBinary found (and forgets them). Returns null, or the frame's size if it is over the
- * frame limit.
+ * detachBinary found (and forgets them). Values of at least SNAKEPIT_SHM_THRESHOLD bytes go in
+ * new shared-memory segments when the pool offers them (inline, should a segment fail). Returns
+ * null, or why the `what` ("response" or "item") was refused: over the payload limit (checked
+ * first, before any segment is made) or the frame limit (its segments are deleted).
  */
-function queueDetached(head) {
-  const { paths, views } = walk;
-  walk.paths = walk.views = null;
-  const listed = paths.map((path, i) => ({ path, size: views[i].length }));
-  return queueBinaryFrame(`${head},"${BINARY_KEY}":${JSON.stringify(listed)}}`, views);
+function queueDetached(head, what) {
+  const { paths, views, texts } = walk;
+  forgetDetached();
+  const { shm } = state;
+  const shmFrom = shm === null ? Infinity : shm.threshold;
+  const listed = new Array(views.length);
+  let values = 0;
+  let shared = 0;
+  for (let i = 0; i < views.length; i += 1) {
+    const size = views[i].length;
+    values += size;
+    const entry = texts[i] ? { path: paths[i], size, text: true } : { path: paths[i], size };
+    if (size >= shmFrom) {
+      entry.shm = shm.prefix + shm.next++;
+      shared += 1;
+    }
+    listed[i] = entry;
+  }
+  let envelope = `${head},"${BINARY_KEY}":${JSON.stringify(listed)}}`;
+  // The payload is the frame's body as it would be with every value inline.
+  const limit = state.maxPayloadBytes;
+  if (BINARY_PREFIX + envelope.length * 3 + values > limit) {
+    const payload = BINARY_PREFIX + Buffer.byteLength(envelope) + values;
+    if (payload > limit) {
+      return `${what} of ${payload} bytes exceeds the payload limit of ${limit} bytes`;
+    }
+  }
+  let inline = views;
+  const made = [];
+  if (shared !== 0) {
+    inline = [];
+    let fellBack = false;
+    for (let i = 0; i < views.length; i += 1) {
+      const entry = listed[i];
+      if (entry.shm === undefined) {
+        inline.push(views[i]);
+      } else if (writeSegment(entry.shm, views[i])) {
+        made.push(entry.shm);
+      } else {
+        delete entry.shm;
+        inline.push(views[i]);
+        fellBack = true;
+      }
+    }
+    if (fellBack) envelope = `${head},"${BINARY_KEY}":${JSON.stringify(listed)}}`;
+  }
+  const size = queueBinaryFrame(envelope, inline);
+  if (size === null) return null;
+  for (const name of made) removeSegment(name);
+  return `${what} of ${size} bytes exceeds the frame limit of ${state.maxFrameBytes} bytes`;
 }
 
 /** `value` (an object, at `depth`) detached; see detachBinary. */
@@ -1095,52 +1270,149 @@ function detach(value, depth) {
     for (let d = CHECK_FROM; d < depth; d += 1) if (around[d] === value) throw CYCLE;
     around[depth] = value;
   }
-  const { keys } = walk;
+  const { keys, textFrom } = walk;
   const found = walk.views === null ? 0 : walk.views.length;
   let copy = null;
   if (Array.isArray(value)) {
     for (let i = 0; i < value.length; i += 1) {
       const child = value[i];
-      if (typeof child !== "object" || child === null) continue;
-      keys[depth] = i;
-      const out = detach(child, depth + 1);
-      if (out !== child) {
-        if (copy === null) copy = value.slice();
-        copy[i] = out;
+      let out;
+      if (typeof child === "object" && child !== null) {
+        keys[depth] = i;
+        out = detach(child, depth + 1);
+        if (out === child) continue;
+      } else if (typeof child === "string" && child.length >= textFrom && isWellFormed(child)) {
+        keys[depth] = i;
+        out = text(child, depth + 1);
+      } else {
+        continue;
       }
+      if (copy === null) copy = value.slice();
+      copy[i] = out;
     }
   } else if (ArrayBuffer.isView(value)) {
-    if (Buffer.isBuffer(value)) return binary(value, depth);
-    return binary(Buffer.from(value.buffer, value.byteOffset, value.byteLength), depth);
+    if (Buffer.isBuffer(value)) return record(value, depth, false);
+    return record(Buffer.from(value.buffer, value.byteOffset, value.byteLength), depth, false);
   } else if (value instanceof ArrayBuffer || value instanceof SharedArrayBuffer) {
-    return binary(Buffer.from(value), depth);
+    return record(Buffer.from(value), depth, false);
+  } else if (textFrom !== Infinity && value instanceof String) {
+    // JSON.stringify writes a String object as its string (for-in would walk its characters).
+    const string = String(value);
+    return string.length >= textFrom && isWellFormed(string) ? text(string, depth) : value;
   } else {
     // for-in (own keys first, in Object.keys order) allocates no key array.
     for (const key in value) {
       const child = value[key];
-      if (typeof child !== "object" || child === null || !Object.hasOwn(value, key)) continue;
-      keys[depth] = key;
-      const out = detach(child, depth + 1);
-      if (out !== child) {
-        if (copy === null) copy = { ...value };
-        copy[key] = out;
+      let out;
+      if (typeof child === "object" && child !== null) {
+        if (!Object.hasOwn(value, key)) continue;
+        keys[depth] = key;
+        out = detach(child, depth + 1);
+        if (out === child) continue;
+      } else if (
+        typeof child === "string" &&
+        child.length >= textFrom &&
+        Object.hasOwn(value, key) &&
+        isWellFormed(child)
+      ) {
+        keys[depth] = key;
+        out = text(child, depth + 1);
+      } else {
+        continue;
       }
+      if (copy === null) copy = { ...value };
+      copy[key] = out;
     }
   }
   if (copy === null) return value;
   // JSON.stringify would not serialize what was walked, but what toJSON returns.
   if (typeof value.toJSON === "function") {
-    walk.paths.length = walk.views.length = found;
+    walk.paths.length = walk.views.length = walk.texts.length = found;
     return value;
   }
   return copy;
 }
 
-/** Records a binary value at `depth`; null takes its place. */
-function binary(bytes, depth) {
+/** Records a string at `depth` as a text attachment: its UTF-8 bytes; null takes its place. */
+function text(string, depth) {
+  return record(Buffer.from(string, "utf8"), depth, true);
+}
+
+/** Records a value's bytes at `depth` (`isText`: a string's); null takes its place. */
+function record(bytes, depth, isText) {
   (walk.paths ??= []).push(walk.keys.slice(0, depth));
   (walk.views ??= []).push(bytes);
+  (walk.texts ??= []).push(isText);
   return null;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared-memory segments going out
+// ---------------------------------------------------------------------------------------------
+
+/**
+ * Writes `bytes` to the new response segment `name`: created with O_CREAT|O_EXCL|O_NOFOLLOW
+ * and mode 0600 (libuv adds O_CLOEXEC), written fully with write() (never mmap: a full tmpfs
+ * would SIGBUS a mapping; Node cannot posix_fallocate, so a full one shows as ENOSPC from
+ * write), then closed. True once it is complete, and the pool owns it from the frame naming
+ * it on; false if anything failed: then what was made is deleted and the caller sends the
+ * value inline.
+ */
+function writeSegment(name, bytes) {
+  const file = `${state.shm.dir}/${name}`;
+  let fd;
+  try {
+    fd = fs.openSync(file, O_CREAT | O_EXCL | O_NOFOLLOW | O_WRONLY, 0o600);
+  } catch (err) {
+    segmentFailed(name, bytes.length, err); // not ours (EEXIST) or never made: nothing to delete
+    return false;
+  }
+  try {
+    for (let written = 0; written < bytes.length; ) {
+      const count = fs.writeSync(fd, bytes, written, bytes.length - written);
+      if (count <= 0) throw new Error(`write() wrote nothing after ${written} bytes`);
+      written += count;
+    }
+  } catch (err) {
+    try {
+      fs.closeSync(fd);
+    } catch {
+      // The write already failed; the file goes anyway.
+    }
+    removeSegment(name);
+    segmentFailed(name, bytes.length, err);
+    return false;
+  }
+  try {
+    fs.closeSync(fd);
+  } catch (err) {
+    removeSegment(name);
+    segmentFailed(name, bytes.length, err);
+    return false;
+  }
+  return true;
+}
+
+/** Deletes a segment this worker made and still owns (the pool never heard of it). */
+function removeSegment(name) {
+  try {
+    fs.unlinkSync(`${state.shm.dir}/${name}`);
+  } catch (err) {
+    log(`cannot delete shared-memory segment '${name}': ${describe(err)}`);
+  }
+}
+
+/** Error codes of failed segments already logged: a full /dev/shm is said once, not per value. */
+const segmentFailures = new Set();
+
+function segmentFailed(name, size, err) {
+  const code = err.code || describe(err);
+  if (segmentFailures.has(code)) return;
+  segmentFailures.add(code);
+  log(
+    `cannot write shared-memory segment '${name}' of ${size} bytes (${describe(err)}): ` +
+      "sending the value inline (further failures like this one are not logged)",
+  );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1150,14 +1422,15 @@ function binary(bytes, depth) {
 /**
  * Serves the commands of `handlerMaps` until stdin closes: `run({ name: (args, ctx) => result
  * or Promise }, ...)`. Several maps may be given (say, shared commands and a worker's own);
- * see registerHandlers for what each may hold. A bad map or SNAKEPIT_MAX_FRAME_BYTES exits with
- * status 2 and a message on stderr, before any frame is read.
+ * see registerHandlers for what each may hold. A bad map or setting (SNAKEPIT_MAX_FRAME_BYTES,
+ * SNAKEPIT_MAX_PAYLOAD_BYTES, SNAKEPIT_TEXT_THRESHOLD, SNAKEPIT_SHM_*) exits with status 2 and
+ * a message on stderr, before any frame is read.
  */
 function run(...handlerMaps) {
   if (state.started) throw new Error("snakepit: run() may be called only once");
   state.started = true;
   registerHandlers(handlerMaps);
-  state.maxFrameBytes = frameLimit();
+  configure();
   const frames = new FrameReader(state.maxFrameBytes);
   const input = openInput(channels.input);
   input.on("data", (chunk) => {
@@ -1228,13 +1501,41 @@ function openInput(fd) {
   return fs.createReadStream(null, { fd });
 }
 
-/** SNAKEPIT_MAX_FRAME_BYTES: unset or empty means the default; else a positive integer. */
-function frameLimit() {
-  const raw = process.env.SNAKEPIT_MAX_FRAME_BYTES;
-  if (raw === undefined || raw === "") return DEFAULT_MAX_FRAME_BYTES;
-  const limit = /^\s*[0-9]+\s*$/.test(raw) ? Number(raw) : NaN;
-  if (Number.isSafeInteger(limit) && limit > 0) return limit;
-  startupError(`SNAKEPIT_MAX_FRAME_BYTES must be a positive integer, got ${JSON.stringify(raw)}`);
+/**
+ * Reads the pool's settings from the environment, or exits with status 2 naming a bad one:
+ * the frame and payload limits, the text threshold and shared memory (PROTOCOL.md, *Binary
+ * values*).
+ */
+function configure() {
+  state.maxFrameBytes = integerFromEnv("SNAKEPIT_MAX_FRAME_BYTES", 1) ?? DEFAULT_MAX_FRAME_BYTES;
+  state.maxPayloadBytes =
+    integerFromEnv("SNAKEPIT_MAX_PAYLOAD_BYTES", 1) ?? DEFAULT_MAX_PAYLOAD_BYTES;
+  state.maxJsonBytes = Math.min(state.maxFrameBytes, state.maxPayloadBytes);
+  walk.textFrom = integerFromEnv("SNAKEPIT_TEXT_THRESHOLD", 0) ?? Infinity;
+  const dir = process.env.SNAKEPIT_SHM_DIR;
+  if (dir === undefined || dir === "") return;
+  const prefix = process.env.SNAKEPIT_SHM_PREFIX;
+  if (prefix === undefined || prefix === "" || prefix.includes("/") || prefix.includes("\0")) {
+    startupError(
+      "SNAKEPIT_SHM_PREFIX must be a non-empty file name prefix (no '/') with SNAKEPIT_SHM_DIR, " +
+        `got ${JSON.stringify(prefix ?? null)}`,
+    );
+  }
+  const threshold = integerFromEnv("SNAKEPIT_SHM_THRESHOLD", 0);
+  if (threshold === undefined) {
+    startupError("SNAKEPIT_SHM_THRESHOLD must be set with SNAKEPIT_SHM_DIR");
+  }
+  state.shm = { dir, prefix, threshold, next: 0 };
+}
+
+/** The integer >= `min` in the environment variable `name`; undefined if unset or empty. */
+function integerFromEnv(name, min) {
+  const raw = process.env[name];
+  if (raw === undefined || raw === "") return undefined;
+  const value = /^\s*[0-9]+\s*$/.test(raw) ? Number(raw) : NaN;
+  if (Number.isSafeInteger(value) && value >= min) return value;
+  const what = min === 1 ? "a positive integer" : `an integer >= ${min}`;
+  startupError(`${name} must be ${what}, got ${JSON.stringify(raw)}`);
 }
 
 /** A worker script or its environment is wrong: say why and exit 2, before reading a frame. */
