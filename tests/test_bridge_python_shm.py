@@ -590,9 +590,10 @@ def test_an_echo_of_many_values_from_both_lanes(
     ]
     worker.send_raw(request(shm_dir, 9, "echo", args, values))
     got = answer(worker, shm_dir)
+    # In the order of the result's keys.
     assert [lane for _, lane, _ in got.lanes()] == [
         "shm", "inline", "shm", "inline", "inline", "shm", "text-shm",
-    ]  # fmt: skip  (in the order of the result's keys)
+    ]  # fmt: skip
     assert got.message == ok(
         9,
         {

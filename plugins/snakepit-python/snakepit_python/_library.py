@@ -55,9 +55,10 @@ surrogates, which has no UTF-8, stays in the JSON), and every value (binary, or 
 attachment's UTF-8) of at least ``SNAKEPIT_SHM_THRESHOLD`` bytes goes into a new segment
 ``<SNAKEPIT_SHM_PREFIX><n>`` (created exclusively, mode 0600, its size reserved with
 ``posix_fallocate``, written with ``os.write``, never mapped), or inline if the segment cannot
-be made or filled (a full ``/dev/shm``). Long strings cost small results nothing: the C
-encoder writes every string through a hook that only compares its length, and the walk that
-takes values out of a result runs only once the hook (or a buffer) has stopped the encoding.
+be made or filled (a full ``/dev/shm``). Finding long strings costs little: the C encoder
+(made once, for results as for items) writes every string through a hook that compares its
+length first (some 60 ns a string), and the walk that takes values out of a result runs only
+once the hook (or a buffer) has stopped the encoding, so a long string is never escaped.
 A response whose envelope and values add up beyond ``SNAKEPIT_MAX_PAYLOAD_BYTES`` (1 GiB by
 default) is answered with a failure before any segment is made.
 """
@@ -1077,7 +1078,7 @@ class _Worker:
         self._long = _NEVER
         self._shm_out = _NEVER if lanes.shm_threshold is None else lanes.shm_threshold
         self._segment_numbers = itertools.count()
-        capabilities = PROTOCOL_2_CAPABILITIES
+        capabilities: tuple[str, ...] = PROTOCOL_2_CAPABILITIES
         if lanes.shm_dir is not None:
             capabilities += (SHM_CAPABILITY,)
         self._protocol_2_capabilities = json.dumps(list(capabilities))
@@ -1292,11 +1293,11 @@ class _Worker:
         offset = end
         directory = self.lanes.shm_dir
         for entry in entries:
-            path, count, segment, text = _binary_entry(entry, directory is not None)
+            path, count, segment, is_text = _binary_entry(entry, directory is not None)
             value: memoryview | str
             if segment is not None:
                 assert directory is not None
-                value = _map_segment(directory, segment, count, text, path)
+                value = _map_segment(directory, segment, count, is_text, path)
             elif count > size - offset:
                 raise _StreamError(
                     f"binary value at {_shown(path)} of {count} bytes overruns the frame"
@@ -1304,7 +1305,7 @@ class _Worker:
             else:
                 value = view[offset : offset + count]
                 offset += count
-                if text:
+                if is_text:
                     value = _text_of(value, path)
             _place(message, path, value)
         if offset != size:
