@@ -53,7 +53,10 @@ def binary_view(value: Any) -> memoryview | None:
         raise ValueError(
             "is a buffer that is not contiguous (copy it first, e.g. numpy.ascontiguousarray)"
         )
-    return view.cast("B") if view.ndim != 1 or view.format != "B" else view
+    if view.ndim == 1 and view.format == "B":
+        return view
+    # An empty array (a zero in its shape) cannot be cast: its bytes are none.
+    return view.cast("B") if view.nbytes else memoryview(b"")
 
 
 def _detached(message: dict[str, Any], attachments: Sequence[Attachment]) -> dict[str, Any]:
