@@ -44,6 +44,7 @@ class PoolConfig:
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     #: Binary values and long strings of this many bytes or more travel through shared memory
     #: (tmpfs) instead of the pipe, where workers take it; None keeps everything on the pipe.
+    #: The default is lowered to ``max_frame_bytes`` where that is smaller.
     shm_threshold_bytes: int | None = DEFAULT_SHM_THRESHOLD
     #: Bounds one request or response with all its values, shared memory included.
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
@@ -77,6 +78,12 @@ class PoolConfig:
 
     def __post_init__(self) -> None:
         validate_config(self, source="arguments")
+
+    @property
+    def shm_threshold(self) -> int | None:
+        """The threshold in force: ``shm_threshold_bytes``, at most ``max_frame_bytes``."""
+        threshold = self.shm_threshold_bytes
+        return None if threshold is None else min(threshold, self.max_frame_bytes)
 
     def replace(self, **changes: Any) -> PoolConfig:
         """A copy with ``changes`` applied (unknown keys raise ``ConfigError``)."""
@@ -201,7 +208,9 @@ def validate_config(config: PoolConfig, *, source: str) -> None:
         fail("max_worker_memory_mb", "must be a number of MiB > 0, or None for no limit")
     threshold = config.shm_threshold_bytes
     if threshold is not None and (
-        not _is_int(threshold) or not 1 <= threshold <= config.max_frame_bytes
+        not _is_int(threshold)
+        or threshold < 1
+        or (threshold > config.max_frame_bytes and threshold != DEFAULT_SHM_THRESHOLD)
     ):
         fail(
             "shm_threshold_bytes",

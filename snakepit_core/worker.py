@@ -228,10 +228,10 @@ class Worker:
         self._codec = get_codec(config.json_codec)
         #: Its view of the shared-memory segments, when the pool offers them.
         self._segments: Segments | None = None
-        if config.shm_threshold_bytes is not None:
+        if config.shm_threshold is not None:
             shared = get_shared_memory()
             if shared is not None:
-                self._segments = Segments(shared, config.shm_threshold_bytes)
+                self._segments = Segments(shared, config.shm_threshold)
         self._decoder = FrameDecoder(
             config.max_frame_bytes, self._codec, self._segments, config.max_payload_bytes
         )

@@ -178,7 +178,16 @@ async def test_the_payload_limit_counts_shared_memory_and_refuses_before_sending
 def test_nonsense_limits_are_config_errors(options: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         PoolConfig(**options)  # type: ignore[arg-type]
-    assert PoolConfig(shm_threshold_bytes=None).shm_threshold_bytes is None
+    assert PoolConfig(shm_threshold_bytes=None).shm_threshold is None
+
+
+def test_the_default_threshold_follows_a_smaller_frame_limit() -> None:
+    assert PoolConfig().shm_threshold == 256 * 1024
+    small = PoolConfig(max_frame_bytes=1024)
+    assert small.shm_threshold == 1024
+    assert small.replace(max_frame_bytes=1 << 20).shm_threshold == 256 * 1024
+    with pytest.raises(ConfigError, match="shm_threshold_bytes"):
+        PoolConfig(max_frame_bytes=1024, shm_threshold_bytes=2048)
 
 
 def test_reaping_removes_only_the_directories_of_dead_runs(tmp_path: Path) -> None:

@@ -116,8 +116,8 @@ class WireWorker:
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed by kill()
         shared = get_shared_memory()
         segments = None
-        if shared is not None and config.shm_threshold_bytes is not None:
-            segments = Segments(shared, config.shm_threshold_bytes)
+        if shared is not None and config.shm_threshold is not None:
+            segments = Segments(shared, config.shm_threshold)
         run_id = f"conformance-{os.getpid()}"
         env = adapter.worker_env(offered_environment(worker_id, run_id, config, segments))
         self.proc = subprocess.Popen(
