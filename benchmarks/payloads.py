@@ -122,7 +122,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument("--runtime", action="append", choices=("python", "node", "ruby"))
-    parser.add_argument("--shm-threshold", default=str(256 * 1024))
+    parser.add_argument("--shm-threshold", default="65536")
     parser.add_argument("--no-peer", action="store_true", help="leave ProcessPoolExecutor out")
     parser.add_argument("--rss", type=int, metavar="SIZE")
     parser.add_argument("--json", action="store_true")

@@ -14,8 +14,10 @@ from typing import Any, TypedDict
 from .errors import ConfigError
 from .protocol import DEFAULT_MAX_FRAME_BYTES, get_codec
 
-#: Values of this many bytes or more go through shared memory (measured: BENCHMARKS.md).
-DEFAULT_SHM_THRESHOLD = 256 * 1024
+#: Values of this many bytes or more go through shared memory: the break-even point measured
+#: on the 2-core machine (BENCHMARKS.md, "Large payloads": the pipe wins at 32 KiB, shared memory at
+#: 64 KiB).
+DEFAULT_SHM_THRESHOLD = 64 * 1024
 DEFAULT_MAX_PAYLOAD_BYTES = 1 << 30
 
 AFFINITY_MODES: tuple[str, ...] = ("prefer", "strict", "strict_fail_fast")

@@ -182,10 +182,10 @@ def test_nonsense_limits_are_config_errors(options: dict[str, object], message: 
 
 
 def test_the_default_threshold_follows_a_smaller_frame_limit() -> None:
-    assert PoolConfig().shm_threshold == 256 * 1024
+    assert PoolConfig().shm_threshold == 64 * 1024
     small = PoolConfig(max_frame_bytes=1024)
     assert small.shm_threshold == 1024
-    assert small.replace(max_frame_bytes=1 << 20).shm_threshold == 256 * 1024
+    assert small.replace(max_frame_bytes=1 << 20).shm_threshold == 64 * 1024
     with pytest.raises(ConfigError, match="shm_threshold_bytes"):
         PoolConfig(max_frame_bytes=1024, shm_threshold_bytes=2048)
 
