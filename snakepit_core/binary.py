@@ -11,6 +11,7 @@ checks the arguments, and only frames that carry some pay for the rest.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
@@ -100,6 +101,52 @@ class SegmentReader(Protocol):
 
     def read(self, name: str, size: int) -> bytes: ...
 
+    def take(self, name: str, size: int) -> int: ...
+
+
+#: The key under which :func:`decode_binary_body` leaves the values it did not read.
+DEFERRED_KEY = "$deferred"
+
+
+class Deferred(NamedTuple):
+    """A value in shared memory left to be read off the event loop: its segment is open (and
+    already deleted), ``fd`` is all that is left of it."""
+
+    path: list[Any]
+    fd: int
+    size: int
+    text: bool
+    name: str
+
+
+def read_deferred(deferred: Sequence[Deferred]) -> list[bytes | str]:
+    """The values of ``deferred``, read (on any thread), each descriptor closed."""
+    from .shm import read_taken
+
+    values: list[bytes | str] = []
+    try:
+        for value in deferred:
+            data = read_taken(value.fd, value.size, value.name)  # closes it, come what may
+            values.append(_text(data, value.path) if value.text else data)
+    except BaseException:
+        close_deferred(deferred[len(values) + 1 :])
+        raise
+    return values
+
+
+def place_deferred(
+    message: dict[str, Any], deferred: Sequence[Deferred], values: Sequence[bytes | str]
+) -> None:
+    """Put the values :func:`read_deferred` read where they belong in ``message``."""
+    for value, data in zip(deferred, values, strict=True):
+        _place(message, value.path, data)
+
+
+def close_deferred(deferred: Sequence[Deferred]) -> None:
+    """Drop values that will not be read (their segments are gone with the descriptors)."""
+    for value in deferred:
+        os.close(value.fd)
+
 
 def check_payload(size: int, max_payload_bytes: int, what: str = "request") -> None:
     """``ValidationError`` if a message of ``size`` bytes in all is over the payload limit."""
@@ -154,10 +201,13 @@ def decode_binary_body(
     codec: Codec,
     segments: SegmentReader | None = None,
     max_payload_bytes: int | None = None,
+    defer_from: int | None = None,
 ) -> Any:
     """The message of a binary frame's ``body``, each binary value in its place as ``bytes``
     and each text attachment as ``str``; values in shared memory are read from ``segments``
-    (a frame naming one without ``segments`` is refused).
+    (a frame naming one without ``segments`` is refused). When they add up to ``defer_from``
+    bytes or more they are not read here: their segments are opened and listed under
+    :data:`DEFERRED_KEY` (:func:`read_deferred` reads them, on a thread).
 
     Anything that does not add up (the lengths, the paths, the ``$binary`` list, the payload
     limit) is a ``ProtocolError``, found before any segment is read; nothing beyond the body
@@ -203,16 +253,29 @@ def decode_binary_body(
                 f"{max_payload_bytes} bytes",
                 cause="oversized_payload",
             )
+    shared = sum(size for _, size, _, segment in entries if segment is not None)
+    defer = defer_from is not None and shared >= defer_from
     offset = end
     view = memoryview(body)
-    for path, size, text, segment in entries:
-        if segment is None:
-            data: bytes | memoryview = view[offset : offset + size]
-            offset += size
-        else:
-            assert segments is not None
-            data = segments.read(segment, size)
-        _place(message, path, _text(data, path) if text else bytes(data))  # one copy
+    deferred: list[Deferred] = []
+    try:
+        for path, size, text, segment in entries:
+            if segment is None:
+                data: bytes | memoryview = view[offset : offset + size]
+                offset += size
+            elif defer:
+                assert segments is not None
+                deferred.append(Deferred(path, segments.take(segment, size), size, text, segment))
+                continue
+            else:
+                assert segments is not None
+                data = segments.read(segment, size)
+            _place(message, path, _text(data, path) if text else bytes(data))  # one copy
+    except BaseException:
+        close_deferred(deferred)
+        raise
+    if deferred:
+        message[DEFERRED_KEY] = deferred
     return message
 
 

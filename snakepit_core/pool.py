@@ -39,6 +39,7 @@ from .forking import detach_worker_pipes
 from .json_values import PLAIN, CheckedArguments, check_arguments
 from .plugins import AdapterHooks, get_plugin_manager, resolve_adapter
 from .runinfo import current_run_id, next_worker_id
+from .shm import STAGE_BYTES, SharedMemory, get_shared_memory, stage_segments
 from .stats import PoolCounters
 from .streams import Stream, StreamItems
 from .supervisor import PoolControls, Supervisor
@@ -99,6 +100,11 @@ def _seconds(value: Any, what: str, adapter: str, command: str) -> float:
     )
 
 
+def _delete_staged(shared: SharedMemory, staging: asyncio.Future[dict[Any, str]]) -> None:
+    if not staging.cancelled() and staging.exception() is None:
+        shared.delete(staging.result().values())
+
+
 class _Call:
     """One ``execute`` from validation to answer. When no slot is free it waits in the
     dispatcher's queue as itself, so a freed slot sends it at once (:meth:`give`) and the
@@ -119,6 +125,7 @@ class _Call:
         "request_id",
         "session_id",
         "span",
+        "staged",
         "started",
         "timeout",
         "worker",
@@ -142,6 +149,8 @@ class _Call:
         self.args: dict[str, Any] = {}
         self.timeout = 0.0
         self.checked = PLAIN
+        #: Segments written for its big binary values before it was sent, by path.
+        self.staged: dict[tuple[Any, ...], str] | None = None
         self.worker: Worker | None = None
         self.request_id = 0
         self.queue_wait = 0.0
@@ -580,6 +589,8 @@ class Pool:
         call.args, call.timeout, call.checked = self._checked_request(
             call.hooks, call.command, args, timeout, call.session_id
         )
+        if call.checked.binary:
+            await self._stage(call)
         dispatch = self.dispatch
         worker = dispatch.take(preferred, strict, fail_fast)
         if worker is None and self.supervisor.breaker_open and not self.workers:
@@ -602,6 +613,36 @@ class Pool:
         except BaseException:
             dispatch.release(worker)  # nothing was sent: the slot goes back
             raise
+
+    async def _stage(self, call: _Call) -> None:
+        """Write ``call``'s big binary values into shared memory on a thread, before a worker
+        is taken: copying megabytes on the event loop would stall every other caller, and a
+        thread lets the copy use another core. Small requests are left to :meth:`Worker.send`.
+        """
+        shared = get_shared_memory()
+        threshold = self.config.shm_threshold
+        if shared is None or threshold is None:
+            return
+        binary = call.checked.binary
+        big = [(("args", *path), view) for path, view in binary if view.nbytes >= threshold]
+        if sum(view.nbytes for _, view in big) < STAGE_BYTES:
+            return
+        assert self._loop is not None
+        staging = self._loop.run_in_executor(None, stage_segments, shared, big)
+        try:
+            call.staged = await asyncio.shield(staging)
+        except asyncio.CancelledError:
+            # The thread goes on writing: what it wrote is deleted once it is done.
+            staging.add_done_callback(lambda done: _delete_staged(shared, done))
+            raise
+
+    def _drop_staged(self, call: _Call) -> None:
+        """Delete the staged segments no worker took (it was sent inline, or never sent)."""
+        staged, call.staged = call.staged, None
+        if staged:
+            shared = get_shared_memory()
+            if shared is not None:
+                shared.delete(staged.values())
 
     async def _answer(self, call: _Call) -> Any:
         """The worker's answer to ``call``; a caller cancelled meanwhile abandons it."""
@@ -645,15 +686,20 @@ class Pool:
         if span is not None:
             self.telemetry.set_worker(span, worker.id, worker.pid, call.queue_wait)
             meta = self.telemetry.inject(span)
-        worker.send(
-            call.command,
-            call.args,
-            timeout=call.timeout,
-            meta=meta,
-            checked=call.checked,
-            future=call.future,
-            stream=call.items,
-        )
+        try:
+            worker.send(
+                call.command,
+                call.args,
+                timeout=call.timeout,
+                meta=meta,
+                checked=call.checked,
+                future=call.future,
+                stream=call.items,
+                staged=call.staged,
+            )
+        finally:
+            if call.staged is not None:
+                self._drop_staged(call)
         call.request_id = worker.last_request_id
         hooks = call.hooks
         if hooks.has_request_telemetry:
@@ -679,6 +725,8 @@ class Pool:
     def _finish(self, call: _Call, error: BaseException | None) -> None:
         """Account for a finished call: latency, the observer hooks, metrics, its span."""
         call.finished = True
+        if call.staged is not None:
+            self._drop_staged(call)
         duration = time.monotonic() - call.started
         self.counters.record_latency(duration)
         worker = call.worker

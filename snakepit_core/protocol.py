@@ -143,6 +143,7 @@ class FrameDecoder:
         "_filled",
         "_large",
         "_segments",
+        "defer_from",
         "max_frame_bytes",
         "max_payload_bytes",
     )
@@ -153,8 +154,12 @@ class FrameDecoder:
         codec: Codec = DEFAULT_CODEC,
         segments: SegmentReader | None = None,
         max_payload_bytes: int | None = None,
+        defer_from: int | None = None,
     ) -> None:
         self.max_frame_bytes = max_frame_bytes
+        #: A message whose values in shared memory add up to this much leaves them unread
+        #: (:func:`~snakepit_core.binary.decode_binary_body`); None reads everything.
+        self.defer_from = defer_from
         #: Bounds a binary frame with its values in shared memory (None: no bound).
         self.max_payload_bytes = max_payload_bytes
         self._codec = codec
@@ -228,7 +233,9 @@ class FrameDecoder:
 
     def _decode(self, body: bytes | bytearray) -> Any:
         if body[:1] == BINARY_MARK:
-            return decode_binary_body(body, self._codec, self._segments, self.max_payload_bytes)
+            return decode_binary_body(
+                body, self._codec, self._segments, self.max_payload_bytes, self.defer_from
+            )
         try:
             message = self._codec.decode(body)
         except (ValueError, RecursionError) as exc:  # every codec's errors, deep nesting

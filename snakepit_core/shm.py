@@ -29,6 +29,7 @@ import stat
 import threading
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from .errors import ProtocolError
 from .private_dirs import Unusable, open_private_dir
@@ -42,6 +43,11 @@ log = logging.getLogger("snakepit.shm")
 SHM_ROOT = Path("/dev/shm")
 #: The file in a run's directory that names the run (for reaping).
 RUN_FILE = ".run"
+#: A message whose values in shared memory add up to this much has them written (requests)
+#: or read (answers) on a thread, off the event loop: a copy of megabytes would stall every
+#: other caller, and the thread puts the second core to work. Below it the hand-over costs
+#: more than it gives (BENCHMARKS.md: a tie at 600 KB, +30 % at 1 MB).
+STAGE_BYTES = 768 * 1024
 #: Errors that mean "no room for this segment": the value goes through the pipe instead.
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOMEM)
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -146,8 +152,9 @@ class SharedMemory:
         os.close(fd)
         return name
 
-    def read(self, name: str, size: int, prefix: str) -> bytes:
-        """The first ``size`` bytes of the worker's segment ``name``, which is then deleted.
+    def take(self, name: str, size: int, prefix: str) -> int:
+        """Open the worker's segment ``name`` and delete its name: the descriptor returned is
+        then all that is left of it (read it with :func:`read_taken`, which closes it).
 
         ``ProtocolError`` for a name outside ``prefix``, anything but a regular file of ours,
         or a file shorter than ``size``.
@@ -172,17 +179,19 @@ class SharedMemory:
                     f"shared-memory segment {name[:80]!r} is not a regular file of this user",
                     cause="bad_segment",
                 )
-            data = _read_exactly(fd, size)
-        finally:
+            if info.st_size < size:
+                raise _short(name, info.st_size, size)
+        except BaseException:
             os.close(fd)
+            raise
+        finally:
             self.delete((name,))
-        if len(data) < size:
-            raise ProtocolError(
-                f"shared-memory segment {name[:80]!r} has {len(data)} bytes, fewer than the "
-                f"{size} announced",
-                cause="bad_segment",
-            )
-        return data
+        return fd
+
+    def read(self, name: str, size: int, prefix: str) -> bytes:
+        """The first ``size`` bytes of the worker's segment ``name``, which is then deleted
+        (the checks of :meth:`take`)."""
+        return read_taken(self.take(name, size, prefix), size, name)
 
     def delete(self, names: Iterable[str]) -> None:
         for name in names:
@@ -203,6 +212,25 @@ class SharedMemory:
             os.close(self._dir_fd)
 
 
+def read_taken(fd: int, size: int, name: str) -> bytes:
+    """The first ``size`` bytes of a segment :meth:`SharedMemory.take` opened; closes ``fd``.
+    Safe on any thread. ``ProtocolError`` if the file has shrunk meanwhile."""
+    try:
+        data = _read_exactly(fd, size)
+    finally:
+        os.close(fd)
+    if len(data) < size:
+        raise _short(name, len(data), size)
+    return data
+
+
+def _short(name: str, has: int, size: int) -> ProtocolError:
+    return ProtocolError(
+        f"shared-memory segment {name[:80]!r} has {has} bytes, fewer than the {size} announced",
+        cause="bad_segment",
+    )
+
+
 def _read_exactly(fd: int, size: int) -> bytes:
     """Up to ``size`` bytes of ``fd`` in one buffer (fewer only at the end of the file)."""
     data = os.read(fd, size)
@@ -217,6 +245,23 @@ def _read_exactly(fd: int, size: int) -> bytes:
         parts.append(chunk)
         got += len(chunk)
     return b"".join(parts)
+
+
+def stage_segments(
+    shared: SharedMemory, values: Iterable[tuple[tuple[Any, ...], memoryview]]
+) -> dict[tuple[Any, ...], str]:
+    """Write each value into a new segment (run on a thread); the names by path. A value that
+    finds no room is left out (it goes through the pipe); on an error nothing is left."""
+    staged: dict[tuple[Any, ...], str] = {}
+    try:
+        for path, view in values:
+            name = shared.write(view)
+            if name is not None:
+                staged[path] = name
+    except BaseException:
+        shared.delete(staged.values())
+        raise
+    return staged
 
 
 class Segments:
@@ -239,6 +284,9 @@ class Segments:
 
     def read(self, name: str, size: int) -> bytes:
         return self.shared.read(name, size, self.prefix)
+
+    def take(self, name: str, size: int) -> int:
+        return self.shared.take(name, size, self.prefix)
 
     def clean_up(self) -> None:
         """The worker has exited: delete the segments it made and never sent."""

@@ -25,7 +25,17 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .adapter import Adapter
-from .binary import TEXT_THRESHOLD, Attachment, check_payload, encode_binary_frame
+from .binary import (
+    DEFERRED_KEY,
+    TEXT_THRESHOLD,
+    Attachment,
+    Deferred,
+    check_payload,
+    close_deferred,
+    encode_binary_frame,
+    place_deferred,
+    read_deferred,
+)
 from .config import PoolConfig
 from .errors import (
     ProtocolError,
@@ -39,7 +49,7 @@ from .json_values import PLAIN, CheckedArguments, format_path
 from .launcher import launch_argv
 from .protocol import FrameDecoder, check_response, encode_frame, get_codec
 from .registry import get_registry
-from .shm import SHM_ROOT, Segments, get_shared_memory
+from .shm import SHM_ROOT, STAGE_BYTES, Segments, get_shared_memory
 from .watchdog import get_watchdog
 
 if TYPE_CHECKING:
@@ -233,7 +243,11 @@ class Worker:
             if shared is not None:
                 self._segments = Segments(shared, config.shm_threshold)
         self._decoder = FrameDecoder(
-            config.max_frame_bytes, self._codec, self._segments, config.max_payload_bytes
+            config.max_frame_bytes,
+            self._codec,
+            self._segments,
+            config.max_payload_bytes,
+            defer_from=STAGE_BYTES,
         )
         self._stderr_partial = b""
         self._forward_stderr = config.worker_output == "stderr"
@@ -380,6 +394,7 @@ class Worker:
         checked: CheckedArguments = PLAIN,
         future: asyncio.Future[Any] | None = None,
         stream: StreamItems | None = None,
+        staged: dict[tuple[Any, ...], str] | None = None,
     ) -> asyncio.Future[Any]:
         """Send one request; the future (``future``, or a new one) gets the result or a
         ``SnakepitError``. Its id is :attr:`last_request_id` afterwards. With ``stream``, a
@@ -388,8 +403,11 @@ class Worker:
         Raises ``ValidationError`` (and sends nothing) if the request cannot be encoded, or
         carries binary values and the worker does not take them. ``checked`` is what
         :func:`~snakepit_core.json_values.check_arguments` found (the exact encoder needed,
-        binary values). ``meta`` gains ``deadline_ms``, the time budget. Everything that can
-        fail happens before the request is registered, so a failed send leaves no trace.
+        binary values). ``meta`` gains ``deadline_ms``, the time budget. ``staged`` holds
+        segments the pool already wrote for big values (by path from the envelope's root);
+        those this worker takes are removed from it, the rest stay the caller's. Everything
+        that can fail happens before the request is registered, so a failed send leaves no
+        trace.
         """
         request_id = self._next_id + 1
         budget = max(1, round(timeout * 1000))
@@ -403,7 +421,7 @@ class Worker:
         message = {"id": request_id, "command": command, "args": args, "meta": meta}
         segments: list[str] = []
         if checked.binary or (checked.texts and "text" in self.capabilities):
-            frame = self._binary_frame(command, message, checked, segments)
+            frame = self._binary_frame(command, message, checked, segments, staged)
         else:
             frame = encode_frame(message, self.config.max_frame_bytes, self._codec, checked.exact)
         loop = self._loop
@@ -427,6 +445,7 @@ class Worker:
         message: dict[str, Any],
         checked: CheckedArguments,
         segments: list[str],
+        staged: dict[tuple[Any, ...], str] | None,
     ) -> bytes:
         """The frame of a request with binary values or long strings; the shared-memory
         segments it names are appended to ``segments`` (deleted again if it cannot be sent)."""
@@ -449,7 +468,7 @@ class Worker:
             return encode_frame(message, self.config.max_frame_bytes, self._codec, checked.exact)
         config = self.config
         check_payload(sum(a.data.nbytes for a in attachments), config.max_payload_bytes)
-        no_room = self._into_segments(attachments, segments)
+        no_room = self._into_segments(attachments, segments, staged)
         try:
             return encode_binary_frame(
                 message,
@@ -469,9 +488,15 @@ class Worker:
                 ) from None
             raise
 
-    def _into_segments(self, attachments: list[Attachment], segments: list[str]) -> bool:
-        """Move the values at or above the threshold into new segments (names appended to
-        ``segments``); True if some found no room and stay inline."""
+    def _into_segments(
+        self,
+        attachments: list[Attachment],
+        segments: list[str],
+        staged: dict[tuple[Any, ...], str] | None,
+    ) -> bool:
+        """Move the values at or above the threshold into segments (their names appended to
+        ``segments``): those ``staged`` by the pool, else new ones; True if some found no
+        room and stay inline."""
         shared = self._segments
         if shared is None or "shm" not in self.capabilities:
             return False
@@ -479,8 +504,10 @@ class Worker:
         for index, attachment in enumerate(attachments):
             if attachment.data.nbytes < shared.threshold:
                 continue
+            name = staged.pop(attachment.path, None) if staged else None
             try:
-                name = shared.shared.write(attachment.data)
+                if name is None:
+                    name = shared.shared.write(attachment.data)
             except BaseException:
                 shared.shared.delete(segments)
                 raise
@@ -626,7 +653,10 @@ class Worker:
             self._flush()
 
     def _on_message(self, message: dict[str, Any]) -> None:
+        deferred: list[Deferred] | None = message.pop(DEFERRED_KEY, None)
         if "item" in message and "success" not in message:
+            if deferred is not None:  # items keep their order: read here
+                place_deferred(message, deferred, read_deferred(deferred))
             self._on_item(message)
             return
         try:
@@ -639,21 +669,57 @@ class Worker:
                     cause="wrong_id",
                 )
         except ProtocolError as exc:
+            if deferred is not None:
+                close_deferred(deferred)
             self._on_protocol_error(exc)
             return
         request.settle()
         if request.stuck:
             self.stuck -= 1
-        future = request.future
-        if not future.done():
-            if success:
-                future.set_result(payload)
-            else:
-                self.errors += 1
-                future.set_exception(_CommandFailure(payload))
+        if deferred is not None:
+            self._answer_later(request.future, message, deferred)
+        else:
+            self._answer(request.future, success, payload)
         if self.state == "ready":
             self.completed += 1
             self._on_answer(self)
+
+    def _answer(self, future: asyncio.Future[Any], success: bool, payload: Any) -> None:
+        if future.done():
+            return
+        if success:
+            future.set_result(payload)
+        else:
+            self.errors += 1
+            future.set_exception(_CommandFailure(payload))
+
+    def _answer_later(
+        self, future: asyncio.Future[Any], message: dict[str, Any], deferred: list[Deferred]
+    ) -> None:
+        """Answer once the big values in shared memory are read, on a thread: copying them
+        on the event loop would stall every other caller. The slot is free already."""
+
+        def read() -> None:
+            place_deferred(message, deferred, read_deferred(deferred))
+
+        def done(reading: asyncio.Future[None]) -> None:
+            problem = reading.exception()
+            if problem is None:
+                success = message["success"] is True
+                self._answer(future, success, message["result" if success else "error"])
+                return
+            fault = (
+                problem
+                if isinstance(problem, ProtocolError)
+                else ProtocolError(f"its answer could not be read ({problem!r})", cause="internal")
+            )
+            if self.alive and self._protocol_error is None:
+                self._on_protocol_error(fault)
+            if not future.done():
+                self.errors += 1
+                future.set_exception(self._protocol_error or fault)
+
+        self._loop.run_in_executor(None, read).add_done_callback(done)
 
     def _on_item(self, message: dict[str, Any]) -> None:
         """An item of a stream in flight (dropped if its consumer gave up)."""

@@ -120,6 +120,7 @@ async def test_without_shared_memory_every_value_is_inline() -> None:
         ("short", "has 3 bytes, fewer than the 1000 announced"),
         ("missing", r"cannot be opened \(No such file or directory\)"),
         ("not_utf8", "text value at \\['result', 'x'\\] is not UTF-8"),
+        ("big_not_utf8", "text value at \\['result', 'x'\\] is not UTF-8"),
         ("over_payload", "over the maximum payload of 1073741824 bytes"),
     ],
 )

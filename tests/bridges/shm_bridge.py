@@ -140,6 +140,9 @@ def bad(rid, kind):
         send(answer, [(x, b"abc", False, f"{PREFIX}gone")])
     elif kind == "not_utf8":
         send(answer, [(x, b"\xff\xfe", True, None)])
+    elif kind == "big_not_utf8":  # read on a thread by the pool: the fault surfaces there
+        data = b"\xff" * (2 << 20)
+        send(answer, [(x, data, True, segment(data))])
     elif kind == "over_payload":  # a segment bigger than max_payload_bytes says it holds
         name = segment(b"abc")
         entries = [{"path": x, "size": 1 << 40, "shm": name}]
