@@ -13,7 +13,7 @@ break-even point; ``--rss SIZE`` prints the parent's peak RSS over one echo of S
 
 Usage: python benchmarks/payloads.py [--sizes 1000,100000,1000000,10000000,100000000]
        [--rounds 3] [--kinds str,bytes,numpy] [--runtime python|node|ruby ...]
-       [--shm-threshold N|none] [--rss SIZE] [--json]
+       [--shm-threshold N|none] [--codec auto|json|orjson] [--no-peer] [--rss SIZE] [--json]
 """
 
 from __future__ import annotations
@@ -66,12 +66,19 @@ def ppe_rate(size: int, kind: str) -> float:
         return count * size / (time.perf_counter() - started) / 1e6
 
 
-async def snakepit_rate(runtime: str, size: int, kind: str, threshold: int | None) -> float:
+async def snakepit_rate(
+    runtime: str, size: int, kind: str, threshold: int | None, codec: str
+) -> float:
     """Echo MB/s; a numpy array comes back as bytes and is made an array again, zero-copy, as
     a caller would (``numpy.frombuffer``)."""
     value = make_value(kind, size)
     count = requests_for(size)
-    options = {"pool_size": 4, "worker_concurrency": 8, "shm_threshold_bytes": threshold}
+    options = {
+        "pool_size": 4,
+        "worker_concurrency": 8,
+        "shm_threshold_bytes": threshold,
+        "json_codec": codec,
+    }
     async with Pool(runtime, **options) as pool:  # type: ignore[arg-type]
         await asyncio.gather(*(pool.execute("echo", {"v": value}, timeout=300) for _ in range(4)))
         gate = asyncio.Semaphore(CALLERS)
@@ -124,6 +131,7 @@ def main() -> None:
     parser.add_argument("--runtime", action="append", choices=("python", "node", "ruby"))
     parser.add_argument("--shm-threshold", default="65536")
     parser.add_argument("--no-peer", action="store_true", help="leave ProcessPoolExecutor out")
+    parser.add_argument("--codec", default="auto", choices=("auto", "json", "orjson"))
     parser.add_argument("--rss", type=int, metavar="SIZE")
     parser.add_argument("--json", action="store_true")
     options = parser.parse_args()
@@ -144,7 +152,7 @@ def main() -> None:
                 for runtime in runtimes:
                     if kind == "numpy" and runtime != "python":
                         continue
-                    rate = asyncio.run(snakepit_rate(runtime, size, kind, threshold))
+                    rate = asyncio.run(snakepit_rate(runtime, size, kind, threshold, options.codec))
                     samples.setdefault(f"{runtime} {kind}", []).append(rate)
         rows[str(size)] = {name: statistics.median(values) for name, values in samples.items()}
         print(f"size {size} done", file=sys.stderr)
@@ -154,7 +162,8 @@ def main() -> None:
     names = list(next(iter(rows.values())))
     print(
         f"echo MB/s, 4 workers, {CALLERS} callers, median of {options.rounds}, "
-        f"shm_threshold_bytes={threshold}, load {os.getloadavg()[0]:.1f}"
+        f"shm_threshold_bytes={threshold}, json_codec={options.codec}, "
+        f"load {os.getloadavg()[0]:.1f}"
     )
     print(f"  {'size':>10} " + " ".join(f"{name:>13}" for name in names))
     for size, figures in rows.items():

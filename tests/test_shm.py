@@ -252,3 +252,52 @@ def test_a_killed_parent_leaves_no_segment_directory(tmp_path: Path) -> None:
         parent.kill()
         parent.wait(30)
     eventually_sync(lambda: not where.exists(), 30, message=f"{where} is still there")
+
+
+FULL_SHM_SCENARIO = """
+import asyncio, json, os
+from snakepit_core import Pool
+from snakepit_core.errors import ValidationError
+
+async def main():
+    out = {}
+    big, fits = os.urandom(8 << 20), os.urandom(1 << 20)
+    async with Pool("python", pool_size=1, shm_threshold_bytes=64 * 1024) as pool:
+        out["capabilities"] = sorted(next(iter(pool.workers.values())).capabilities)
+        out["big"] = (await pool.execute("echo", {"v": big}))["echoed"]["v"] == big
+        out["fits"] = (await pool.execute("echo", {"v": fits}))["echoed"]["v"] == fits
+    async with Pool("python", pool_size=1, max_frame_bytes=4 << 20) as pool:
+        try:
+            await pool.execute("echo", {"v": big})
+        except ValidationError as exc:
+            out["error"] = exc.message
+    out["left"] = sorted(os.listdir("/dev/shm/snakepit-%d" % os.getuid()))
+    print(json.dumps(out))
+
+asyncio.run(main())
+"""
+
+
+def test_a_full_dev_shm_sends_values_through_the_pipe_or_says_so(tmp_path: Path) -> None:
+    """/dev/shm of 4 MiB (a private mount namespace): an 8 MiB value finds no room at the
+    pool nor at the worker and goes through the pipe both ways; 1 MiB fits; where the pipe
+    cannot take it either, a ValidationError says that /dev/shm is full. Never a SIGBUS."""
+    import json
+
+    from raw_worker import on_small_tmpfs
+
+    script = tmp_path / "full_shm.py"
+    script.write_text(FULL_SHM_SCENARIO)
+    done = subprocess.run(
+        on_small_tmpfs(Path("/dev/shm"), "4m", [sys.executable, str(script)]),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "shm" in out["capabilities"]
+    assert out["big"] is True and out["fits"] is True
+    assert "over the maximum frame size of 4194304 bytes" in out["error"]
+    assert "shared memory had no room for its biggest values: is /dev/shm full?" in out["error"]
+    assert len(out["left"]) == 1  # this run's directory, emptied at exit by the next start
