@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +28,15 @@ from snakepit_core.conformance.polling import eventually, eventually_sync  # noq
 __all__ = ["BRIDGES", "eventually", "eventually_sync", "pids_of_run"]
 
 BRIDGES = TESTS / "bridges"
+
+
+@pytest.fixture
+def shm_dir() -> Iterator[Path]:
+    """A private 0700 directory on /dev/shm, as a pool's segment directory is (bridge tests)."""
+    from raw_worker import private_shm_dir
+
+    with private_shm_dir() as directory:
+        yield directory
 
 
 @pytest.fixture

@@ -25,12 +25,12 @@ import pytest
 from snakepit_node.plugin import node_adapter, snakepit_adapters
 
 from raw_worker import (
+    PROTOCOL_2_CAPABILITIES,
     SHM_PREFIX,
     RawWorker,
     binary_body,
     frame,
     on_small_tmpfs,
-    private_shm_dir,
     shm_env,
     split_binary_body,
 )
@@ -39,7 +39,6 @@ KiB = 1 << 10
 MiB = 1 << 20
 #: The shared-memory threshold of most tests: values of 64 KiB and more go in segments.
 THRESHOLD = 64 * KiB
-CAPABILITIES = ["cancel", "deadline", "stream", "binary", "text"]
 
 WORKER = r"""
 const fs = require("fs");
@@ -85,12 +84,6 @@ run({
 """
 
 Spawn = Callable[..., RawWorker]
-
-
-@pytest.fixture
-def shm_dir() -> Iterator[Path]:
-    with private_shm_dir() as directory:
-        yield directory
 
 
 @pytest.fixture
@@ -255,9 +248,9 @@ def files(directory: Path) -> list[str]:
 
 
 def test_the_handshake_lists_text_and_shm_only_when_offered(spawn: Spawn, shm_dir: Path) -> None:
-    assert spawn().handshake_answer["capabilities"] == CAPABILITIES
+    assert spawn().handshake_answer["capabilities"] == PROTOCOL_2_CAPABILITIES
     with_shm = spawn(env=shm_env(shm_dir, THRESHOLD))
-    assert with_shm.handshake_answer["capabilities"] == [*CAPABILITIES, "shm"]
+    assert with_shm.handshake_answer["capabilities"] == [*PROTOCOL_2_CAPABILITIES, "shm"]
     # The health check and a protocol-1 handshake keep the protocol-1 answer.
     assert with_shm.result("ping")["capabilities"] == ["cancel"]
     assert spawn(env=shm_env(shm_dir, 0), max_in_flight=None).handshake()["result"][

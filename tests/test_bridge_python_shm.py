@@ -29,12 +29,12 @@ from snakepit_python import plugin
 from test_bridge_python_binary import assert_quiet, raw_frame
 
 from raw_worker import (
+    PROTOCOL_2_CAPABILITIES,
     SHM_PREFIX,
     RawWorker,
     binary_body,
     frame,
     on_small_tmpfs,
-    private_shm_dir,
     shm_env,
     split_binary_body,
 )
@@ -43,7 +43,6 @@ KiB = 1 << 10
 MiB = 1 << 20
 #: The shared-memory threshold of most tests: values of 64 KiB and more go in segments.
 THRESHOLD = 64 * KiB
-CAPABILITIES = ["cancel", "deadline", "stream", "binary", "text"]
 TIMEOUT = 30.0
 
 WORKER = r"""
@@ -166,12 +165,6 @@ run()
 
 BRIDGE = [sys.executable, str(plugin.BRIDGE_PATH)]
 Start = Callable[..., RawWorker]
-
-
-@pytest.fixture
-def shm_dir() -> Iterator[Path]:
-    with private_shm_dir() as directory:
-        yield directory
 
 
 @pytest.fixture
@@ -348,9 +341,12 @@ def stream_meta(window: int) -> dict[str, Any]:
 def test_the_handshake_lists_text_and_shm_only_when_offered(
     start: Start, max_in_flight: int
 ) -> None:
-    assert start(max_in_flight).handshake_answer["capabilities"] == [*CAPABILITIES, "shm"]
+    assert start(max_in_flight).handshake_answer["capabilities"] == [
+        *PROTOCOL_2_CAPABILITIES,
+        "shm",
+    ]
     alone = start(max_in_flight, shm=False, text_threshold=100)
-    assert alone.handshake_answer["capabilities"] == CAPABILITIES
+    assert alone.handshake_answer["capabilities"] == PROTOCOL_2_CAPABILITIES
     assert alone.result("ping")["capabilities"] == ["cancel"]  # the health check: protocol 1
     assert start(None).handshake_answer["capabilities"] == ["cancel"]  # a protocol-1 pool
 

@@ -23,12 +23,12 @@ import pytest
 from snakepit_ruby.plugin import ruby_adapter, snakepit_adapters
 
 from raw_worker import (
+    PROTOCOL_2_CAPABILITIES,
     SHM_PREFIX,
     RawWorker,
     binary_body,
     frame,
     on_small_tmpfs,
-    private_shm_dir,
     shm_env,
     split_binary_body,
 )
@@ -62,7 +62,6 @@ TIMEOUT = 30.0
 #: The shared-memory threshold the tests give workers (bytes).
 THRESHOLD = 1000
 KIB = 1024
-CAPABILITIES = ["cancel", "deadline", "stream", "binary", "text"]
 
 #: A value's lane in a frame: ("inline" or "shm", "bytes" or "text").
 Lane = tuple[str, str]
@@ -173,12 +172,6 @@ Start = Callable[..., Worker]
 
 
 @pytest.fixture
-def shm_dir() -> Iterator[Path]:
-    with private_shm_dir() as directory:
-        yield directory
-
-
-@pytest.fixture
 def start(tmp_path: Path, shm_dir: Path) -> Iterator[Start]:
     """Starts the bundled bridge (or the custom worker), offered shared memory in `shm_dir`
     unless `shm=False`, and shakes hands with max_in_flight."""
@@ -246,7 +239,7 @@ def test_the_handshake_lists_text_and_shm_only_when_offered(
     start: Start, max_in_flight: int, shm: bool
 ) -> None:
     worker = start(max_in_flight, shm=shm)
-    expected = [*CAPABILITIES, "shm"] if shm else CAPABILITIES
+    expected = [*PROTOCOL_2_CAPABILITIES, "shm"] if shm else PROTOCOL_2_CAPABILITIES
     assert worker.handshake_answer["capabilities"] == expected
     assert worker.result("ping")["capabilities"] == ["cancel"]  # a health check: as always
 
