@@ -21,7 +21,7 @@ from typing import Any
 #: The segment-name prefix tests give a worker (PROTOCOL.md, *Shared memory*).
 SHM_PREFIX = "w0123456789abcdef-"
 #: What every bundled bridge declares at protocol 2 (plus ``shm`` when offered it).
-PROTOCOL_2_CAPABILITIES = ["cancel", "deadline", "stream", "binary", "text"]
+PROTOCOL_2_CAPABILITIES = ["cancel", "deadline", "stream", "binary", "text", "callbacks"]
 
 
 def frame(message: bytes | Mapping[str, Any]) -> bytes:
