@@ -17,6 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from .adapter import Adapter, ScriptAdapter
+from .callbacks import Callback, CallbackContext
 from .config import PoolConfig
 from .errors import SnakepitError
 from .hookspecs import hookimpl
@@ -42,6 +43,8 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     "Adapter",
+    "Callback",
+    "CallbackContext",
     "Pool",
     "PoolConfig",
     "ScriptAdapter",

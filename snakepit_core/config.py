@@ -50,6 +50,8 @@ class PoolConfig:
     shm_threshold_bytes: int | None = DEFAULT_SHM_THRESHOLD
     #: Bounds one request or response with all its values, shared memory included.
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    #: Callbacks one worker may have running in the host at once; more are refused.
+    max_pending_callbacks: int = 64
     #: Requests in flight per worker (protocol 2 bridges; protocol-1 bridges take one).
     worker_concurrency: int = 1
     #: Items a worker may stream ahead of the consumer (``execute_stream``'s backpressure).
@@ -113,6 +115,7 @@ class PoolOptions(TypedDict, total=False):
     max_frame_bytes: int
     shm_threshold_bytes: int | None
     max_payload_bytes: int
+    max_pending_callbacks: int
     worker_concurrency: int
     stream_window: int
     json_codec: str
@@ -143,6 +146,7 @@ _POSITIVE_INTS = (
     "latency_window",
     "max_frame_bytes",
     "max_payload_bytes",
+    "max_pending_callbacks",
 )
 _NON_NEGATIVE_INTS = ("pool_max_queue_size", "max_requests_per_worker")
 _POSITIVE_FLOATS = (

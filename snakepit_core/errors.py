@@ -218,3 +218,10 @@ class AffinityBusy(SnakepitError):
     """Strict fail-fast affinity: the session's worker is busy right now."""
 
     code = "affinity_busy"
+
+
+class CallbackDeadlock(SnakepitError):
+    """A callback called the pool while every slot was held by a request waiting for a
+    callback: no slot could ever free, so the call fails at once instead of timing out."""
+
+    code = "callback_deadlock"

@@ -29,6 +29,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from .adapter import Adapter
+    from .callbacks import Callback
 
 PROJECT_NAME = "snakepit"
 
@@ -56,6 +57,24 @@ def snakepit_adapters() -> list[Adapter]:  # type: ignore[empty-body]
         @hookimpl
         def snakepit_adapters():
             return [ScriptAdapter("mine", "python3", HERE / "bridge.py")]
+    """
+
+
+@hookspec
+def snakepit_callbacks(adapter: Adapter) -> list[Callback] | None:
+    """Return the host functions that workers of ``adapter`` may call, or ``None``.
+
+    Called when a pool of ``adapter`` starts; each :class:`~snakepit_core.Callback` is
+    registered on it as with ``pool.register_callback`` (workers call them with
+    ``ctx.call(name, args)``, docs/PROTOCOL.md, *Callbacks*). A name given twice, by two plugins
+    or by a plugin and ``register_callback``, is an error naming both.
+
+    Example::
+
+        @hookimpl
+        def snakepit_callbacks(adapter):
+            if adapter.name == "agents":
+                return [Callback("lookup", lambda args, ctx: DB[args["key"]])]
     """
 
 

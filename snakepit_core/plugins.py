@@ -40,6 +40,7 @@ from stevedore import ExtensionManager
 
 from . import hookspecs
 from .adapter import Adapter
+from .callbacks import Callback
 from .errors import PluginError, SnakepitError, UnknownAdapter
 
 log = logging.getLogger("snakepit.plugins")
@@ -570,6 +571,40 @@ class PluginManager:
             owner = self._owners.get(adapter.name)
             left_out = [plugin for name, plugin in self._adapter_plugins.items() if name != owner]
             return AdapterHooks(self._pm, adapter, self._version, left_out, on_error)
+
+    def callbacks_for(self, adapter: Adapter) -> list[tuple[Callback, str]]:
+        """The callbacks plugins contribute to pools of ``adapter`` (``snakepit_callbacks``),
+        each with the plugin it came from; ``PluginError`` naming a plugin whose hook raises
+        or returns something else than a list of ``Callback``."""
+        self.adapters()
+        with self._lock:
+            owner = self._owners.get(adapter.name)
+            left_out = [plugin for name, plugin in self._adapter_plugins.items() if name != owner]
+        contributed: list[tuple[Callback, str]] = []
+        for plugin_name, caller in _plugin_callers(self._pm, "snakepit_callbacks", left_out):
+            source = _describe(plugin_name, self.distribution_of(plugin_name))
+            try:
+                results = caller(adapter=adapter)
+            except Exception as error:
+                raise PluginError(
+                    f"{source}: snakepit_callbacks raised {error!r}",
+                    plugin=plugin_name,
+                    hook="snakepit_callbacks",
+                    adapter=adapter.name,
+                ) from error
+            for result in results:
+                if not isinstance(result, list | tuple) or not all(
+                    isinstance(callback, Callback) for callback in result
+                ):
+                    raise PluginError(
+                        f"{source}: snakepit_callbacks must return a list of Callback, not "
+                        f"{result!r}"[:300],
+                        plugin=plugin_name,
+                        hook="snakepit_callbacks",
+                        adapter=adapter.name,
+                    )
+                contributed.extend((callback, source) for callback in result)
+        return contributed
 
     @property
     def pm(self) -> pluggy.PluginManager:

@@ -24,10 +24,18 @@ from typing import TYPE_CHECKING, Any, Unpack
 from opentelemetry import metrics, trace
 
 from .adapter import Adapter
+from .callbacks import (
+    Callback,
+    CallbackFunction,
+    CallbackRegistry,
+    CallbackRunner,
+    running_callback_of,
+)
 from .config import AFFINITY_MODES, PoolConfig, PoolOptions
 from .deadlines import Deadlines
 from .dispatch import Dispatcher
 from .errors import (
+    CallbackDeadlock,
     CommandError,
     PoolStopped,
     SessionLost,
@@ -230,6 +238,11 @@ class Pool:
         )
         self._session_store = session_store
         self._sessions: SessionStore | None = None
+        #: Host functions workers may call (``register_callback``, plugins' hook).
+        self.callbacks = CallbackRegistry()
+        self._callback_runner = CallbackRunner(
+            self, self.callbacks, self.counters, self.telemetry, self.config.max_pending_callbacks
+        )
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -258,6 +271,8 @@ class Pool:
         self._owner_pid = os.getpid()
         _live_pools.add(self)
         self.telemetry.refresh()
+        for callback, source in self._plugins.callbacks_for(self.adapter):
+            self.callbacks.add(callback, source)
         self.supervisor.before_start()
         size = self.config.pool_size
         tasks = [asyncio.ensure_future(self._start_worker(str(slot))) for slot in range(size)]
@@ -325,6 +340,7 @@ class Pool:
             on_stuck=self._on_stuck,
             on_exit=self._on_worker_exit,
             watch_deadline=self._deadlines.watch,
+            on_callback=self._callback_runner.on_call,
         )
         self._starting.add(worker)
         try:
@@ -357,6 +373,7 @@ class Pool:
             self._stopped.set()
             return
         self._state = "stopping"
+        self._callback_runner.cancel_all()
         grace = self.config.worker_shutdown_grace_period if grace is None else grace
         starting = list(self._starting)
         cancelled = [*self.supervisor.before_stop(), *self._startup_tasks]
@@ -593,8 +610,11 @@ class Pool:
             await self._stage(call)
         dispatch = self.dispatch
         worker = dispatch.take(preferred, strict, fail_fast)
-        if worker is None and self.supervisor.breaker_open and not self.workers:
-            raise self.supervisor.unavailable_error()
+        if worker is None:
+            if self.supervisor.breaker_open and not self.workers:
+                raise self.supervisor.unavailable_error()
+            if running_callback_of.get() is self:
+                self._refuse_deadlock(call.command)
         bound_to = preferred if strict else None
         if call.session_id is not None:
             # The session records its worker before the request is sent.
@@ -613,6 +633,40 @@ class Pool:
         except BaseException:
             dispatch.release(worker)  # nothing was sent: the slot goes back
             raise
+
+    def _refuse_deadlock(self, command: str) -> None:
+        """A callback calls this pool and no slot is free: if every slot is held by a request
+        waiting for a callback, none can free, so fail now (``CallbackDeadlock``)."""
+        slots = sum(w.capacity for w in self.workers.values() if w.alive and not w.retiring)
+        waiting = self._callback_runner.waiting_requests
+        if waiting >= slots:
+            raise CallbackDeadlock(
+                f"adapter {self.adapter.name!r}: {command!r} called from a callback while all "
+                f"{slots} slot(s) of the pool are held by requests waiting for callbacks: it "
+                "could never run (raise pool_size or worker_concurrency, or do not call the "
+                "pool from this callback)",
+                adapter=self.adapter.name,
+                command=command,
+            )
+
+    def register_callback(
+        self,
+        name: str,
+        fn: CallbackFunction | None = None,
+        *,
+        schema: dict[str, Any] | None = None,
+    ) -> Any:
+        """Let workers call ``fn(args, ctx)`` as ``name`` (``ctx.call(name, args)`` in a
+        handler; docs/PROTOCOL.md, *Callbacks*). Without ``fn``, a decorator. ``fn`` may be
+        sync (it runs on a thread) or async; ``schema`` (JSON Schema) checks the arguments
+        first. ``ValueError`` if ``name`` is taken (by a plugin too).
+        """
+
+        def register(function: CallbackFunction) -> CallbackFunction:
+            self.callbacks.add(Callback(name, function, schema), "register_callback")
+            return function
+
+        return register if fn is None else register(fn)
 
     async def _stage(self, call: _Call) -> None:
         """Write ``call``'s big binary values into shared memory on a thread, before a worker
@@ -660,6 +714,7 @@ class Pool:
         if call.worker is None:
             self.dispatch.leave(call)
         else:
+            self._callback_runner.cancel_for(call)
             call.worker.abandon(call.request_id)
 
     def _command_error(self, call: _Call, failure: _CommandFailure) -> CommandError:
@@ -696,6 +751,7 @@ class Pool:
                 future=call.future,
                 stream=call.items,
                 staged=call.staged,
+                caller=call,
             )
         finally:
             if call.staged is not None:
@@ -725,6 +781,7 @@ class Pool:
     def _finish(self, call: _Call, error: BaseException | None) -> None:
         """Account for a finished call: latency, the observer hooks, metrics, its span."""
         call.finished = True
+        self._callback_runner.cancel_for(call)
         if call.staged is not None:
             self._drop_staged(call)
         duration = time.monotonic() - call.started

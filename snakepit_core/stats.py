@@ -11,6 +11,8 @@ class PoolCounters:
 
     __slots__ = (
         "_latencies",
+        "callback_errors",
+        "callbacks",
         "errors",
         "pool_saturated",
         "queue_timeouts",
@@ -24,6 +26,9 @@ class PoolCounters:
         #: Streaming calls started (counted in ``requests`` too) and the items they delivered.
         self.streams = 0
         self.stream_items = 0
+        #: Callbacks workers called (and how many of them failed).
+        self.callbacks = 0
+        self.callback_errors = 0
         self.errors = 0
         self.queue_timeouts = 0
         self.pool_saturated = 0
@@ -41,6 +46,8 @@ class PoolCounters:
             "pool_saturated": self.pool_saturated,
             "streams": self.streams,
             "stream_items": self.stream_items,
+            "callbacks": self.callbacks,
+            "callback_errors": self.callback_errors,
             "latency_p50": _percentile(ordered, 0.50),
             "latency_p99": _percentile(ordered, 0.99),
         }

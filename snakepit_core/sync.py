@@ -20,6 +20,7 @@ from typing import Any, Protocol, TypeVar, Unpack
 from opentelemetry import metrics, trace
 
 from .adapter import Adapter
+from .callbacks import CallbackFunction
 from .config import PoolConfig, PoolOptions
 from .errors import PoolStopped
 from .pool import Pool
@@ -358,6 +359,17 @@ class SyncPool:
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run any coroutine on the pool's loop and wait for it."""
         return self._call(coroutine)
+
+    def register_callback(
+        self,
+        name: str,
+        fn: CallbackFunction | None = None,
+        *,
+        schema: dict[str, Any] | None = None,
+    ) -> Any:
+        """:meth:`Pool.register_callback` (``fn`` runs on the pool's event loop thread if it
+        is async, on a thread of its executor if not)."""
+        return self.pool.register_callback(name, fn, schema=schema)
 
     @property
     def sessions(self) -> SyncSessionStore:

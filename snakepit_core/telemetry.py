@@ -80,6 +80,7 @@ class Attr:
     PROCESS_EXIT_CODE = "process.exit.code"
     EXIT_REASON = "snakepit.worker.exit_reason"
     STARTUP_TIME = "snakepit.worker.startup_time"
+    CALLBACK = "snakepit.callback.name"
 
 
 RPC_SYSTEM_VALUE = "snakepit"
@@ -122,6 +123,11 @@ class PoolTelemetry:
             unit="s",
             description="Duration of calls to the pool's workers, from execute to the answer",
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        )
+        self.callbacks = meter.create_counter(
+            "snakepit.callback.calls",
+            unit="{call}",
+            description="Callbacks workers called in the host, by name and error type",
         )
         self.restarts = meter.create_counter(
             "snakepit.worker.restarts",
@@ -237,6 +243,34 @@ class PoolTelemetry:
         if error is not None:
             attributes[Attr.ERROR_TYPE] = error_type(error)
         self.duration.record(duration, attributes)
+
+    def start_callback(self, name: str, request_span: trace.Span | None) -> trace.Span | None:
+        """A SERVER span ``<adapter>/callback/<name>`` under the calling request's span (None
+        when not tracing)."""
+        if not self.tracing:
+            return None
+        parent = trace.set_span_in_context(request_span) if request_span is not None else None
+        return self.tracer.start_span(
+            f"{self.adapter.name}/callback/{name}",
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes={**self._base, Attr.CALLBACK: name},
+        )
+
+    def end_callback(self, span: trace.Span | None, name: str, error: BaseException | None) -> None:
+        """End a callback's span (errors as for requests) and count it."""
+        if span is not None:
+            if error is not None:
+                code = error_type(error)
+                span.set_attribute(Attr.ERROR_TYPE, code)
+                span.record_exception(error, escaped=True)
+                span.set_status(Status(StatusCode.ERROR, str(error)[:500]))
+            span.end()
+        if self.metering:
+            attributes = {**self._base, Attr.CALLBACK: name}
+            if error is not None:
+                attributes[Attr.ERROR_TYPE] = error_type(error)
+            self.callbacks.add(1, attributes)
 
     def worker_span(self, name: str, attributes: dict[str, Any]) -> None:
         """A short span for a worker life-cycle event (start, restart, exit)."""

@@ -45,7 +45,7 @@ from .errors import (
     WorkerCrashed,
     WorkerTimeout,
 )
-from .json_values import PLAIN, CheckedArguments, format_path
+from .json_values import PLAIN, CheckedArguments, check_arguments, format_path
 from .launcher import launch_argv
 from .protocol import FrameDecoder, check_response, encode_frame, get_codec
 from .registry import get_registry
@@ -195,6 +195,7 @@ class Worker:
         on_stuck: Callable[[Worker], None],
         on_exit: Callable[[Worker], None],
         watch_deadline: Callable[[float], None],
+        on_callback: Callable[[Worker, Any, dict[str, Any]], None] | None = None,
     ) -> None:
         self.adapter = adapter
         self.id = worker_id
@@ -206,6 +207,9 @@ class Worker:
         self._on_stuck = on_stuck
         self._on_exit_callback = on_exit
         self._watch_deadline = watch_deadline
+        #: Hears of callback calls (PROTOCOL.md, *Callbacks*): the worker, the calling
+        #: request's ``caller`` (None if it is not in flight) and the frame.
+        self._on_callback = on_callback
         #: Requests it takes at once (set by the handshake) and slots the dispatcher has taken.
         self.capacity = 1
         self.reserved = 0
@@ -395,6 +399,7 @@ class Worker:
         future: asyncio.Future[Any] | None = None,
         stream: StreamItems | None = None,
         staged: dict[tuple[Any, ...], str] | None = None,
+        caller: Any = None,
     ) -> asyncio.Future[Any]:
         """Send one request; the future (``future``, or a new one) gets the result or a
         ``SnakepitError``. Its id is :attr:`last_request_id` afterwards. With ``stream``, a
@@ -407,7 +412,8 @@ class Worker:
         segments the pool already wrote for big values (by path from the envelope's root);
         those this worker takes are removed from it, the rest stay the caller's. Everything
         that can fail happens before the request is registered, so a failed send leaves no
-        trace.
+        trace. ``caller`` is the pool's own record of the call, handed back with its
+        callback calls.
         """
         request_id = self._next_id + 1
         budget = max(1, round(timeout * 1000))
@@ -431,6 +437,7 @@ class Worker:
         self._queue_frame(frame)
         self._next_id = self.last_request_id = request_id
         request = _Request(command, deadline, timeout, future, stream)
+        request.caller = caller
         if segments:
             request.segments = segments
             request.shared = self._segments
@@ -654,6 +661,11 @@ class Worker:
 
     def _on_message(self, message: dict[str, Any]) -> None:
         deferred: list[Deferred] | None = message.pop(DEFERRED_KEY, None)
+        if "success" not in message and "call" in message and "item" not in message:
+            if deferred is not None:
+                place_deferred(message, deferred, read_deferred(deferred))
+            self._on_call(message)
+            return
         if "item" in message and "success" not in message:
             if deferred is not None:  # items keep their order: read here
                 place_deferred(message, deferred, read_deferred(deferred))
@@ -683,6 +695,37 @@ class Worker:
         if self.state == "ready":
             self.completed += 1
             self._on_answer(self)
+
+    def _on_call(self, message: dict[str, Any]) -> None:
+        """A callback call: the pool runs it (or answers why not)."""
+        request_id = message.get("id")
+        request = self._requests.get(request_id) if type(request_id) is int else None
+        caller = None if request is None or request.abandoned else request.caller
+        if self._on_callback is not None:
+            self._on_callback(self, caller, message)
+
+    def answer_callback(self, request_id: Any, answer: dict[str, Any]) -> None:
+        """Send the answer of a callback call (``$callback``) while its request is in flight;
+        ``ValidationError`` if the result cannot be sent (not JSON)."""
+        request = self._requests.get(request_id) if type(request_id) is int else None
+        if request is None or not self.alive:
+            return
+        message = {"id": request_id, "command": "$callback", "args": answer}
+        checked = check_arguments(answer, adapter=self.adapter.name, command="$callback")
+        segments: list[str] = []
+        if checked.binary or (checked.texts and "text" in self.capabilities):
+            frame = self._binary_frame("$callback", message, checked, segments, None)
+        else:
+            frame = encode_frame(message, self.config.max_frame_bytes, self._codec, checked.exact)
+        if segments:  # deleted with the request's own
+            request.segments = [*request.segments, *segments]
+            request.shared = self._segments
+        self._queue_frame(frame)
+
+    def time_left(self, request_id: int) -> float | None:
+        """Seconds before request ``request_id``'s deadline (None if it is not in flight)."""
+        request = self._requests.get(request_id)
+        return None if request is None else request.deadline - self._loop.time()
 
     def _answer(self, future: asyncio.Future[Any], success: bool, payload: Any) -> None:
         if future.done():
@@ -921,6 +964,7 @@ class _Request:
 
     __slots__ = (
         "abandoned",
+        "caller",
         "cancel_timer",
         "command",
         "deadline",
@@ -950,6 +994,8 @@ class _Request:
         self.abandoned = False
         self.cancel_timer: asyncio.TimerHandle | None = None
         self.stuck = False
+        #: The pool's record of the call, handed back with its callback calls.
+        self.caller: Any = None
         #: The shared-memory segments of its values (the pool's: deleted when it ends).
         self.segments: list[str] = _NO_SEGMENTS
         self.shared: Segments | None = None
