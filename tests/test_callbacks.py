@@ -287,3 +287,28 @@ def test_the_blocking_pool_registers_callbacks_too() -> None:
             return args["a"] + args["b"]
 
         assert pool.execute("call", call(("add", {"a": 2, "b": 3}))) == [ok(0, 5)]
+
+
+async def test_callbacks_are_counted_in_metrics_by_name_and_error() -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    async with Pool(adapter(), pool_size=1, meter_provider=MeterProvider([reader])) as pool:
+        pool.register_callback("echo", lambda args, ctx: args)
+        pool.register_callback("boom", lambda args, ctx: 1 / 0)
+        await pool.execute("call", call(("echo", {}), ("echo", {}), ("boom", {})))
+    data = reader.get_metrics_data()
+    points = [
+        point
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == "snakepit.callback.calls"
+        for point in metric.data.data_points
+    ]
+    counted = {
+        (p.attributes["snakepit.callback.name"], p.attributes.get("error.type")): p.value
+        for p in points
+    }
+    assert counted == {("echo", None): 2, ("boom", "ZeroDivisionError"): 1}
