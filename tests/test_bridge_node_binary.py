@@ -245,7 +245,7 @@ def assert_quiet(worker: RawWorker, seconds: float = 0.3) -> None:
 def test_protocol_2_handshake_declares_binary(spawn: Spawn) -> None:
     worker = spawn(max_in_flight=None)
     answer = worker.result("ping", {"worker_id": "w-1", "initialization": True, "max_in_flight": 2})
-    assert answer["capabilities"] == ["cancel", "deadline", "stream", "binary", "text"]
+    assert answer["capabilities"] == ["cancel", "deadline", "stream", "binary", "text", "callbacks"]
     # The health check and a protocol-1 handshake keep the protocol-1 answer.
     assert worker.result("ping")["capabilities"] == ["cancel"]
     assert spawn(max_in_flight=None).result("ping")["capabilities"] == ["cancel"]

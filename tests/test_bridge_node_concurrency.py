@@ -86,7 +86,7 @@ def test_handshake_v2_answer(spawn: Spawn) -> None:
     ping = handshake(worker, 8)
     assert list(ping) == V2_KEYS  # the key order as written on the wire
     assert ping["status"] == "ok" and ping["worker_id"] == "w-1" and ping["runtime"] == "node"
-    assert ping["capabilities"] == ["cancel", "deadline", "stream", "binary", "text"]
+    assert ping["capabilities"] == ["cancel", "deadline", "stream", "binary", "text", "callbacks"]
     assert (ping["protocol"], ping["max_concurrency"]) == (2, 4096)
     assert ping["requests_handled"] == 1 and ping["pid"] == worker.proc.pid
     # The health check carries no max_in_flight: it gets the protocol-1 answer.

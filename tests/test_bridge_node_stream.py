@@ -145,7 +145,14 @@ def failed(request_id: int, error: str) -> dict[str, Any]:
 def test_protocol_2_handshake_declares_stream(spawn: Spawn) -> None:
     worker = spawn()
     answer = worker.call("ping", {"worker_id": "w-1", "initialization": True, "max_in_flight": 2})
-    assert answer["result"]["capabilities"] == ["cancel", "deadline", "stream", "binary", "text"]
+    assert answer["result"]["capabilities"] == [
+        "cancel",
+        "deadline",
+        "stream",
+        "binary",
+        "text",
+        "callbacks",
+    ]
     # The health check and a protocol-1 handshake keep the protocol-1 answer.
     assert worker.result("ping")["capabilities"] == ["cancel"]
     assert worker.result("ping", {"worker_id": "w-1", "initialization": True})["capabilities"] == [

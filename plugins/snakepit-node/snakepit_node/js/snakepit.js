@@ -17,13 +17,13 @@
  * `ctx.signal`), error mapping (a thrown error becomes `success: false` with
  * "<command>: <message>"; any error but a CommandError also logs its stack to stderr) and
  * stdout protection. Handlers get `(args, ctx)`; `ctx` has requestId, workerId, traceparent,
- * tracestate, deadlineMs, deadline (seconds left, or null) and signal. Node's standard library
- * only.
+ * tracestate, deadlineMs, deadline (seconds left, or null), signal and call() (see
+ * *Callbacks*). Node's standard library only.
  *
  * Protocol 2. The handshake `ping` may carry `max_in_flight: N`; the library then answers
  * `protocol: 2, max_concurrency: 4096` and capabilities ["cancel", "deadline", "stream",
- * "binary"], and
- * runs up to min(N, 4096) requests at once: each starts as its frame arrives (input is read
+ * "binary", "text", "callbacks"] ("shm" too when offered), and runs up to min(N, 4096)
+ * requests at once: each starts as its frame arrives (input is read
  * ahead while handlers run), responses go out as handlers settle, in any order. Without
  * `max_in_flight` (a protocol-1 pool) the answer is the protocol-1 one and requests run one at
  * a time. Requests beyond the limit wait in arrival order; the built-in `ping` never waits.
@@ -57,6 +57,34 @@
  * envelope and values add up beyond SNAKEPIT_MAX_PAYLOAD_BYTES (1 GiB by default) is refused
  * with "<command>: response of N bytes exceeds the payload limit of M bytes", leaving no
  * segment behind. At protocol 1 results are plain JSON, a Buffer as JSON.stringify writes it.
+ *
+ * Callbacks (capability `callbacks`, protocol 2). A handler may call a function the host
+ * registered (`pool.register_callback(name, fn)`) and wait for its result:
+ *
+ *     const { run, CallbackError } = require("snakepit");
+ *     run({
+ *       greet: async (args, ctx) => {
+ *         try {
+ *           const user = await ctx.call("lookup", { key: args.key });
+ *           return `hello ${user.name}`;
+ *         } catch (err) {
+ *           if (err instanceof CallbackError && err.code === "unknown_callback") return "hello";
+ *           throw err;
+ *         }
+ *       },
+ *     });
+ *
+ * `ctx.call(name, args)` sends the call frame {"id": <request id>, "call": <n>, "name", "args"}
+ * (binary values and long strings in `args` travel as in a result: binary frame, text lane,
+ * shared memory) and returns a Promise of the result of the `$callback` answer with that `call`
+ * (binary values as Buffers). A failed answer rejects with a CallbackError whose `code` and
+ * message are the answer's `code` and `error`. `$cancel` rejects the request's pending calls at
+ * once with code "cancelled" (its signal aborts too), and so is any call made after that; a
+ * call made after the request was answered also fails with "cancelled", and when a request is
+ * answered its pending calls are dropped: never settled, their late answers ignored. Calls may
+ * overlap, from one handler and from concurrent requests (streaming ones too, between items).
+ * A call that is refused before it is sent fails with "bad_callback" (name not a string, args
+ * not an object or not serializable, over a limit) or "unsupported" (protocol 1).
  */
 
 const { isUtf8 } = require("buffer"); // Node 18.14 and later; TextDecoder before
@@ -67,7 +95,14 @@ const { inspect } = require("util");
 const VERSION = "0.2.0";
 const RUNTIME = "node";
 const CAPABILITIES_V1 = Object.freeze(["cancel"]);
-const CAPABILITIES_V2 = Object.freeze(["cancel", "deadline", "stream", "binary", "text"]);
+const CAPABILITIES_V2 = Object.freeze([
+  "cancel",
+  "deadline",
+  "stream",
+  "binary",
+  "text",
+  "callbacks",
+]);
 /** CAPABILITIES_V2 with `shm`, when the pool offers shared memory (SNAKEPIT_SHM_DIR). */
 const CAPABILITIES_V2_SHM = Object.freeze([...CAPABILITIES_V2, "shm"]);
 const PROTOCOL = 2;
@@ -112,6 +147,15 @@ const state = {
   maxJsonBytes: DEFAULT_MAX_FRAME_BYTES,
   /** Binary values go out as binary frames: a protocol-2 handshake declared `binary`. */
   binary: false,
+  /** Handlers may call the host: a protocol-2 handshake declared `callbacks`. */
+  callbacks: false,
+  /**
+   * Callback calls sent and not yet answered, by their `call` number (unique in the worker, so
+   * unique among its unanswered calls): each a { requestId, name, resolve, reject, owner }.
+   */
+  calls: new Map(),
+  /** The `call` number of the next callback call. */
+  nextCall: 0,
   /**
    * Shared memory, when the pool offers it (SNAKEPIT_SHM_DIR): the directory, the prefix of
    * the segments this worker makes, the size from which values go in one, and the number of
@@ -703,10 +747,39 @@ const NO_META = Object.freeze({});
 class CommandError extends Error {}
 CommandError.prototype.name = "CommandError";
 
+/**
+ * A callback call failed: the host's answer said so (`code` is its `code`, the message its
+ * `error`: "callback_failed", "unknown_callback", "invalid_arguments", "bad_callback",
+ * "too_many_callbacks", "timeout", "callback_deadlock", ...), or the library refused it before
+ * sending anything: "cancelled" (the request was cancelled or has ended), "bad_callback" (a
+ * name that is not a string, args that are not a JSON object or cannot be sent), "unsupported"
+ * (the pool did not negotiate protocol 2). `callback` is the name called.
+ */
+class CallbackError extends Error {
+  constructor(message, code, callback = null) {
+    super(message);
+    this.code = code;
+    this.callback = callback;
+  }
+}
+CallbackError.prototype.name = "CallbackError";
+
+function noop() {}
+
+/** A promise rejected with `err`, which nobody need wait for (see Context#call). */
+function rejected(err) {
+  const promise = Promise.reject(err);
+  promise.catch(noop);
+  return promise;
+}
+
 /** What a handler knows about its request; `signal` aborts when the pool cancels it. */
 class Context {
   #controller = null;
   #cancelled = false;
+  #ended = false;
+  /** The `call` numbers of this request's callback calls still pending; null for none yet. */
+  #calls = null;
   #receivedAt;
 
   constructor(requestId, meta, receivedAt) {
@@ -739,10 +812,94 @@ class Context {
     return this.#controller.signal;
   }
 
+  /**
+   * Calls the host's callback `name` (registered with `pool.register_callback`) with `args`, a
+   * JSON object whose values may be binary (any Buffer, typed array or ArrayBuffer, as in a
+   * result) or long strings (they take the text lane, or shared memory, as results do).
+   * Resolves to the callback's result (binary values as Buffers), or rejects with a
+   * CallbackError: the host's `code` and `error`, or "cancelled" at once when the request is
+   * cancelled (also for a call made after that) or has ended. Calls may overlap, in one
+   * handler and across requests. A call nobody waits for is not an unhandled rejection: once
+   * the request is answered it is dropped, and its answer, if one comes, is ignored.
+   */
+  call(name, args = {}) {
+    if (this.#cancelled) {
+      return rejected(
+        new CallbackError(
+          `callback '${name}' cancelled: request ${this.requestId} was cancelled`,
+          "cancelled",
+          name,
+        ),
+      );
+    }
+    if (this.#ended) {
+      return rejected(
+        new CallbackError(
+          `callback '${name}' cancelled: request ${this.requestId} has ended`,
+          "cancelled",
+          name,
+        ),
+      );
+    }
+    if (!state.callbacks) {
+      return rejected(
+        new CallbackError(
+          `callback '${name}' unavailable: callbacks need protocol 2, which the pool did not ` +
+            "ask for (no max_in_flight in its handshake)",
+          "unsupported",
+          name,
+        ),
+      );
+    }
+    if (typeof name !== "string") {
+      const shown = inspect(name, { depth: 0, breakLength: Infinity }).slice(0, 100);
+      return rejected(
+        new CallbackError(`callback name must be a string, got ${shown}`, "bad_callback", null),
+      );
+    }
+    if (!isJsonObject(args)) {
+      return rejected(
+        new CallbackError(`callback '${name}': args must be an object`, "bad_callback", name),
+      );
+    }
+    const refusal = sendCall(this.requestId, state.nextCall, name, args);
+    if (refusal !== null) {
+      return rejected(new CallbackError(`callback '${name}': ${refusal}`, "bad_callback", name));
+    }
+    const number = state.nextCall;
+    state.nextCall += 1;
+    const owner = (this.#calls ??= new Set());
+    owner.add(number);
+    const promise = new Promise((resolve, reject) => {
+      state.calls.set(number, { requestId: this.requestId, name, resolve, reject, owner });
+    });
+    promise.catch(noop);
+    return promise;
+  }
+
   static cancel(ctx) {
     if (ctx.#cancelled) return;
     ctx.#cancelled = true;
     if (ctx.#controller !== null) ctx.#controller.abort(cancelledError());
+    const numbers = ctx.#calls;
+    if (numbers === null) return;
+    ctx.#calls = null;
+    for (const number of numbers) {
+      const pending = state.calls.get(number);
+      state.calls.delete(number);
+      const { name } = pending;
+      const message = `callback '${name}' cancelled: request ${ctx.requestId} was cancelled`;
+      pending.reject(new CallbackError(message, "cancelled", name));
+    }
+  }
+
+  /** The request has been answered: its pending calls are dropped (never settled). */
+  static end(ctx) {
+    ctx.#ended = true;
+    const numbers = ctx.#calls;
+    if (numbers === null) return;
+    ctx.#calls = null;
+    for (const number of numbers) state.calls.delete(number);
   }
 
   static isCancelled(ctx) {
@@ -761,6 +918,7 @@ function receive(request, receivedAt) {
   const { id, command } = request;
   if (command === "$cancel") return cancel(id);
   if (command === "$credit") return credit(id, request.args);
+  if (command === "$callback") return callback(id, request.args);
   state.requestsHandled += 1;
   const handler = state.handlers.get(command);
   if (handler === undefined) {
@@ -801,6 +959,7 @@ function start(job) {
   try {
     result = job.handler(job.args, ctx);
   } catch (err) {
+    Context.end(ctx);
     fail(job.id, job.command, err);
     return finish();
   }
@@ -809,6 +968,7 @@ function start(job) {
   } else if (result !== null && typeof result === "object" && typeof result.then === "function") {
     track(job, ctx, result);
   } else {
+    Context.end(ctx);
     answer(job, result);
     finish();
   }
@@ -824,6 +984,7 @@ function track(job, ctx, promise) {
   state.running.set(id, ctx);
   const settled = () => {
     if (state.running.get(id) === ctx) state.running.delete(id);
+    Context.end(ctx);
   };
   // Promise.resolve also tames a foreign thenable whose then() throws.
   Promise.resolve(promise).then(
@@ -900,6 +1061,29 @@ function credit(id, args) {
   stream.wake();
 }
 
+/**
+ * `$callback`: the host's answer to the callback call `args.call` of request `id`. It settles
+ * that call: `success: true` resolves it to `args.result`, anything else rejects it with a
+ * CallbackError of `args.code` and `args.error`. No answer. A call that is not pending (its
+ * request was cancelled or has ended, or it never was) is ignored, as is one of another
+ * request.
+ */
+function callback(id, args) {
+  const number = isPlainObject(args) ? args.call : undefined;
+  if (!Number.isSafeInteger(number)) {
+    const shown = JSON.stringify(number);
+    return log(`ignoring $callback for request ${id}: call=${shown} is not an integer`);
+  }
+  const pending = state.calls.get(number);
+  if (pending === undefined || pending.requestId !== id) return;
+  state.calls.delete(number);
+  pending.owner.delete(number);
+  if (args.success === true) return pending.resolve(args.result === undefined ? null : args.result);
+  const code = typeof args.code === "string" ? args.code : "callback_failed";
+  const message = typeof args.error === "string" ? args.error : `callback '${pending.name}' failed`;
+  pending.reject(new CallbackError(message, code, pending.name));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Streams
 // ---------------------------------------------------------------------------------------------
@@ -955,6 +1139,7 @@ function drive(job, ctx, generator) {
   const settled = () => {
     if (state.running.get(id) === ctx) state.running.delete(id);
     if (state.streams.get(id) === stream) state.streams.delete(id);
+    Context.end(ctx);
   };
   produce(stream, ctx).then(
     (value) => {
@@ -1022,6 +1207,27 @@ function end(stream, value) {
   if (stream.items === null) return sendResult(id, command, value);
   if (value !== undefined && value !== null) stream.items.push(value);
   sendResult(id, command, stream.items);
+}
+
+/**
+ * Queues the call frame of callback call `number` of request `id`: `args` with its binary
+ * values and long strings detached, as a result's; the reason it cannot be sent, or null.
+ */
+function sendCall(id, number, name, args) {
+  let json;
+  try {
+    json = JSON.stringify(detachBinary(args, "args"));
+  } catch (err) {
+    forgetDetached();
+    return `args are not JSON-serializable: ${describe(err)}`;
+  }
+  if (json === undefined || json[0] !== "{") {
+    forgetDetached();
+    return "args must serialize to a JSON object";
+  }
+  const head = `{"id":${id},"call":${number},"name":${JSON.stringify(name)},"args":${json}`;
+  if (walk.views === null) return tooBig("call", queueFrame(head + "}"));
+  return queueDetached(head, "call");
 }
 
 /** Queues an item frame; the reason it cannot be sent, or null. */
@@ -1124,6 +1330,7 @@ function ping(args) {
   };
   if (v2) {
     state.binary = true;
+    state.callbacks = true;
     answer.protocol = PROTOCOL;
     answer.max_concurrency = MAX_CONCURRENCY;
   }
@@ -1566,4 +1773,4 @@ function status() {
   };
 }
 
-module.exports = { run, status, CommandError, version: VERSION };
+module.exports = { run, status, CommandError, CallbackError, version: VERSION };
