@@ -105,7 +105,7 @@ def test_the_handshake_with_max_in_flight_answers_protocol_2(start: Start) -> No
         "protocol", "max_concurrency",
     ]  # fmt: skip
     assert ping["status"] == "ok" and ping["worker_id"] == "raw-2"
-    assert ping["capabilities"] == ["cancel", "deadline", "stream", "binary", "text"]
+    assert ping["capabilities"] == ["cancel", "deadline", "stream", "binary", "text", "callbacks"]
     assert ping["protocol"] == 2 and ping["max_concurrency"] == 4096
     assert ping["requests_handled"] == 1
     later = worker.result("ping")  # a health check gets the plain answer, as on every runtime

@@ -2,7 +2,7 @@
 
 # snakepit's Ruby bridge library: an author writes handlers, this speaks the wire protocol of
 # docs/PROTOCOL.md (frames, the ping handshake, protocol 2's concurrent requests, $cancel,
-# deadlines, streams, binary values, error mapping, stdout protection).
+# deadlines, streams, binary values, callbacks into the host, error mapping, stdout protection).
 #
 #   require "snakepit"
 #   Snakepit.run({ "shout" => ->(args, ctx) { { "text" => args["text"].upcase } } })
@@ -37,6 +37,25 @@
 # cannot be written, a full /dev/shm); the handler does nothing for either. A result over
 # SNAKEPIT_MAX_PAYLOAD_BYTES (1 GiB by default) is answered with success: false.
 #
+# Callbacks (protocol 2): ctx.call(name, args) calls a function the host registered
+# (pool.register_callback) and blocks the handler's thread until the pool answers; it gives the
+# result (binary values as ASCII-8BIT Strings) or raises Snakepit::CallbackError, whose #code is
+# the answer's code ("callback_failed", "unknown_callback", "invalid_arguments", "timeout", ...)
+# and #message its error. Several threads of one handler may call at once, and so may
+# concurrent handlers. A $cancel stops a handler as always, by raising Snakepit::Cancelled into
+# its thread, also while it waits in ctx.call; the request's calls still waiting on other
+# threads (and in a handler that masked Cancelled) fail with CallbackError code "cancelled",
+# and so does, at once, any call made after the cancel (in an ensure block). Calls still waiting
+# when the request ends or the input ends fail the same way. At protocol 1 ctx.call raises
+# CallbackError code "unsupported".
+#
+#   s.command("greet") do |args, ctx|
+#     user = ctx.call("lookup", { "key" => args["key"] })
+#     { "text" => "Hello, #{user['name']}" }
+#   rescue Snakepit::CallbackError => e
+#     raise Snakepit::CommandError, "no user (#{e.code})"
+#   end
+#
 # Only Ruby's standard library is used, so a worker may start with `ruby --disable-gems`.
 
 require "json"
@@ -49,7 +68,7 @@ module Snakepit
   # how many requests this bridge takes at once).
   CAPABILITIES = ["cancel"].freeze
   PROTOCOL = 2
-  PROTOCOL_CAPABILITIES = ["cancel", "deadline", "stream", "binary", "text"].freeze
+  PROTOCOL_CAPABILITIES = ["cancel", "deadline", "stream", "binary", "text", "callbacks"].freeze
   # The protocol-2 capabilities of a worker the pool offered shared memory (SNAKEPIT_SHM_DIR).
   SHM_CAPABILITIES = [*PROTOCOL_CAPABILITIES, "shm"].freeze
   MAX_CONCURRENCY = 4096
@@ -57,6 +76,7 @@ module Snakepit
   MAX_THREADS = 64
   CANCEL = "$cancel"
   CREDIT = "$credit"
+  CALLBACK = "$callback" # the pool's answer to a callback call (Context#call)
   BINARY = "$binary" # the envelope key that says where a binary frame's values go
   DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
   DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024 * 1024
@@ -77,6 +97,20 @@ module Snakepit
   # backtrace that any other exception logs to stderr.
   class CommandError < StandardError; end
 
+  # A callback call (Context#call) that failed: `code` says why (PROTOCOL.md, "Callbacks"), as the
+  # pool answered it ("callback_failed", "unknown_callback", "invalid_arguments", "timeout", ...)
+  # or as the bridge decided without asking: "cancelled" (the request was cancelled or has
+  # ended, or the input ended) and "unsupported" (the pool did not ask for protocol 2). A
+  # StandardError, so that a handler may rescue it and carry on.
+  class CallbackError < StandardError
+    attr_reader :code
+
+    def initialize(message = "callback failed", code: "callback_failed")
+      super(message)
+      @code = code
+    end
+  end
+
   # A mistake in the worker script's set-up (a command registered twice or named "$...", an
   # invalid SNAKEPIT_MAX_FRAME_BYTES): Snakepit.run logs it and exits with status 2.
   class SetupError < ArgumentError; end
@@ -91,14 +125,23 @@ module Snakepit
   # `deadline` is the seconds left of the request's time budget (`meta.deadline_ms`, counted from
   # when the bridge read the request, on a monotonic clock; negative once past), nil without one.
   # `emit` sends one item of a stream (see Stream), or collects it when no stream was asked for.
+  # `call` calls a callback of the host and waits for its answer (see Calls).
   Context = Struct.new(:request_id, :worker_id, :traceparent, :tracestate, :deadline_ms) do
     # `emitter`: the request's Stream or Collector; without one, the first emit makes a Collector.
+    # `calls`: the worker's Calls under protocol 2 (nil before, and at protocol 1).
     def initialize(request_id, worker_id, traceparent, tracestate, deadline_ms, received = nil,
-                   emitter = nil)
+                   emitter = nil, calls = nil)
       super(request_id, worker_id, traceparent, tracestate, deadline_ms)
       @received = received || Snakepit.monotonic
       @emitter = emitter
+      @calls = calls
+      @calls_closed = nil
+      @called = false
     end
+
+    # The library's, for Calls: why this request's callback calls fail at once (it was
+    # cancelled, or has ended), nil while they may be made; and whether it ever made one.
+    attr_accessor :calls_closed, :called
 
     def deadline
       budget = deadline_ms
@@ -112,9 +155,34 @@ module Snakepit
       nil
     end
 
+    # Calls the host's callback `name` (a String or Symbol) with `args` (a Hash; ASCII-8BIT
+    # Strings in it go as binary values) and blocks this thread until the pool answers: gives
+    # the callback's result (binary values as ASCII-8BIT Strings), or raises CallbackError with
+    # the answer's code and message. May be called from any thread of the handler, several at
+    # once. A $cancel of the request interrupts the handler's own thread with Cancelled, as
+    # everywhere else in a handler, and fails every call of the request still waiting (on any
+    # thread) with CallbackError code "cancelled"; so does a call made after that.
+    def call(name, args = {})
+      return @calls.call(self, name, args) if @calls
+
+      raise CallbackError.new("callback '#{name}': callbacks need protocol 2 (the pool did not " \
+                              "ask for it in the handshake)", code: "unsupported")
+    end
+
     # The library's: the request's result, given what the handler returned.
     def conclude(value)
       @emitter ? @emitter.conclude(value) : value
+    end
+
+    # The library's: the request has ended; its calls still waiting fail, later ones at once.
+    # Without the lock of Calls for a request that never called (most): Calls#register sets
+    # `called` before it reads `calls_closed`, this sets `calls_closed` before it reads `called`,
+    # so a call that one thread of the handler registers as the request ends is seen by one side.
+    def finish_calls
+      return unless @calls
+
+      @calls_closed ||= Calls::ENDED
+      @calls.finish(self) if @called
     end
   end
 
@@ -373,6 +441,7 @@ module Snakepit
       @text = text_threshold
       @shm = shm
       @binary = false
+      @writing = Mutex.new
     end
 
     # Whether the pool offered shared memory, so that the handshake declares `shm`.
@@ -394,9 +463,10 @@ module Snakepit
       decode(read_body(length))
     end
 
-    # Whether input is waiting (in Ruby's buffer or the pipe), so that #read starts at once.
-    def readable?
-      !@input.wait_readable(0).nil?
+    # Whether input is waiting (in Ruby's buffer or the pipe), so that #read starts at once;
+    # with a `timeout`, waits for it that long at most.
+    def readable?(timeout = 0)
+      !@input.wait_readable(timeout).nil?
     end
 
     # `message` as one frame (header and body in one string, so it goes out in one write).
@@ -422,8 +492,11 @@ module Snakepit
       [size, body].pack("Na*")
     end
 
+    # One request at a time the main thread writes answers and items, and the handler's threads
+    # their callback calls: IO#write of a sync IO holds no lock, so a frame could be cut into
+    # by another thread's where the pipe takes it in parts.
     def write(frame)
-      @output.write(frame)
+      @writing.synchronize { @output.write(frame) }
     end
 
     # Several frames with one write (Ruby's IO#write with several strings is one writev).
@@ -753,10 +826,17 @@ module Snakepit
   # through, a watcher thread looks at the input every POLL_SECONDS while a handler runs, reads
   # what arrived, and stops the handler with Thread#raise when it is a $cancel for it. The main
   # thread reads only while no handler runs, the watcher only while one does, so they never
-  # read at the same time. A handler streaming its items (Stream) that runs out of credit reads
-  # the frames itself (#refill), so that credit does not wait for the watcher's next look.
+  # read at the same time. A thread of the handler that waits for the input reads the frames
+  # itself (#read_until), so that they do not wait for the watcher's next look: a stream that
+  # ran out of credit (#refill) and a callback call waiting for its answer (#await), on the
+  # handler's thread or another one it started. One such thread reads at a time (@reading),
+  # outside @lock, and the others wait for each frame it reads; the watcher does not read
+  # meanwhile, and the main thread reads the next request only once it is done.
   class Inbox
     POLL_SECONDS = 0.05
+
+    # The worker's Calls, once the handshake asked for protocol 2 (callbacks).
+    attr_writer :calls
 
     def initialize(channel, main = Thread.current)
       @channel = channel
@@ -764,17 +844,22 @@ module Snakepit
       @lock = Mutex.new
       @running = nil # id of the request whose handler runs; guarded by @lock
       @stream = nil # its Stream, if it is one; guarded by @lock
+      @ctx = nil # its Context; guarded by @lock
       @raised = false # whether Cancelled was raised into that handler; guarded by @lock
       @early = [] # [request, time read] the watcher read while a handler ran
       @ended = false # the watcher reached the end of input
       @stopped = false # the main thread reads everything itself now; guarded by @lock
+      @reading = false # a thread of the handler reads outside @lock (#read_for_handler)
+      @read = ConditionVariable.new # signalled when it has read a frame
+      @calls = nil
       Thread.new { watch }
     end
 
     # The next request and when it was read ([request, monotonic seconds]), or nil at the end
     # of input. The watcher touches @early and @ended only while a handler runs, and this is
-    # called when none does.
+    # called when none does (once a thread that still read for the last one is done).
     def next_request
+      wait_for_reader if @reading
       return @early.shift unless @early.empty?
       return nil if @ended
 
@@ -789,6 +874,7 @@ module Snakepit
       @lock.synchronize do
         @running = job.id
         @stream = job.stream
+        @ctx = job.ctx
       end
       Thread.handle_interrupt(CANCELLABLE) { yield }
     ensure
@@ -800,10 +886,15 @@ module Snakepit
     # thread while masked, so it is delivered as the mask ends) or the input ends (no credit
     # can come).
     def refill(stream)
-      Thread.handle_interrupt(UNCANCELLABLE) do
-        @lock.synchronize { read_during_handler until stream.credit? || @raised || @ended }
-      end
+      read_until { stream.credit? || @raised }
       raise Cancelled, "no credit can come" unless stream.credit?
+    end
+
+    # Called by Calls#call, on any thread of the running handler: reads frames until `answers`
+    # (the call's Queue) has the answer, or the handler ended or input did (then Calls fails
+    # the call, if that is not done yet).
+    def await(answers)
+      read_until { !answers.empty? }
     end
 
     # Ends the watcher, for protocol 2's reader to take over (called while no handler runs),
@@ -827,29 +918,76 @@ module Snakepit
         raised = @raised
         @running = nil
         @stream = nil
+        @ctx = nil
         @raised = false
         raised
       end
     end
 
+    # Reads frames for the running handler until the block (called under @lock) is true, the
+    # handler has ended or the input has. Masked: a Cancelled raised meanwhile (by this thread
+    # itself, reading the $cancel) is delivered as the mask ends, never inside a read.
+    def read_until
+      Thread.handle_interrupt(UNCANCELLABLE) do
+        @lock.synchronize do
+          until yield || @ended || @running.nil?
+            @reading ? @read.wait(@lock) : read_for_handler
+          end
+        end
+      end
+    end
+
+    # Reads one frame outside @lock (held on entry and on return), so that the handler's other
+    # threads can look at their calls meanwhile, and wakes them when it is in. Gives up after
+    # POLL_SECONDS without input, so that the caller looks at its condition again: a thread the
+    # handler left behind, whose call was dropped as the request ended, must not stay in a read
+    # until the next frame comes.
+    def read_for_handler
+      @reading = true
+      @lock.unlock
+      begin
+        ready = @channel.readable?(POLL_SECONDS)
+        frame = @channel.read if ready
+      ensure
+        @lock.lock
+        @reading = false
+        @read.broadcast
+      end
+      take(frame) if ready
+    rescue ProtocolError => e
+      Snakepit.log("protocol error: #{e.message}; exiting")
+      exit(3) # from another thread, Ruby passes SystemExit on to the main thread
+    end
+
+    def wait_for_reader
+      @lock.synchronize { @read.wait(@lock) while @reading }
+    end
+
     def watch
       until @ended || @stopped
         sleep(POLL_SECONDS)
-        @lock.synchronize { read_during_handler if @running && !@stopped && @channel.readable? }
+        @lock.synchronize do
+          take(@channel.read) if @running && !@stopped && !@reading && @channel.readable?
+        end
       end
     rescue ProtocolError => e
       Snakepit.log("protocol error: #{e.message}; exiting")
       exit(3) # Ruby passes a thread's SystemExit on to the main thread
     end
 
-    def read_during_handler
-      frame = @channel.read
-      if frame.nil? then @ended = true
+    # A frame read while a handler ran (under @lock).
+    def take(frame)
+      if frame.nil?
+        @ended = true
+        @calls&.close
       elsif frame["command"] == CREDIT then credit(frame)
+      elsif frame["command"] == CALLBACK then @calls&.answer(frame)
       elsif frame["command"] != CANCEL then @early << [frame, Snakepit.monotonic]
       elsif frame["id"] == @running && !@raised # once: a second cancel must not stop its cleanup
         @raised = true
-        @main.raise(Cancelled)
+        @calls&.refuse(@ctx) # no new call from now on
+        @main.raise(Cancelled) # then Cancelled, so that the handler's own thread sees it first
+        @calls&.cancel(@ctx) # then its calls waiting (on other threads) fail
       end
     end
 
@@ -863,7 +1001,7 @@ module Snakepit
   # protocol 2 the Pool's lock guards `thread` (the thread running it, nil while it waits) and
   # `raised` (Cancelled was raised into it).
   class Job
-    attr_reader :id, :command, :handler, :stream
+    attr_reader :id, :command, :handler, :stream, :ctx
     attr_accessor :thread, :raised
 
     def initialize(id, command, handler, args, ctx, stream = nil)
@@ -982,6 +1120,172 @@ module Snakepit
     end
   end
 
+  # The worker's callback calls still waiting for their answer (PROTOCOL.md, "Callbacks"): one
+  # table keyed by the call number, which counts up from 0 for the whole worker, so that it is
+  # unique among the calls pending. Context#call registers a call, sends its frame
+  # `{"id", "call", "name", "args"}` through `output` (the channel's write when requests run one
+  # at a time, the Writer's push under protocol 2) and waits on the call's own Queue; the thread
+  # that reads the input resolves it when the $callback frame with that number (and the same id)
+  # comes (#answer). A $callback for a call not pending is ignored: the call was dropped (its
+  # request was cancelled or ended), or the pool sent nonsense.
+  #
+  # Who reads that frame: under protocol 2 the main thread, which reads everything. One request
+  # at a time, the handler runs on the main thread and nobody else reads while it does, so the
+  # calling thread reads the input itself (`inbox`, Inbox#await), as a stream reads its credit.
+  #
+  # Cancellation keeps the existing design: a $cancel raises Cancelled into the handler's thread,
+  # so a handler blocked in ctx.call is woken by Cancelled (which `rescue => e` does not catch)
+  # and unwinds; the request answers "cancelled". On top of that, in this order: before the
+  # raise, the request is marked so that a call made from then on (in an ensure block) fails at
+  # once with CallbackError code "cancelled", without a frame (#refuse); after it, the request's
+  # pending calls fail the same way (#cancel), which wakes the other threads of the handler
+  # blocked in ctx.call, and a handler that masked Cancelled. When the request ends (#finish),
+  # calls still pending (on threads the handler left behind) are dropped the same way; at the
+  # end of input (#close) all are, and any call made later.
+  class Calls
+    # One call waiting: the calling request's Context, the callback's name, and a Queue that
+    # gets the answer's args (or the bridge's own failure).
+    Pending = Struct.new(:ctx, :name, :answers)
+    # Why a request's calls fail at once (in CallbackError's message, after the callback's name).
+    CANCELLED = "the request was cancelled"
+    ENDED = "the request has ended"
+
+    def initialize(channel, output, inbox = nil)
+      @channel = channel
+      @output = output
+      @inbox = inbox
+      @lock = Mutex.new
+      @pending = {} # call number => Pending; guarded by @lock
+      @counter = -1 # the last call number given; guarded by @lock
+      @closed = nil # why every call fails at once (the input ended); guarded by @lock
+    end
+
+    # Context#call: the callback's result, or CallbackError.
+    def call(ctx, name, args)
+      # Mistakes of the handler's code, found before anything is sent: ArgumentError.
+      unless (name.is_a?(String) || name.is_a?(Symbol)) && !name.empty?
+        raise ArgumentError, "ctx.call: the callback's name must be a non-empty String or " \
+                             "Symbol, got #{name.inspect}"
+      end
+      name = Snakepit.utf8(name.to_s)
+      unless args.is_a?(Hash)
+        raise ArgumentError, "ctx.call('#{name}'): args must be a Hash, got #{args.class}"
+      end
+
+      number = pending = nil
+      begin
+        # Masked: a $cancel stops the handler before the call or after its frame is sent, never
+        # inside the write or between registering the call and sending it.
+        Thread.handle_interrupt(UNCANCELLABLE) do
+          number, pending = register(ctx, name)
+          message = { "id" => ctx.request_id, "call" => number, "name" => name, "args" => args }
+          @output.call(encode(message, name))
+        end
+        @inbox&.await(pending.answers)
+        answer = pending.answers.pop # a $cancel's Thread#raise interrupts the wait
+      ensure
+        forget(number, pending) if pending
+      end
+      outcome(answer, name)
+    end
+
+    # A $callback frame: resolves the call it answers, if that is pending for the frame's id.
+    def answer(frame)
+      args = frame["args"]
+      number = args["call"] if args.is_a?(Hash)
+      unless number.is_a?(Integer)
+        Snakepit.log("ignoring $callback for request #{frame['id']}: args.call must be an " \
+                     "integer, got #{number.inspect}")
+        return
+      end
+      pending = @lock.synchronize do
+        found = @pending[number]
+        @pending.delete(number) if found && found.ctx.request_id == frame["id"]
+      end
+      pending&.answers&.push(args)
+    end
+
+    # A $cancel for the request of `ctx`, before Cancelled is raised into its handler: every
+    # call it makes from now on fails at once.
+    def refuse(ctx)
+      @lock.synchronize { ctx.calls_closed ||= CANCELLED }
+    end
+
+    # Then, once Cancelled is on its way (so that the handler's own thread, if it waits for a
+    # call, is woken by Cancelled rather than by the call's failure): its calls waiting fail.
+    def cancel(ctx)
+      drop(ctx, CANCELLED)
+    end
+
+    # The request of `ctx` has ended (its answer is about to go): the same (Context#finish_calls).
+    def finish(ctx)
+      drop(ctx, ENDED)
+    end
+
+    # The end of input: no answer can come any more; every call fails, now and from now on.
+    def close
+      failed = @lock.synchronize do
+        @closed ||= "the input ended"
+        taken = @pending.values
+        @pending.clear
+        taken
+      end
+      failed.each { |pending| fail_call(pending, "the input ended") }
+    end
+
+    private
+
+    def register(ctx, name)
+      @lock.synchronize do
+        ctx.called = true # before reading calls_closed: see Context#finish_calls
+        reason = ctx.calls_closed || @closed
+        raise CallbackError.new("callback '#{name}': #{reason}", code: "cancelled") if reason
+
+        number = (@counter += 1)
+        [number, @pending[number] = Pending.new(ctx, name, Thread::Queue.new)]
+      end
+    end
+
+    def encode(message, name)
+      @channel.encode(message, "args")
+    rescue EncodeError => e
+      # The channel's words are a result's: "result cannot be encoded", "response of N bytes".
+      why = e.message.sub(/\Aresult /, "").sub(/\Aresponse /, "call ")
+      raise ArgumentError, "ctx.call('#{name}'): args cannot be sent (#{why})"
+    end
+
+    def forget(number, pending)
+      @lock.synchronize { @pending.delete(number) if @pending[number].equal?(pending) }
+    end
+
+    # The callback's result, or its failure raised.
+    def outcome(answer, name)
+      return answer["result"] if answer["success"] == true
+
+      code = answer["code"]
+      error = answer["error"]
+      raise CallbackError.new(error.is_a?(String) ? error : "callback '#{name}' failed",
+                              code: code.is_a?(String) ? code : "callback_failed")
+    end
+
+    def drop(ctx, reason)
+      failed = @lock.synchronize do
+        ctx.calls_closed ||= reason
+        next nil if @pending.empty?
+
+        taken = @pending.select { |_, pending| pending.ctx.equal?(ctx) }
+        taken.each_key { |number| @pending.delete(number) }
+        taken.values
+      end
+      failed&.each { |pending| fail_call(pending, reason) }
+    end
+
+    def fail_call(pending, reason)
+      pending.answers.push({ "success" => false, "code" => "cancelled",
+                             "error" => "callback '#{pending.name}': #{reason}" })
+    end
+  end
+
   # Protocol 2: runs jobs on up to `size` threads, started as they are needed; more jobs wait
   # in arrival order. A $cancel raises Cancelled into the thread of exactly the job it names,
   # only while that job runs (decided under @lock, as Inbox does for the main thread), at most
@@ -1009,23 +1313,26 @@ module Snakepit
       end
     end
 
-    # A $cancel for `id`: true if the job was waiting (it is dropped; the caller answers it),
-    # false if it runs (Cancelled is on its way) or is not here (nothing to do).
+    # A $cancel for `id`: :dropped if the job was waiting (it is dropped; the caller answers
+    # it); the job if it runs and this is its first cancel (Cancelled is on its way, raised into
+    # its thread right after the block, given the job, has run); nil if it was cancelled already
+    # or is not here (nothing to do).
     def cancel(id)
       @lock.synchronize do
         job = @jobs[id]
-        return false if job.nil?
+        return nil if job.nil?
 
         if job.thread.nil?
           @jobs.delete(id)
           @waiting.delete(job) # Job has identity equality
-          return true
+          return :dropped
         end
-        unless job.raised
-          job.raised = true
-          job.thread.raise(Cancelled)
-        end
-        false
+        return nil if job.raised
+
+        job.raised = true
+        yield job if block_given?
+        job.thread.raise(Cancelled)
+        job
       end
     end
 
@@ -1190,6 +1497,7 @@ module Snakepit
       @requests_handled = 0
       @protocol = 1 # 2 once the handshake asked for it (max_in_flight)
       @max_in_flight = 1
+      @calls = nil # the callback calls in flight (Calls) once the handshake asked for protocol 2
     end
 
     # Registers `handler` (a callable taking (args) or (args, ctx)) or the block as `name` (a
@@ -1242,7 +1550,8 @@ module Snakepit
 
     private
 
-    # Runs a job's handler (the block does) and gives its response frame.
+    # Runs a job's handler (the block does) and gives its response frame. Callback calls of the
+    # request still waiting then (on threads the handler left behind) are dropped before it goes.
     def perform(job)
       result = yield
       @channel.encode({ "id" => job.id, "success" => true, "result" => result }, "result")
@@ -1253,6 +1562,8 @@ module Snakepit
     rescue *HANDLER_ERRORS => e
       Snakepit.log_failure(job.command, e)
       failure(job.id, "#{job.command}: #{Snakepit.utf8(e.message)}")
+    ensure
+      job.ctx.finish_calls
     end
 
     def command_name(name)
@@ -1285,8 +1596,8 @@ module Snakepit
       id = request_id(request)
       command = request["command"]
       # The main thread reads only while no handler runs, so this names none: ignore it (a
-      # malformed $credit is logged).
-      return if command == CANCEL
+      # malformed $credit is logged; a $callback answers a call dropped with its request).
+      return if command == CANCEL || command == CALLBACK
 
       if command == CREDIT
         Snakepit.credit_items(request)
@@ -1309,6 +1620,7 @@ module Snakepit
       @writer = Writer.new(@channel)
       @output = @writer.method(:push)
       @inbox = nil # the watcher has stopped: a stream gets its credit from this thread's reads
+      @calls = Calls.new(@channel, @output) # and a callback call its answer
       threads = [@max_in_flight, MAX_THREADS].min
       @pool = Pool.new(threads) { |job, &run| @writer.push(perform(job, &run)) }
       early.each { |request, received| dispatch(request, received) }
@@ -1317,6 +1629,7 @@ module Snakepit
           dispatch(request, Snakepit.monotonic)
         end
       end
+      @calls.close # no answer can come: a handler waiting for one must not hold up the exit
       @pool.close
       @writer.close
     end
@@ -1325,7 +1638,14 @@ module Snakepit
       id = request_id(request)
       command = request["command"]
       if command == CANCEL
-        @writer.push(failure(id, "cancelled")) if @pool.cancel(id)
+        cancelled = @pool.cancel(id) { |job| @calls.refuse(job.ctx) }
+        if cancelled == :dropped then @writer.push(failure(id, "cancelled"))
+        elsif cancelled then @calls.cancel(cancelled.ctx) # after the raise: see Calls
+        end
+        return
+      end
+      if command == CALLBACK
+        @calls.answer(request)
         return
       end
       if command == CREDIT
@@ -1389,7 +1709,7 @@ module Snakepit
 
     def context(id, meta, received, emitter)
       Context.new(id, @worker_id, meta["traceparent"], meta["tracestate"], meta["deadline_ms"],
-                  received, emitter)
+                  received, emitter, @calls)
     end
 
     # The handshake: records the worker id the pool assigned (PROTOCOL.md, "Handshake"), and,
@@ -1428,6 +1748,10 @@ module Snakepit
       @protocol = PROTOCOL
       @max_in_flight = [max_in_flight, MAX_CONCURRENCY].min
       @channel.binary = true # declared in this handshake's answer (PROTOCOL_CAPABILITIES)
+      # Callbacks, declared too: one request at a time their answers are read by the calling
+      # thread itself (serve_concurrently replaces this for max_in_flight > 1).
+      @calls = Calls.new(@channel, @channel.method(:write), @inbox)
+      @inbox.calls = @calls
     end
   end
 end
