@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from snakepit_ruby.plugin import ruby_adapter
 
-from raw_worker import RawWorker, binary_body, frame, split_binary_body
+from raw_worker import SHM_PREFIX, RawWorker, binary_body, frame, shm_env, split_binary_body
 
 WORKER = r"""
 require "json"
@@ -425,6 +425,38 @@ def test_long_strings_travel_as_text_attachments_both_ways(start: Start) -> None
     assert response["result"] == {"result": None}  # a String, long: a text attachment again
     assert response["$binary"] == [{"path": ["result", "result"], "size": size, "text": True}]
     assert attachments == [text.encode()]
+
+
+def test_big_values_travel_in_shared_memory_both_ways(start: Start, shm_dir: Path) -> None:
+    worker = start(4, env=shm_env(shm_dir, 1000))
+    assert worker.handshake_answer["capabilities"][-1] == "shm"
+    data = bytes(range(256)) * 8  # 2048 bytes: over the threshold
+    envelope = {"id": 5, "command": "blob", "args": {"data": None}}
+    envelope["$binary"] = [{"path": ["args", "data"], "size": len(data)}]
+    worker.send_raw(frame(binary_body(envelope, data)))
+
+    call, attachments = split_binary_body(worker.receive_body(TIMEOUT))
+    (entry,) = call["$binary"]
+    assert attachments == [] and entry["path"] == ["args", "data"] and entry["size"] == len(data)
+    assert entry["shm"].startswith(SHM_PREFIX), entry
+    segment = shm_dir / entry["shm"]
+    assert segment.read_bytes() == data
+    segment.unlink()  # the pool's now
+
+    image = b"\x07" * 1500
+    (shm_dir / "pool-answer").write_bytes(image)
+    reply = {"id": 5, "command": "$callback"}
+    reply["args"] = {"call": call["call"], "success": True, "result": {"image": None}}
+    reply["$binary"] = [
+        {"path": ["args", "result", "image"], "size": len(image), "shm": "pool-answer"}
+    ]
+    worker.send_raw(frame(binary_body(reply)))
+
+    response, attachments = split_binary_body(worker.receive_body(TIMEOUT))
+    assert response["result"] == {"image": None, "encoding": "ASCII-8BIT", "size": len(image)}
+    (entry,) = response["$binary"]
+    assert attachments == [] and entry["shm"].startswith(SHM_PREFIX), entry
+    assert (shm_dir / entry["shm"]).read_bytes() == image
 
 
 # -------------------------------------------------------------------------------------------
