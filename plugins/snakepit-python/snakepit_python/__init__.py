@@ -11,13 +11,21 @@ imports ``snakepit_core`` (the pool side lives in :mod:`snakepit_python.plugin`)
 
 from __future__ import annotations
 
-from ._library import CommandError, Context, command, run
+from ._library import CallbackError, CommandError, Context, command, run
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs a worker's start-up ~2 ms and nothing here needs it at runtime
     from typing import Any
 
-__all__ = ["CommandError", "Context", "__version__", "command", "python_adapter", "run"]
+__all__ = [
+    "CallbackError",
+    "CommandError",
+    "Context",
+    "__version__",
+    "command",
+    "python_adapter",
+    "run",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -61,10 +61,32 @@ length first (some 60 ns a string), and the walk that takes values out of a resu
 once the hook (or a buffer) has stopped the encoding, so a long string is never escaped.
 A response whose envelope and values add up beyond ``SNAKEPIT_MAX_PAYLOAD_BYTES`` (1 GiB by
 default) is answered with a failure before any segment is made.
+
+Callbacks (docs/PROTOCOL.md, *Callbacks*; capability ``callbacks`` at protocol 2): a handler
+calls a function of the host with ``ctx.call_sync(name, args)`` (sync) or ``await
+ctx.call(name, args)`` (async). The call goes out as ``{"id", "call", "name", "args"}`` (a
+binary frame when ``args`` holds binary values or long strings, lanes included, as a result
+does), into one table of pending calls keyed by its ``call`` number, and the ``$callback``
+frame with that number settles it: its ``result``, or :class:`CallbackError` with its ``code``
+and ``error``; one for a call not pending is ignored. Who reads the answer: one request at a
+time, sync handlers still run inline on the main thread (the hot path pays nothing), and
+``call_sync`` turns SIGIO off and reads the input itself, as a stream waiting for credit does
+(``$cancel`` and ``$credit`` act at once, other requests wait); an async handler's call is
+settled by the SIGIO handler, which takes ``$callback`` frames out of the input as it takes
+``$cancel`` ones (the whole of a large one) and wakes the loop. Only the handler's thread may
+call then. At concurrency > 1 the reading thread settles calls: a handler thread waits on a
+lock, a task on a future, and a quick handler on the reading thread reads until its answer
+comes. ``call_sync`` on the bridge's event loop raises ``RuntimeError`` (it would deadlock).
+A ``$cancel`` fails the request's pending calls with code ``cancelled``, and any call it makes
+afterwards at once (an async handler's ``CancelledError`` at the ``await`` becomes that error,
+the task's cancellation withdrawn); a handler that lets it propagate is answered
+``cancelled``. Calls a request leaves pending when it ends fail the same way: nobody answers
+them.
 """
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import fcntl
 import itertools
@@ -104,17 +126,18 @@ else:
         return func
 
 
-__all__ = ["CommandError", "Context", "command", "run", "status"]
+__all__ = ["CallbackError", "CommandError", "Context", "command", "run", "status"]
 
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
 CANCEL_COMMAND = "$cancel"
 CREDIT_COMMAND = "$credit"
+CALLBACK_COMMAND = "$callback"
 #: The frames of the protocol itself, never answered.
-_CONTROL_COMMANDS = frozenset({CANCEL_COMMAND, CREDIT_COMMAND})
+_CONTROL_COMMANDS = frozenset({CANCEL_COMMAND, CREDIT_COMMAND, CALLBACK_COMMAND})
 CAPABILITIES = ("cancel",)
 #: What a protocol-2 handshake answers (docs/PROTOCOL.md, *Protocol 2*), and what it adds when
 #: the pool offers shared memory (``SNAKEPIT_SHM_DIR``).
-PROTOCOL_2_CAPABILITIES = ("cancel", "deadline", "stream", "binary", "text")
+PROTOCOL_2_CAPABILITIES = ("cancel", "deadline", "stream", "binary", "text", "callbacks")
 SHM_CAPABILITY = "shm"
 DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024 * 1024
 MAX_CONCURRENCY = 4096
@@ -171,6 +194,23 @@ class CommandError(Exception):
     """
 
 
+class CallbackError(Exception):
+    """A callback call that failed (docs/PROTOCOL.md, *Callbacks*): ``code`` says why, as the
+    host's answer does (``callback_failed``, ``unknown_callback``, ``invalid_arguments``,
+    ``timeout``, ``cancelled``, ...), and the message is the answer's ``error``.
+
+    ``code`` is ``cancelled`` when the calling request was cancelled (or had ended) before the
+    answer came: a handler that lets it propagate is answered ``cancelled``.
+    """
+
+    def __init__(self, message: str, code: str = "callback_failed") -> None:
+        super().__init__(message)
+        self.code = code
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (str(self), self.code)
+
+
 class _Cancelled(BaseException):
     """Raised into a sync handler whose request was cancelled.
 
@@ -224,7 +264,10 @@ class Context:
     monotonic clock, because the pool sends ``deadline_ms`` as the budget left at sending time.
     """
 
-    __slots__ = ("_expires", "deadline_ms", "request_id", "traceparent", "tracestate", "worker_id")
+    __slots__ = (
+        "_bridge", "_expires", "deadline_ms", "request_id", "traceparent", "tracestate",
+        "worker_id",
+    )  # fmt: skip
     _FIELDS = ("request_id", "worker_id", "traceparent", "tracestate", "deadline_ms", "deadline")
 
     def __init__(
@@ -243,6 +286,8 @@ class Context:
         self._expires: float | None = None
         if isinstance(deadline_ms, (int, float)) and not isinstance(deadline_ms, bool):
             self._expires = time.monotonic() + deadline_ms / 1000  # a string is no deadline
+        #: What sends this request's callback calls: the serving worker at protocol 2.
+        self._bridge: Any = None
 
     @property
     def deadline(self) -> float | None:
@@ -250,9 +295,58 @@ class Context:
         expires = self._expires
         return None if expires is None else expires - time.monotonic()
 
+    def call_sync(self, name: str, args: dict[str, Any] | None = None) -> Any:
+        """Call the host's callback ``name`` with ``args`` (a dict, binary values included) and
+        wait for its result, in a sync handler (docs/PROTOCOL.md, *Callbacks*).
+
+        Raises :class:`CallbackError` if the call fails (its ``code`` says why: ``cancelled``
+        at once if the request was cancelled); ``TypeError`` if ``args`` cannot be sent. Any
+        thread that runs a sync handler may call it; one request at a time (``max_in_flight``
+        1) only the handler's own thread, which reads the answer itself. On the bridge's event
+        loop it raises ``RuntimeError``: waiting there would deadlock (use ``await ctx.call``
+        in an async handler).
+        """
+        bridge = self._bridge
+        if bridge is None:
+            raise RuntimeError(_NO_CALLBACKS)
+        return bridge.call_sync(self.request_id, name, _call_args(name, args))
+
+    async def call(self, name: str, args: dict[str, Any] | None = None) -> Any:
+        """Call the host's callback ``name`` with ``args`` and return its result, in an async
+        handler: :meth:`call_sync`'s twin. Several calls may be in flight at once
+        (``asyncio.gather``); a ``$cancel`` of the request makes a pending one raise
+        :class:`CallbackError` with code ``cancelled`` where the task's cancellation would
+        have raised ``CancelledError``.
+        """
+        bridge = self._bridge
+        if bridge is None:
+            raise RuntimeError(_NO_CALLBACKS)
+        return await bridge.call(self.request_id, name, _call_args(name, args))
+
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._FIELDS)
         return f"Context({fields})"
+
+
+_NO_CALLBACKS = (
+    "callbacks need a worker serving a protocol-2 pool (capability 'callbacks'); this context "
+    "has none (protocol 1, or a Context made outside run())"
+)
+_ON_LOOP = (
+    "ctx.call_sync() on the bridge's event loop thread would deadlock (the loop must read the "
+    "answer): use 'await ctx.call(...)' in an async handler"
+)
+
+
+def _call_args(name: object, args: object) -> dict[str, Any]:
+    """A callback call's arguments, checked before anything is sent."""
+    if type(name) is not str or not name:
+        raise TypeError(f"callback name must be a non-empty string, not {name!r}")
+    if args is None:
+        return {}
+    if not isinstance(args, dict):
+        raise TypeError(f"callback {name!r}: args must be a dict, not {type(args).__name__}")
+    return args
 
 
 # -------------------------------------------------------------------------
@@ -1049,6 +1143,122 @@ def _returned(value: Any) -> Any:
 
 
 # -------------------------------------------------------------------------
+# Callbacks: calls to the host and their answers, the same in both servers
+# -------------------------------------------------------------------------
+
+
+class _Call:
+    """A callback call waiting for its answer, in the worker's table of pending calls
+    (``call`` number -> call). Whoever takes it out of the table settles it, once: the
+    ``$callback`` answer, a ``$cancel`` of its request, or the request's end.
+
+    A thread waits on ``lock`` (held from the start, released by :meth:`settle`); the thread
+    that reads the input itself (one request at a time, or a quick handler on a concurrent
+    worker's reading thread) has none and reads until ``settled``.
+    """
+
+    __slots__ = ("error", "lock", "name", "request_id", "result", "settled")
+
+    def __init__(self, request_id: int, name: str, lock: Any = None) -> None:
+        self.request_id = request_id
+        self.name = name
+        self.lock = lock
+        self.settled = False
+        self.result: Any = None
+        self.error: CallbackError | None = None
+
+    def settle(self, result: Any, error: CallbackError | None) -> None:
+        self.result, self.error = result, error
+        self.settled = True
+        if self.lock is not None:
+            self.lock.release()
+
+    def outcome(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class _LoopCall(_Call):
+    """A call an async handler awaits: settled on its loop, from any thread (also from the
+    SIGIO handler, which interrupts the loop's own thread one request at a time)."""
+
+    __slots__ = ("future", "loop")
+
+    def __init__(self, request_id: int, name: str, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(request_id, name)
+        self.loop = loop
+        self.future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(self, result: Any, error: CallbackError | None) -> None:
+        self.settled = True
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody awaits it any more
+            self.loop.call_soon_threadsafe(_settle_future, self.future, result, error)
+
+
+def _settle_future(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
+
+
+def _answer_call(calls: dict[int, _Call], request_id: object, args: object) -> None:
+    """A ``$callback`` frame: settle the call it answers. One for a call that is not pending
+    (or not of that request) is ignored."""
+    if type(args) is not dict:
+        return
+    number = args.get("call")
+    if type(number) is not int:
+        return
+    call = calls.get(number)
+    if call is None or call.request_id != request_id or calls.pop(number, None) is not call:
+        return
+    if args.get("success") is True:
+        return call.settle(args.get("result"), None)
+    message, code = args.get("error"), args.get("code")
+    call.settle(
+        None,
+        CallbackError(
+            message if type(message) is str else f"callback {call.name!r} failed",
+            code if type(code) is str else "callback_failed",
+        ),
+    )
+
+
+def _fail_calls(calls: dict[int, _Call], request_id: int | None, why: str) -> None:
+    """Settle the pending calls of ``request_id`` (``None``: of every request) with
+    :class:`CallbackError` code ``cancelled``: no answer will come for them (or nobody waits
+    for it)."""
+    for number, call in list(calls.items()):
+        if request_id is not None and call.request_id != request_id:
+            continue
+        if calls.pop(number, None) is call:
+            call.settle(None, _cancelled_error(call.name, call.request_id, why))
+
+
+def _cancelled_error(name: str, request_id: int, why: str) -> CallbackError:
+    reasons = {
+        "cancelled": f"request {request_id} was cancelled",
+        "ended": f"request {request_id} has ended",
+        "input": "the input ended",
+    }
+    return CallbackError(f"callback {name!r} cancelled: {reasons[why]}", "cancelled")
+
+
+def _raising(fault: _StreamError) -> Callable[[int, int], bytes]:
+    """A read that fails with ``fault``: the input broke where a handler read it (while it
+    waited for a callback's answer), so the serving loop exits with status 3 on its next read."""
+
+    def read(fd: int, size: int) -> bytes:
+        raise fault
+
+    return read
+
+
+# -------------------------------------------------------------------------
 # The worker: one request at a time
 # -------------------------------------------------------------------------
 
@@ -1105,7 +1315,7 @@ class _Worker:
         #: cycles, which says why a value that failed with ``RecursionError`` cannot be sent.
         self._result_encoder = self._encoder
         self._encode_value = _item_encoder(self._encoder)
-        self._buf = b""  # input read but not yet served
+        self._buf: bytes | bytearray = b""  # input read but not yet served
         #: How the serving loop reads: ``os.read``, or the concurrent server's, which also
         #: wakes when no reply can be written any more.
         self._read: Callable[[int, int], bytes] = os.read
@@ -1126,6 +1336,16 @@ class _Worker:
         #: An async generator's item frames of this loop turn, and a write that failed.
         self._items_out: list[Frame] = []
         self._items_error: OSError | None = None
+        #: Callbacks (protocol 2): what sends a Context's calls (this worker one request at a
+        #: time, the concurrent server otherwise; ``None`` at protocol 1), the pending calls by
+        #: number, the request being handled (or the last one) and the last one whose
+        #: ``$cancel`` came while it ran (ids are unique: neither needs resetting).
+        self._bridge: Any = None
+        self._calls: dict[int, _Call] = {}
+        self._call_numbers = itertools.count()
+        self._handling = -1
+        self._cancelled_id: int | None = None
+        self._ident = _thread.get_ident()  # the main thread: the one that runs handlers here
         self._setup_signals()
 
     # -- start-up ---------------------------------------------------------
@@ -1168,6 +1388,8 @@ class _Worker:
                 if body is None:
                     return 0
                 self._handle(self._decode(body))
+                if self._calls:  # an async handler's calls nobody awaited: no answer comes
+                    _fail_calls(self._calls, self._handling, "ended")
         except _StreamError as fault:
             _log(f"{fault}; exiting with status {EXIT_PROTOCOL_FAULT}")
             return EXIT_PROTOCOL_FAULT
@@ -1226,7 +1448,7 @@ class _Worker:
             self._buf = buf[pos:]
         return frames
 
-    def _read_rest(self, head: bytes, end: int) -> bytearray:
+    def _read_rest(self, head: bytes | bytearray, end: int) -> bytearray:
         """Read exactly the rest of a frame into one buffer (no quadratic concatenation)."""
         frame = _FrameBuffer(end)
         frame[: len(head)] = head
@@ -1318,10 +1540,11 @@ class _Worker:
             request_id, name, entry, call_args, window = self._route(request)
         except _Refused as refusal:
             return self._write(self._failure_frame(refusal.request_id, refusal.message))
-        if entry is None:  # no stream runs, so a $cancel or $credit names none: ignore it
+        if entry is None:  # nothing runs, so a $cancel, $credit or $callback names none: ignore
             if name == CREDIT_COMMAND:
                 self._credit_items(request_id, request)  # a malformed one is still logged
             return None
+        self._handling = request_id
         try:
             result = self._invoke(entry, call_args, request_id)
             if type(result) in _GENERATORS:
@@ -1392,14 +1615,17 @@ class _Worker:
 
     def _context(self, request_id: int, meta: dict[str, Any] | None) -> Context:
         if meta is None:
-            return Context(request_id, self.worker_id)
-        return Context(
-            request_id,
-            self.worker_id,
-            meta.get("traceparent"),
-            meta.get("tracestate"),
-            meta.get("deadline_ms"),
-        )
+            ctx = Context(request_id, self.worker_id)
+        else:
+            ctx = Context(
+                request_id,
+                self.worker_id,
+                meta.get("traceparent"),
+                meta.get("tracestate"),
+                meta.get("deadline_ms"),
+            )
+        ctx._bridge = self._bridge
+        return ctx
 
     # -- envelopes (thread-safe: they only read configuration) -------------
 
@@ -1604,7 +1830,13 @@ class _Worker:
         return _frame(self._encoder.encode(body).encode())
 
     def _exception_frame(self, request_id: int, name: str, exc: BaseException) -> bytes:
-        """The failure for a handler's exception; an unexpected one logs its traceback."""
+        """The failure for a handler's exception; an unexpected one logs its traceback. A
+        callback cancelled with its request (:class:`CallbackError` code ``cancelled``) ends
+        the request as ``cancelled``; another failed callback needs no traceback either."""
+        if isinstance(exc, CallbackError):
+            if exc.code == "cancelled":
+                return self._failure_frame(request_id, "cancelled")
+            return self._failure_frame(request_id, f"{name}: {exc}")
         if isinstance(exc, CommandError):
             return self._failure_frame(request_id, f"{name}: {exc}")
         _log_traceback(name, exc)
@@ -1653,6 +1885,7 @@ class _Worker:
             return
         self.protocol = 2
         self.max_in_flight = min(max_in_flight, MAX_CONCURRENCY)
+        self._bridge = self  # capability callbacks (the concurrent server takes it over)
         # capability binary: results and items holding binary values go out as binary frames,
         # and with a text threshold from the pool, so do those holding long strings
         encoder = json.JSONEncoder(allow_nan=False, default=_binary_default)
@@ -1819,24 +2052,173 @@ class _Worker:
             body = self._next_frame()
             if body is None:
                 raise _Cancelled
-            request = self._decode(body)
-            name = request.get("command")
-            if name == CREDIT_COMMAND:
-                target = _request_id(request)
-                items = self._credit_items(target, request)
-                if target == request_id:
-                    stream.granted += items
-            elif name == CANCEL_COMMAND:
-                if _request_id(request) == request_id:
-                    raise _Cancelled
-            else:
-                self._deferred.append(body)
+            self._take_frame(self._decode(body), body)  # the stream's $cancel marks it
+
+    def _take_frame(self, request: dict[str, Any], body: bytes | bytearray) -> None:
+        """A frame read while the request being handled waits (for credit, or for a callback's
+        answer): the protocol's frames act at once, any other request is served once this one
+        has ended (:meth:`_serve_deferred`). Its ``$cancel`` marks its stream and fails its
+        pending calls (:meth:`_cancel_running`)."""
+        name = request.get("command")
+        if name == CALLBACK_COMMAND:
+            _answer_call(self._calls, _request_id(request), request.get("args"))
+        elif name == CREDIT_COMMAND:
+            target = _request_id(request)
+            items = self._credit_items(target, request)
+            if target == self._handling and self._stream is not None:
+                self._stream.granted += items
+        elif name == CANCEL_COMMAND:
+            if _request_id(request) == self._handling:
+                self._cancel_running()
+        else:
+            self._deferred.append(body)
+
+    def _cancel_running(self) -> None:
+        """The request being handled is cancelled: its stream stops before its next item, its
+        pending calls fail with code ``cancelled``, and so does any call it makes from now."""
+        self._cancelled_id = self._handling
+        if self._stream is not None:
+            self._stream.cancelled = True
+        if self._calls:
+            _fail_calls(self._calls, self._handling, "cancelled")
 
     def _serve_deferred(self) -> None:
         """Put the requests read during a stream back in front of the input, in order."""
         if self._deferred:
             self._buf = b"".join(_frame(body) for body in self._deferred) + self._buf
             self._deferred = []
+
+    # -- callbacks, one request at a time -----------------------------------
+
+    def call_sync(self, request_id: int, name: str, args: dict[str, Any]) -> Any:
+        """``ctx.call_sync`` one request at a time: send the call, then read the input on this
+        thread until its answer comes, with SIGIO off (the reading is this thread's, as while a
+        stream waits for credit); a ``$cancel`` of the request fails the call."""
+        if _thread.get_ident() != self._ident:
+            raise RuntimeError(
+                "ctx.call_sync(): one request at a time (max_in_flight 1) only the handler's "
+                "own thread can call, as it reads the answer (for several calls at once, use "
+                "an async handler and asyncio.gather)"
+            )
+        loop = self._loop
+        if loop is not None and loop.is_running():
+            raise RuntimeError(_ON_LOOP)
+        number = next(self._call_numbers)
+        call = self._calls[number] = _Call(request_id, name)
+        armed = self._armed
+        if armed:
+            self._disarm()  # from here on, a $cancel is this thread's to read
+        try:
+            refusal = self._refusal(request_id)
+            if refusal is not None:
+                raise _cancelled_error(name, request_id, refusal)
+            _write_all(self.output_fd, self._call_frame(request_id, number, name, args, True))
+            self._read_for(call)
+        finally:
+            self._calls.pop(number, None)
+            self._serve_deferred()  # read again by the next wait, served once the request ends
+            if armed:
+                self._arm(request_id)
+        return call.outcome()
+
+    async def call(self, request_id: int, name: str, args: dict[str, Any]) -> Any:
+        """``await ctx.call`` one request at a time: the loop runs on this thread with SIGIO
+        armed, and :meth:`_check_input` settles the call when its answer comes. A ``$cancel``
+        cancels the task, and the ``CancelledError`` it raises here becomes the call's
+        :class:`CallbackError` code ``cancelled``."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            raise RuntimeError(
+                "await ctx.call(): one request at a time (max_in_flight 1) only async handlers "
+                "(on the bridge's event loop) can await a callback"
+            )
+        number = next(self._call_numbers)
+        call = _LoopCall(request_id, name, loop)
+        self._calls[number] = call  # before the check: a $cancel read by SIGIO then fails it
+        try:
+            refusal = self._refusal(request_id)
+            if refusal is not None:
+                raise _cancelled_error(name, request_id, refusal)
+            frame = self._call_frame(request_id, number, name, args, True)
+            if self._items_out:  # the items made before the call leave before it
+                self._write_items()
+            _write_all(self.output_fd, frame)
+            return await call.future
+        except asyncio.CancelledError:
+            if self._cancelled_id != request_id:
+                raise
+            _uncancel()
+            raise _cancelled_error(name, request_id, "cancelled") from None
+        finally:
+            self._calls.pop(number, None)
+
+    def _refusal(self, request_id: int) -> str | None:
+        """Why a call of ``request_id`` fails at once: its request was cancelled or has ended
+        (a task it left behind), else ``None``."""
+        if request_id != self._handling:
+            return "ended"
+        if request_id == self._cancelled_id:
+            return "cancelled"
+        return None
+
+    def _read_for(self, call: _Call) -> None:
+        """Read frames on this thread until ``call`` is settled (one request at a time): the
+        protocol's frames act at once, other requests wait (:meth:`_take_frame`). The end of
+        the input fails the call; so does a frame that cannot be decoded, and the serving
+        loop then exits with status 3 (:func:`_raising`)."""
+        while not call.settled:
+            try:
+                body = self._next_frame()
+                if body is None:
+                    return _fail_calls(self._calls, None, "input")
+                self._take_frame(self._decode(body), body)
+            except _StreamError as fault:
+                self._buf, self._read = b"", _raising(fault)
+                return _fail_calls(self._calls, None, "input")
+
+    def _call_frame(
+        self, request_id: int, number: int, name: str, args: dict[str, Any], keep: bool
+    ) -> Frame:
+        """The frame of a callback call, ``{"id", "call", "name", "args"}``: a binary frame
+        if ``args`` holds binary values or long strings (``keep``: see :func:`_direct`).
+        ``TypeError`` or ``ValueError`` if the arguments cannot be sent."""
+        try:
+            try:
+                text = self._encode_value(args)
+            except RecursionError:  # a cycle or a value nested too deep: the check says which
+                text = self._result_encoder.encode(args)
+        except _HasBinary:
+            return self._binary_call(request_id, number, name, args, keep)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise _unsendable_args(name, exc) from None
+        body = (
+            f'{{"id": {request_id}, "call": {number}, "name": {_json_string(name)}, '
+            f'"args": {text}}}'
+        ).encode()
+        if len(body) > self._plain_limit:
+            raise ValueError(f"callback {name!r}: a call of {self._over(len(body))}")
+        return _frame(body)
+
+    def _binary_call(
+        self, request_id: int, number: int, name: str, args: dict[str, Any], keep: bool
+    ) -> Frame:
+        found: Found = []
+        try:
+            detached = _detached(args, ["args"], found, set(), self._long)
+            envelope = {"id": request_id, "call": number, "name": name, "args": detached}
+            if not found:
+                envelope["args"] = args
+                body = self._result_encoder.encode(envelope).encode()
+                if len(body) > self._plain_limit:
+                    raise _OverLimit(len(body), "frame", self._plain_limit)
+                return _frame(body)
+            return self._binary_frame(envelope, found, keep)
+        except _OverLimit as over:
+            raise ValueError(f"callback {name!r}: a call of {over}") from None
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise _unsendable_args(name, exc) from None
 
     # -- cancellation -----------------------------------------------------
 
@@ -1912,8 +2294,7 @@ class _Worker:
                 break
         if found and self._armed:
             self._armed = False
-            if self._stream is not None:  # a generator that swallows the cancel stops anyway
-                self._stream.cancelled = True
+            self._cancel_running()  # a generator that swallows the cancel stops anyway
             if self._task is not None:
                 assert self._loop is not None
                 self._loop.call_soon_threadsafe(self._task.cancel)
@@ -1921,17 +2302,27 @@ class _Worker:
                 raise _Cancelled
 
     def _read_pending(self) -> None:
-        while len(self._buf) < _SCAN_LIMIT:
+        """Buffer what the input holds, up to :data:`_SCAN_LIMIT`; while callbacks wait for
+        their answers, which may be large, up to a whole frame beyond it. The buffer grows in
+        place (a ``bytearray``), so a large answer read piece by piece is not copied anew for
+        every piece."""
+        limit = _SCAN_LIMIT if not self._calls else _SCAN_LIMIT + 4 + self.max_frame
+        buf = self._buf
+        while len(buf) < limit:
             try:
                 data = os.read(self.input_fd, _READ_SIZE)
             except BlockingIOError:
                 return
             if not data:
                 return
-            self._buf += data
+            if type(buf) is not bytearray:
+                buf = bytearray(buf)
+            buf += data
+            self._buf = buf
 
     def _take_cancel(self) -> bool:
         """Remove complete ``$cancel`` frames from the buffer; True if one names the running id.
+        While calls are pending, remove their ``$callback`` answers too, and settle the calls.
 
         Other frames stay for the serving loop, which also reports any undecodable one.
         """
@@ -1941,26 +2332,66 @@ class _Worker:
             end = pos + 4 + length
             if length > self.max_frame or end > len(buf):
                 break
-            request_id = self._cancel_target(buf[pos + 4 : end])
+            request_id = self._cancel_target(buf, pos + 4, end)
             if request_id is None:
-                pos = end
-                continue
+                if not (self._calls and self._take_answer(buf, pos + 4, end)):
+                    pos = end
+                    continue
+            else:
+                found = found or request_id == self._running_id
             buf = buf[:pos] + buf[end:]
-            found = found or request_id == self._running_id
         self._buf, self._scan_pos = buf, pos
         return found
 
-    def _cancel_target(self, body: bytes) -> object:
-        """The id a ``$cancel`` frame names, or ``None`` if ``body`` is another frame."""
-        if b'"$cancel"' not in body or not body[0]:  # not a $cancel, or a binary frame
+    def _cancel_target(self, buf: bytes | bytearray, start: int, end: int) -> object:
+        """The id the ``$cancel`` frame ``buf[start:end]`` names, or ``None`` if it is
+        another frame."""
+        if not buf[start] or buf.find(b'"$cancel"', start, end) < 0:  # binary, or no $cancel
             return None
         try:
-            request = self._decoder.decode(body.decode())
+            request = self._decoder.decode(buf[start:end].decode())
         except (ValueError, RecursionError):
             return None
         if type(request) is not dict or request.get("command") != CANCEL_COMMAND:
             return None
         return request.get("id")
+
+    def _take_answer(self, buf: bytes | bytearray, start: int, end: int) -> bool:
+        """Settle the call the ``$callback`` frame ``buf[start:end]`` answers (binary values
+        included); False if it is another frame, or one the serving loop will refuse."""
+        if buf[start]:
+            if buf.find(b'"$callback"', start, end) < 0:
+                return False
+        else:  # a binary frame: look in its envelope only
+            envelope_end = (
+                start + _BINARY_PREFIX + int.from_bytes(buf[start + 1 : start + 5], "big")
+            )
+            if buf.find(b'"$callback"', start + _BINARY_PREFIX, min(envelope_end, end)) < 0:
+                return False
+        try:
+            message = self._decode(buf[start:end])
+        except _StreamError:
+            return False
+        request_id = message.get("id")
+        if message.get("command") != CALLBACK_COMMAND or type(request_id) is not int:
+            return False
+        _answer_call(self._calls, request_id, message.get("args"))
+        return True
+
+
+def _unsendable_args(name: str, exc: BaseException) -> Exception:
+    kind = TypeError if isinstance(exc, TypeError) else ValueError
+    return kind(f"callback {name!r}: args cannot be sent as JSON ({exc})")
+
+
+def _uncancel() -> None:
+    """The current task's cancellation became a :class:`CallbackError`: it is no longer being
+    cancelled (``asyncio.timeout`` and task groups count cancellations)."""
+    import asyncio
+
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
 
 
 def _describe_exception(exc: BaseException) -> str:
@@ -2090,6 +2521,13 @@ class _ConcurrentServer:
         self._lost: int | None = None
         self._wake_reader, self._wake_writer_end = os.pipe()
         self._poll = _poll_for_reading(worker.input_fd, self._wake_reader)
+        #: Callbacks: the worker's table of pending calls, the reading thread (a quick handler
+        #: that calls waits there by reading) and the last quick handler's request whose
+        #: ``$cancel`` came while it waited (ids are unique: it needs no resetting).
+        self._calls = worker._calls
+        self._reader = _thread.get_ident()
+        self._inline_cancelled: int | None = None
+        worker._bridge = self
         threading.Thread(target=self._write_replies, name="snakepit-writer", daemon=True).start()
 
     # -- the reading thread -----------------------------------------------
@@ -2142,6 +2580,8 @@ class _ConcurrentServer:
         if entry is None:
             if name == CANCEL_COMMAND:
                 return self._cancel(request_id)
+            if name == CALLBACK_COMMAND:
+                return _answer_call(self._calls, request_id, request.get("args"))
             return self._credit(request_id, request)
         func, _, is_async, cancellable = entry
         if is_async:
@@ -2156,10 +2596,11 @@ class _ConcurrentServer:
         """End of input: answer what is in flight or queued, write it all, then exit 0.
 
         A stream waiting for credit can get none any more: it is cancelled (and so is one that
-        runs out of credit later)."""
+        runs out of credit later); so are the pending callback calls."""
         with self._lock:
             self._input_ended = True
             self._credited.notify_all()
+            _fail_calls(self._calls, None, "input")
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._wake_streams)
         with self._lock:
@@ -2175,13 +2616,17 @@ class _ConcurrentServer:
         A queued request is dropped and answered at once; a task is cancelled and answered
         when it has finished (:meth:`_task_done`); a handler running on a thread finishes and
         answers its real outcome, except a generator, which is stopped before its next item,
-        closed and then answered ``cancelled``. An id not in flight is ignored.
+        closed and then answered ``cancelled``. An id not in flight is ignored. The request's
+        pending callback calls fail with :class:`CallbackError` code ``cancelled``, so that a
+        handler waiting for one can stop (a task's own is turned into it: see :meth:`call`).
         """
         with self._lock:
             request = self._inflight.get(request_id)
             if request is None:
                 return
             request.cancel_requested = True
+            if self._calls:
+                _fail_calls(self._calls, request_id, "cancelled")
             if request.stream is not None:  # stopped before its next item
                 request.stream.cancelled = True
                 self._credited.notify_all()
@@ -2575,9 +3020,12 @@ class _ConcurrentServer:
         self._outbox.append(frame)
 
     def _finish(self, request: _Request | None) -> None:
-        """With the lock held: ``request`` (``None``: a refused one) has been answered."""
+        """With the lock held: ``request`` (``None``: a refused one) has been answered; the
+        calls it left pending (a task's nobody awaited, a thread's it started) get no answer."""
         if request is not None and self._inflight.get(request.id) is request:
             del self._inflight[request.id]
+            if self._calls:
+                _fail_calls(self._calls, request.id, "ended")
         self.worker.handled += 1
 
     def _write_ready(self) -> None:
@@ -2668,6 +3116,117 @@ class _ConcurrentServer:
             self._lost = status
             self._settled.notify_all()
         os.write(self._wake_writer_end, b"x")
+
+    # -- callbacks --------------------------------------------------------
+
+    def call_sync(self, request_id: int, name: str, args: dict[str, Any]) -> Any:
+        """``ctx.call_sync`` at concurrency > 1: send the call, then wait for the reading
+        thread to settle it; on the reading thread itself (a quick handler), read until its
+        answer comes. On the event loop's thread it would deadlock: ``RuntimeError``."""
+        loop = self._loop
+        if loop is not None:
+            import asyncio
+
+            if asyncio.events._get_running_loop() is loop:
+                raise RuntimeError(_ON_LOOP)
+        reading = _thread.get_ident() == self._reader
+        number = next(self.worker._call_numbers)
+        call = _Call(request_id, name, None if reading else self._threading.Lock())
+        if call.lock is not None:
+            call.lock.acquire()
+        self._calls[number] = call  # before the check: a $cancel coming meanwhile fails it
+        try:
+            refusal = self._refusal(request_id, reading)
+            if refusal is not None:
+                raise _cancelled_error(name, request_id, refusal)
+            self._emit(self.worker._call_frame(request_id, number, name, args, True))
+            if reading:
+                self._read_for(call)
+            else:
+                call.lock.acquire()
+        finally:
+            self._calls.pop(number, None)
+        return call.outcome()
+
+    async def call(self, request_id: int, name: str, args: dict[str, Any]) -> Any:
+        """``await ctx.call`` at concurrency > 1: the call frame leaves with the other frames
+        of this loop turn; the reading thread settles the call. A ``$cancel`` of the request
+        cancels the task and fails the call; the ``CancelledError`` this raises then becomes
+        :class:`CallbackError` code ``cancelled`` (with the task's cancellation withdrawn)."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        number = next(self.worker._call_numbers)
+        call = _LoopCall(request_id, name, loop)
+        self._calls[number] = call  # before the check: a $cancel coming meanwhile fails it
+        try:
+            refusal = self._refusal(request_id, False)
+            if refusal is not None:
+                raise _cancelled_error(name, request_id, refusal)
+            frame = self.worker._call_frame(request_id, number, name, args, False)
+            if loop is self._loop:
+                self._batch_item(frame)
+            else:  # a loop of the handler's own, on one of its threads
+                self._emit(frame)
+            return await call.future
+        except asyncio.CancelledError:
+            if self._refusal(request_id, False) != "cancelled":
+                raise
+            _uncancel()
+            raise _cancelled_error(name, request_id, "cancelled") from None
+        finally:
+            self._calls.pop(number, None)
+
+    def _refusal(self, request_id: int, reading: bool) -> str | None:
+        """Why a call of ``request_id`` fails at once (``None``: it does not). A request not
+        in flight has ended, unless the call comes from the reading thread: the quick handler
+        running there, which is never in flight."""
+        request = self._inflight.get(request_id)
+        if request is None:
+            if reading:
+                return "cancelled" if request_id == self._inline_cancelled else None
+            return "ended"
+        return "cancelled" if request.cancel_requested else None
+
+    def _read_for(self, call: _Call) -> None:
+        """On the reading thread, in a quick handler's ``ctx.call_sync``: read and serve the
+        protocol's frames until ``call`` is settled. Requests wait until the handler has
+        returned (they are put back in front of the input, after the rest of the read being
+        served), as they do behind any quick handler; credit and the tasks of the frames read
+        go out at once."""
+        worker = self.worker
+        try:
+            while not call.settled:
+                try:
+                    body = worker._next_frame()
+                    if body is None:
+                        _fail_calls(self._calls, call.request_id, "input")
+                        break
+                    request = worker._decode(body)
+                    name = request.get("command")
+                    if name == CALLBACK_COMMAND:
+                        _answer_call(self._calls, _request_id(request), request.get("args"))
+                    elif name == CANCEL_COMMAND:
+                        target = _request_id(request)
+                        if target == call.request_id:
+                            self._inline_cancelled = target
+                            _fail_calls(self._calls, target, "cancelled")
+                        else:
+                            self._cancel(target)
+                    elif name == CREDIT_COMMAND:
+                        self._credit(_request_id(request), request)
+                    else:
+                        worker._deferred.append(body)
+                except _StreamError as fault:
+                    worker._buf, worker._read = b"", _raising(fault)
+                    _fail_calls(self._calls, call.request_id, "input")
+                    break
+                if self._to_start or self._to_credit:
+                    self._start_read_tasks()
+                if self._nowait and self._outbox:
+                    self._write_ready()
+        finally:
+            worker._serve_deferred()
 
 
 def _poll_for_reading(*fds: int) -> select.poll:
