@@ -329,7 +329,7 @@ def assert_quiet(worker: RawWorker, seconds: float = 0.3) -> None:
 def test_the_protocol_2_handshake_declares_binary(start: Start, max_in_flight: int) -> None:
     worker = start(max_in_flight)
     answer = worker.handshake_answer  # type: ignore[attr-defined]
-    assert answer["capabilities"] == ["cancel", "deadline", "stream", "binary", "text"]
+    assert answer["capabilities"] == ["cancel", "deadline", "stream", "binary", "text", "callbacks"]
     assert answer["protocol"] == 2
     assert worker.result("ping")["capabilities"] == ["cancel"]  # the health check: protocol 1
 

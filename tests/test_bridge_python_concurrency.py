@@ -89,7 +89,14 @@ def test_handshake_v2_answer() -> None:
     with start(BRIDGE, 8) as worker:
         ping = worker.handshake_answer  # type: ignore[attr-defined]
         assert list(ping) == PING_KEYS_V2  # the protocol-1 keys in their order, then two more
-        assert ping["capabilities"] == ["cancel", "deadline", "stream", "binary", "text"]
+        assert ping["capabilities"] == [
+            "cancel",
+            "deadline",
+            "stream",
+            "binary",
+            "text",
+            "callbacks",
+        ]
         assert (ping["protocol"], ping["max_concurrency"]) == (2, 4096)
         assert ping["worker_id"] == "p2" and ping["requests_handled"] == 1
         later = worker.result("ping")  # the health check gets protocol 1's keys, as documented

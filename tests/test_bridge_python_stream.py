@@ -264,7 +264,7 @@ both_modes = pytest.mark.parametrize("max_in_flight", [1, 4])
 @pytest.mark.parametrize("max_in_flight", [1, 8])
 def test_the_protocol_2_handshake_declares_stream(start: Start, max_in_flight: int) -> None:
     answer = start(max_in_flight).handshake_answer
-    assert answer["capabilities"] == ["cancel", "deadline", "stream", "binary", "text"]
+    assert answer["capabilities"] == ["cancel", "deadline", "stream", "binary", "text", "callbacks"]
     assert answer["protocol"] == 2
 
 
