@@ -1141,7 +1141,11 @@ module Snakepit
   # pending calls fail the same way (#cancel), which wakes the other threads of the handler
   # blocked in ctx.call, and a handler that masked Cancelled. When the request ends (#finish),
   # calls still pending (on threads the handler left behind) are dropped the same way; at the
-  # end of input (#close) all are, and any call made later.
+  # end of input (#close) all are, and any call made later. A call that another thread of the
+  # handler registered just before its request was cancelled or ended may still send its frame
+  # after the request's answer (the send is not under the lock, which would then be held across
+  # a pipe write): the pool cancels or refuses such a call (PROTOCOL.md), and its answer, if
+  # any, is ignored here, for the call was dropped.
   class Calls
     # One call waiting: the calling request's Context, the callback's name, and a Queue that
     # gets the answer's args (or the bridge's own failure).
