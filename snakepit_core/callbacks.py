@@ -145,6 +145,11 @@ class CallbackRunner:
         self._per_worker: dict[str, int] = {}
 
     @property
+    def running(self) -> int:
+        """Callback calls running in the host now."""
+        return sum(self._per_worker.values())
+
+    @property
     def waiting_requests(self) -> int:
         """Requests in flight that wait for at least one callback."""
         return len(self._by_caller)

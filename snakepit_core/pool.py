@@ -1042,6 +1042,7 @@ class Pool:
             "in_flight": sum(w.in_flight for w in self.workers.values()),
             "queued": gauges["queued"],
             **self.counters.snapshot(),
+            "callbacks_running": self._callback_runner.running,
             "restarts": self.supervisor.restarts,
             "background_error": self.tasks.last_error,
             "breaker_open": self.supervisor.breaker_open,

@@ -19,7 +19,7 @@ import sys
 
 import snakepit_python
 
-from . import CommandError, command
+from . import CallbackError, CommandError, Context, command
 from ._library import status
 
 TYPE_CHECKING = False
@@ -152,6 +152,38 @@ async def sleep(args: dict[str, Any]) -> dict[str, Any]:
         raise CommandError(f"'seconds' must be a number from 0 to {_MAX_SLEEP}")
     await asyncio.sleep(seconds)
     return {"slept": seconds}
+
+
+# -------------------------------------------------------------------------
+# call_host: PROTOCOL.md, The call_host command
+# -------------------------------------------------------------------------
+
+_MAX_HOST_CALLS = 100_000
+
+
+@command
+async def call_host(args: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    """Call the host's callback ``name`` with ``args``, ``times`` times (one after another,
+    or at once with ``parallel``): ``{"results": [...]}`` in call order. A ``CallbackError``
+    fails the command with ``"<code>: <message>"``."""
+    import asyncio
+
+    name, call_args, times = args.get("name"), args.get("args", {}), args.get("times", 1)
+    if not isinstance(name, str) or not name:
+        raise CommandError("'name' must be a non-empty string")
+    if not isinstance(call_args, dict):
+        raise CommandError("'args' must be an object")
+    if type(times) is not int or not 1 <= times <= _MAX_HOST_CALLS:
+        raise CommandError(f"'times' must be an integer from 1 to {_MAX_HOST_CALLS}")
+    try:
+        if args.get("parallel") is True:
+            calls = [ctx.call(name, call_args) for _ in range(times)]
+            return {"results": list(await asyncio.gather(*calls))}
+        return {"results": [await ctx.call(name, call_args) for _ in range(times)]}
+    except CallbackError as error:
+        if error.code == "cancelled":
+            raise  # the request answers "cancelled"
+        raise CommandError(f"{error.code}: {error}") from None
 
 
 # -------------------------------------------------------------------------

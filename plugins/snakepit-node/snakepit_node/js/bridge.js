@@ -7,7 +7,7 @@
  */
 
 // The library first: requiring it moves the protocol pipes aside before anything can write.
-const { run, status, version, CommandError } = require("./snakepit");
+const { run, status, version, CommandError, CallbackError } = require("./snakepit");
 const { randomBytes } = require("crypto");
 const fs = require("fs");
 const { setTimeout: delay } = require("timers/promises");
@@ -132,6 +132,42 @@ async function sleep(args, ctx) {
   }
   await delay(seconds * 1000, undefined, { signal: ctx.signal });
   return { slept: seconds };
+}
+
+// ---------------------------------------------------------------------------------------------
+// call_host
+// ---------------------------------------------------------------------------------------------
+
+const MAX_HOST_CALLS = 100_000;
+
+/**
+ * Calls the host's callback `name` with `args`, `times` times (one after another, or all at
+ * once with `parallel`): {"results": [...]} in call order (PROTOCOL.md, *The call_host
+ * command*). A CallbackError fails the command with "<code>: <message>".
+ */
+async function callHost(args, ctx) {
+  const { name } = args;
+  const callArgs = args.args ?? {};
+  const times = args.times ?? 1;
+  if (typeof name !== "string" || name === "") {
+    throw new CommandError("'name' must be a non-empty string");
+  }
+  if (!isPlainObject(callArgs)) throw new CommandError("'args' must be an object");
+  if (!Number.isSafeInteger(times) || times < 1 || times > MAX_HOST_CALLS) {
+    throw new CommandError(`'times' must be an integer from 1 to ${MAX_HOST_CALLS}`);
+  }
+  try {
+    if (args.parallel === true) {
+      const calls = Array.from({ length: times }, () => ctx.call(name, callArgs));
+      return { results: await Promise.all(calls) };
+    }
+    const results = [];
+    for (let i = 0; i < times; i += 1) results.push(await ctx.call(name, callArgs));
+    return { results };
+  } catch (error) {
+    if (error instanceof CallbackError) throw new CommandError(`${error.code}: ${error.message}`);
+    throw error;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -322,6 +358,7 @@ function isPlainObject(value) {
 
 run({
   echo: (args) => ({ echoed: args }),
+  call_host: callHost,
   compute,
   random,
   info,

@@ -253,6 +253,41 @@ module SnakepitBridge
     { "slept" => seconds }
   end
 
+  # The call_host command (PROTOCOL.md, "The call_host command"): calls the host's callback
+  # `name` with `args`, `times` times (one after another, or at once, each on its own thread,
+  # with `parallel`), answering {"results" => [...]} in call order. A CallbackError fails the
+  # command with "<code>: <message>".
+  MAX_HOST_CALLS = 100_000
+
+  def call_host(args, ctx)
+    name = args["name"]
+    call_args = args.fetch("args", {})
+    times = args.fetch("times", 1)
+    unless name.is_a?(String) && !name.empty?
+      raise Snakepit::CommandError, "'name' must be a non-empty string"
+    end
+    raise Snakepit::CommandError, "'args' must be an object" unless call_args.is_a?(Hash)
+    unless times.is_a?(Integer) && times.between?(1, MAX_HOST_CALLS)
+      raise Snakepit::CommandError, "'times' must be an integer from 1 to #{MAX_HOST_CALLS}"
+    end
+
+    results =
+      if args["parallel"] == true
+        threads = Array.new(times) do
+          Thread.new do
+            Thread.current.report_on_exception = false # its error reaches #value below
+            ctx.call(name, call_args)
+          end
+        end
+        threads.map(&:value)
+      else
+        Array.new(times) { ctx.call(name, call_args) }
+      end
+    { "results" => results }
+  rescue Snakepit::CallbackError => e
+    raise Snakepit::CommandError, "#{e.code}: #{e.message}"
+  end
+
   def process_data(args)
     data = args["data"]
     unless data.is_a?(String)
@@ -279,6 +314,7 @@ module SnakepitBridge
   def register(server)
     sessions = Sessions.new
     server.command("echo") { |args| { "echoed" => args } } # binary values go back as binary
+    server.command("call_host") { |args, ctx| call_host(args, ctx) }
     server.command("compute") { |args| Compute.call(args) }
     server.command("info") { info(server) }
     server.command("sleep") { |args| sleep_for(args) }
