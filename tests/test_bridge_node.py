@@ -31,6 +31,7 @@ from snakepit_core import Adapter
 from raw_worker import RawWorker, frame
 
 BUILTINS = [
+    "call_host",
     "clear_session",
     "compute",
     "create_program",

@@ -291,11 +291,12 @@ def test_the_protocol_2_handshake_declares_callbacks(start: Start, max_in_flight
     assert answer["capabilities"][-1] == "callbacks"
 
 
-def test_at_protocol_1_a_call_raises_runtime_error(start: Start) -> None:
+def test_at_protocol_1_a_call_raises_callback_error_unsupported(start: Start) -> None:
     worker = start(None)
     assert worker.handshake_answer["capabilities"] == ["cancel"]
-    reply = worker.call("sync_call", {"name": "lookup"})
-    assert reply["success"] is False and "protocol-2" in reply["error"], reply
+    result = worker.result("sync_call", {"name": "lookup"})
+    assert result["caught"] == "CallbackError" and result["code"] == "unsupported", result
+    assert "protocol-2" in result["message"]
 
 
 def test_callback_error_carries_code_and_message() -> None:

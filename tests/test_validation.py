@@ -30,6 +30,8 @@ INVALID = [
     ("create_program", {"signature": "no arrow here"}, "args.signature", "pattern"),
     ("execute_program", {"program": {"signature": "a -> b"}}, "args.inputs", "required"),
     ("stream", {"count": -1}, "args.count", "minimum"),
+    ("call_host", {"name": "x", "times": 0}, "args.times", "minimum"),
+    ("call_host", {"args": {}}, "args.name", "required"),
 ]
 
 

@@ -53,7 +53,10 @@ async def test_a_callback_round_trip(pool: Pool) -> None:
 async def test_host_failures_reach_the_handler_as_callback_errors_with_their_code(
     pool: Pool,
 ) -> None:
-    pool.register_callback("boom", lambda args, ctx: {}["missing"])
+    def boom(args: dict[str, Any], ctx: CallbackContext) -> Any:
+        return args["missing"]
+
+    pool.register_callback("boom", boom)
     with pytest.raises(CommandError) as failed:
         await pool.execute("call_host", {"name": "boom"})
     assert "call_host: callback_failed: callback 'boom' failed: KeyError" in failed.value.message

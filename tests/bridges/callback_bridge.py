@@ -72,7 +72,11 @@ def await_answers(rid, count):
 def handle(request):
     rid, command, args = request["id"], request["command"], request.get("args", {})
     if command == "ping":
-        result = {"status": "ok", "capabilities": ["cancel", "binary", "callbacks"], "pid": os.getpid()}
+        result = {
+            "status": "ok",
+            "capabilities": ["cancel", "binary", "callbacks"],
+            "pid": os.getpid(),
+        }
         if "max_in_flight" in args:
             result.update(protocol=2, max_concurrency=1)
         return {"id": rid, "success": True, "result": result}

@@ -300,7 +300,8 @@ class Context:
         wait for its result, in a sync handler (docs/PROTOCOL.md, *Callbacks*).
 
         Raises :class:`CallbackError` if the call fails (its ``code`` says why: ``cancelled``
-        at once if the request was cancelled); ``TypeError`` if ``args`` cannot be sent. Any
+        at once if the request was cancelled, ``unsupported`` at protocol 1, where the pool
+        cannot answer); ``TypeError`` if ``args`` cannot be sent. Any
         thread that runs a sync handler may call it; one request at a time (``max_in_flight``
         1) only the handler's own thread, which reads the answer itself. On the bridge's event
         loop it raises ``RuntimeError``: waiting there would deadlock (use ``await ctx.call``
@@ -308,7 +309,7 @@ class Context:
         """
         bridge = self._bridge
         if bridge is None:
-            raise RuntimeError(_NO_CALLBACKS)
+            raise CallbackError(_NO_CALLBACKS, "unsupported")
         return bridge.call_sync(self.request_id, name, _call_args(name, args))
 
     async def call(self, name: str, args: dict[str, Any] | None = None) -> Any:
@@ -320,7 +321,7 @@ class Context:
         """
         bridge = self._bridge
         if bridge is None:
-            raise RuntimeError(_NO_CALLBACKS)
+            raise CallbackError(_NO_CALLBACKS, "unsupported")
         return await bridge.call(self.request_id, name, _call_args(name, args))
 
     def __repr__(self) -> str:
