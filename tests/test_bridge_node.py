@@ -66,6 +66,7 @@ run({
   bigint: () => ({ n: 10n }),
   circular: () => { const o = {}; o.self = o; return o; },
   big: (args) => "x".repeat(args.n),
+  long_error: (args) => { throw new Error("y".repeat(args.n)); },
   context: (args, ctx) => ({
     requestId: ctx.requestId, workerId: ctx.workerId, traceparent: ctx.traceparent,
     tracestate: ctx.tracestate, deadlineMs: ctx.deadlineMs, aborted: ctx.signal.aborted,
@@ -491,6 +492,17 @@ def test_response_over_the_frame_limit_is_refused(
     message = worker.error("big", {"n": 5000})
     size = len(json.dumps({"id": 3, "success": True, "result": "x" * 5000}, separators=(",", ":")))
     assert message == f"big: response of {size} bytes exceeds the frame limit of 4096 bytes"
+    assert worker.result("ping")["status"] == "ok"
+
+
+def test_an_error_too_long_for_a_frame_is_cut_not_lost(
+    start_custom: Callable[..., RawWorker],
+) -> None:
+    worker = start_custom(env={"SNAKEPIT_MAX_FRAME_BYTES": "4096"})
+    worker.handshake()
+    message = worker.error("long_error", {"n": 10000})
+    assert message.startswith("long_error: yyyy") and len(message.encode()) < 4096
+    assert message.endswith(" more characters]")
     assert worker.result("ping")["status"] == "ok"
 
 

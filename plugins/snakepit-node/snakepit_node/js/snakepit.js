@@ -1274,8 +1274,13 @@ function tooBig(what, size) {
   return `${what} of ${size} bytes exceeds the frame limit of ${state.maxFrameBytes} bytes`;
 }
 
+/** Answer `id` with `message`; one too long for a frame is cut (a request is always answered). */
 function sendError(id, message) {
-  queueFrame(`{"id":${id},"success":false,"error":${JSON.stringify(message)}}`);
+  const frame = (text) => `{"id":${id},"success":false,"error":${JSON.stringify(text)}}`;
+  if (queueFrame(frame(message)) === null) return;
+  // Each UTF-16 unit takes at most 6 bytes once escaped (\uXXXX): this much always fits.
+  const keep = Math.max(0, Math.floor((state.maxJsonBytes - 200) / 6));
+  queueFrame(frame(`${message.slice(0, keep)}... [${message.length - keep} more characters]`));
 }
 
 /** A handler threw or rejected: log the stack unless it is a CommandError, then answer. */
