@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, fields
 from typing import Any, TypedDict
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
 from .protocol import DEFAULT_MAX_FRAME_BYTES, get_codec
+from .urls import redacted
 
 #: Values of this many bytes or more go through shared memory: the break-even point measured
 #: on the 2-core machine (BENCHMARKS.md, "Large payloads": the pipe wins at 32 KiB, shared memory at
@@ -21,6 +24,9 @@ DEFAULT_SHM_THRESHOLD = 64 * 1024
 DEFAULT_MAX_PAYLOAD_BYTES = 1 << 30
 
 AFFINITY_MODES: tuple[str, ...] = ("prefer", "strict", "strict_fail_fast")
+SESSION_BACKENDS: tuple[str, ...] = ("memory", "redis")
+#: What ``redis_key_prefix`` may contain.
+KEY_PREFIX_PATTERN = re.compile(r"[A-Za-z0-9:_.\-]*")
 JSON_CODECS: tuple[str, ...] = ("auto", "orjson", "json")
 WORKER_OUTPUTS: tuple[str, ...] = ("stderr", "logging")
 
@@ -72,7 +78,12 @@ class PoolConfig:
     crash_loop_probe_interval: float = 5.0
     restart_backoff_initial: float = 0.1
     restart_backoff_max: float = 5.0
-    #: Sessions.
+    #: Sessions: ``memory`` (this process) or ``redis`` (shared by every host using the same
+    #: ``redis_url``, keys under ``redis_key_prefix``; ``pip install 'snakepit-core[redis]'``).
+    session_backend: str = "memory"
+    #: Not in ``repr``: it may hold a password.
+    redis_url: str = dataclasses.field(default="redis://127.0.0.1:6379/0", repr=False)
+    redis_key_prefix: str = "snakepit:"
     session_affinity: str = "prefer"
     session_ttl: float = 3600.0
     session_cleanup_interval: float = 60.0
@@ -127,6 +138,9 @@ class PoolOptions(TypedDict, total=False):
     crash_loop_probe_interval: float
     restart_backoff_initial: float
     restart_backoff_max: float
+    session_backend: str
+    redis_url: str
+    redis_key_prefix: str
     session_affinity: str
     session_ttl: float
     session_cleanup_interval: float
@@ -228,6 +242,23 @@ def validate_config(config: PoolConfig, *, source: str) -> None:
             "max_payload_bytes",
             f"must be at least max_frame_bytes ({config.max_frame_bytes}): a payload is one"
             " frame and its values in shared memory",
+        )
+    if config.session_backend not in SESSION_BACKENDS:
+        fail("session_backend", f"must be one of {', '.join(SESSION_BACKENDS)}")
+    if not isinstance(config.redis_key_prefix, str) or not KEY_PREFIX_PATTERN.fullmatch(
+        config.redis_key_prefix
+    ):
+        fail("redis_key_prefix", "only letters, digits and ':_.-' are allowed")
+    if not isinstance(config.redis_url, str) or urlsplit(config.redis_url).scheme not in (
+        "redis",
+        "rediss",
+        "unix",
+    ):
+        raise ConfigError(
+            f"configuration key 'redis_url' = {redacted(str(config.redis_url))!r} (from "
+            f"{source}): must be a redis://, rediss:// or unix:// URL",
+            key="redis_url",
+            source=source,
         )
     if config.session_affinity not in AFFINITY_MODES:
         fail("session_affinity", f"must be one of {', '.join(AFFINITY_MODES)}")

@@ -225,3 +225,10 @@ class CallbackDeadlock(SnakepitError):
     callback: no slot could ever free, so the call fails at once instead of timing out."""
 
     code = "callback_deadlock"
+
+
+class SessionBackendUnavailable(SnakepitError):
+    """The shared session backend (Redis) cannot be reached; plain ``execute`` still works,
+    and sessions resume once it is back."""
+
+    code = "session_backend_unavailable"

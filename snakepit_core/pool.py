@@ -47,6 +47,7 @@ from .forking import detach_worker_pipes
 from .json_values import PLAIN, CheckedArguments, check_arguments
 from .plugins import AdapterHooks, get_plugin_manager, resolve_adapter
 from .runinfo import current_run_id, next_worker_id
+from .sessions import new_session_store
 from .shm import STAGE_BYTES, SharedMemory, get_shared_memory, stage_segments
 from .stats import PoolCounters
 from .streams import Stream, StreamItems
@@ -838,13 +839,7 @@ class Pool:
     def sessions(self) -> SessionStore:
         """The pool's :class:`~snakepit_core.sessions.SessionStore` (created on first use)."""
         if self._sessions is None:
-            from .sessions import SessionStore
-
-            self._sessions = self._session_store or SessionStore(
-                ttl=self.config.session_ttl,
-                cleanup_interval=self.config.session_cleanup_interval,
-                global_program_ttl=self.config.global_program_ttl,
-            )
+            self._sessions = self._session_store or new_session_store(self.config)
             self._sessions.add_listener(self._on_session_removed)
         return self._sessions
 

@@ -16,12 +16,15 @@ import copy
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import SessionExists, SessionNotFound, ValidationError
+
+if TYPE_CHECKING:
+    from .config import PoolConfig
 
 log = logging.getLogger("snakepit.sessions")
 
@@ -71,30 +74,62 @@ class Session:
 
 
 class SessionBackend(Protocol):
-    """Where sessions and global programs are kept. All methods are coroutines."""
+    """Where sessions, global programs and the statistics are kept. All methods are
+    coroutines. ``update`` must be atomic against every other writer (the function may run
+    more than once); ``create`` stores only if the id is free; ``claim_expired`` gives each
+    expired session to exactly one caller."""
 
     async def get(self, session_id: str) -> Session | None: ...
     async def put(self, session: Session) -> None: ...
+    async def create(self, session: Session) -> bool: ...
+    async def update(
+        self, session_id: str, apply: Callable[[Session], Session | None]
+    ) -> Session | None: ...
     async def delete(self, session_id: str) -> Session | None: ...
     async def all(self) -> list[Session]: ...
+    async def claim_expired(self, now: float) -> list[str]: ...
     async def get_global(self, program_id: str) -> tuple[Any, float] | None: ...
     async def put_global(self, program_id: str, data: Any, expires_at: float) -> None: ...
     async def delete_global(self, program_id: str) -> None: ...
     async def all_globals(self) -> list[tuple[str, float]]: ...
+    async def count(self, name: str, amount: int = 1) -> None: ...
+    async def counts(self, names: Iterable[str]) -> dict[str, int]: ...
 
 
 class InMemoryBackend:
-    """The embedded default: dicts in this process."""
+    """The embedded default: dicts in this process (one event loop: nothing interleaves)."""
 
     def __init__(self) -> None:
         self._sessions: dict[str, Session] = {}
         self._globals: dict[str, tuple[Any, float]] = {}
+        self._counts: dict[str, int] = {}
 
     async def get(self, session_id: str) -> Session | None:
         return self._sessions.get(session_id)
 
     async def put(self, session: Session) -> None:
         self._sessions[session.id] = session
+
+    async def create(self, session: Session) -> bool:
+        return self._sessions.setdefault(session.id, session) is session
+
+    async def update(
+        self, session_id: str, apply: Callable[[Session], Session | None]
+    ) -> Session | None:
+        session = self._sessions.get(session_id)
+        updated = None if session is None else apply(session)
+        if updated is not None:
+            self._sessions[session_id] = updated
+        return updated
+
+    async def claim_expired(self, now: float) -> list[str]:
+        return [s.id for s in self._sessions.values() if s.expires_at <= now]
+
+    async def count(self, name: str, amount: int = 1) -> None:
+        self._counts[name] = self._counts.get(name, 0) + amount
+
+    async def counts(self, names: Iterable[str]) -> dict[str, int]:
+        return {name: self._counts.get(name, 0) for name in names}
 
     async def delete(self, session_id: str) -> Session | None:
         return self._sessions.pop(session_id, None)
@@ -117,6 +152,16 @@ class InMemoryBackend:
 
 RemovalListener = Callable[[str, set[str]], None]
 
+#: The counters every backend keeps (``get_stats``).
+STAT_NAMES = (
+    "sessions_created",
+    "sessions_deleted",
+    "sessions_expired",
+    "cleanup_runs",
+    "global_programs_stored",
+    "global_programs_expired",
+)
+
 
 class SessionStore:
     """Sessions with sliding TTLs, programs, global programs and statistics."""
@@ -137,14 +182,6 @@ class SessionStore:
         self.clock = clock
         self._listeners: list[RemovalListener] = []
         self._cleanup_task: asyncio.Task[None] | None = None
-        self._counts = {
-            "sessions_created": 0,
-            "sessions_deleted": 0,
-            "sessions_expired": 0,
-            "cleanup_runs": 0,
-            "global_programs_stored": 0,
-            "global_programs_expired": 0,
-        }
 
     # -- housekeeping -------------------------------------------------------------------------
 
@@ -187,9 +224,10 @@ class SessionStore:
         return session
 
     async def _expire(self, session: Session) -> None:
-        if await self.backend.delete(session.id) is not None:
-            self._counts["sessions_expired"] += 1
-            self._removed(session)
+        removed = await self.backend.delete(session.id)
+        if removed is not None:
+            await self.backend.count("sessions_expired")
+            self._removed(removed)
 
     def _touch(self, session: Session) -> None:
         session.last_accessed = utc_now()
@@ -217,38 +255,49 @@ class SessionStore:
             metadata=dict(metadata or {}),
             expires_at=self.clock() + ttl,
         )
-        await self.backend.put(session)
-        self._counts["sessions_created"] += 1
+        if not await self.backend.create(session):
+            raise SessionExists(f"session {session_id!r} already exists", session_id=session_id)
+        await self.backend.count("sessions_created")
         return session
 
     async def get_session(self, session_id: str) -> Session:
         """The session (its TTL refreshed); ``SessionNotFound`` if missing or expired."""
-        check_session_id(session_id)
-        session = await self._live(session_id)
-        if session is None:
-            raise SessionNotFound(f"session {session_id!r} not found", session_id=session_id)
-        self._touch(session)
-        await self.backend.put(session)
-        return session
+        return await self.update_session(session_id, lambda session: None)
 
     async def get_or_create_session(self, session_id: str) -> Session:
-        session = await self._live(session_id)
-        if session is None:
+        try:
+            return await self.get_session(session_id)
+        except SessionNotFound:
+            pass
+        try:
             return await self.create_session(session_id)
-        self._touch(session)
-        await self.backend.put(session)
-        return session
+        except SessionExists:  # another caller (or host) created it meanwhile
+            return await self.get_session(session_id)
 
     async def update_session(
         self, session_id: str, update: Callable[[Session], Session | None]
     ) -> Session:
-        """Apply ``update`` (it may mutate the session or return a new one) and save."""
-        session = await self.get_session(session_id)
-        updated = update(session)
-        session = session if updated is None else updated
-        self._touch(session)
-        await self.backend.put(session)
-        return session
+        """Apply ``update`` (it may mutate the session or return a new one) and save, its TTL
+        refreshed. Atomic against every other writer, also on other hosts with a shared
+        backend: ``update`` may then run more than once, so it must not have side effects.
+        ``SessionNotFound`` if the session is missing or expired."""
+        check_session_id(session_id)
+        if await self._live(session_id) is None:
+            raise SessionNotFound(f"session {session_id!r} not found", session_id=session_id)
+        now = self.clock()
+
+        def apply(session: Session) -> Session | None:
+            if session.expires_at <= now:
+                return None
+            updated = update(session)
+            session = session if updated is None else updated
+            self._touch(session)
+            return session
+
+        result = await self.backend.update(session_id, apply)
+        if result is None:
+            raise SessionNotFound(f"session {session_id!r} not found", session_id=session_id)
+        return result
 
     async def session_exists(self, session_id: str) -> bool:
         return await self._live(session_id) is not None
@@ -262,29 +311,38 @@ class SessionStore:
         session = await self.backend.delete(session_id)
         if session is None:
             return False
-        self._counts["sessions_deleted"] += 1
+        await self.backend.count("sessions_deleted")
         self._removed(session)
         return True
 
     async def note_worker(self, session_id: str, worker_id: str) -> None:
         """Remember that ``worker_id`` served the session (affinity and clean-up)."""
         session = await self.backend.get(session_id)
-        if session is not None and session.last_worker_id != worker_id:
-            session.bind(worker_id)
-            await self.backend.put(session)
+        if session is None or session.last_worker_id == worker_id:
+            return
+
+        def bind(current: Session) -> Session:
+            current.bind(worker_id)
+            return current
+
+        await self.backend.update(session_id, bind)
 
     async def cleanup_expired_sessions(self) -> int:
-        """Remove expired sessions and global programs; returns the sessions removed."""
-        self._counts["cleanup_runs"] += 1
+        """Remove expired sessions and global programs; returns the sessions this store
+        removed (with a shared backend, each expired session is removed by one host)."""
+        await self.backend.count("cleanup_runs")
         now = self.clock()
-        expired = [s for s in await self.backend.all() if s.expires_at <= now]
-        for session in expired:
-            await self._expire(session)
+        removed = 0
+        for session_id in await self.backend.claim_expired(now):
+            session = await self.backend.get(session_id)
+            if session is not None and session.expires_at <= now:
+                await self._expire(session)
+                removed += 1
         for program_id, expires_at in await self.backend.all_globals():
             if expires_at <= now:
                 await self.backend.delete_global(program_id)
-                self._counts["global_programs_expired"] += 1
-        return len(expired)
+                await self.backend.count("global_programs_expired")
+        return removed
 
     # -- programs -----------------------------------------------------------------------------
 
@@ -302,7 +360,7 @@ class SessionStore:
     async def store_global_program(self, program_id: str, data: Any) -> None:
         """A program visible to every session; it expires ``global_program_ttl`` after now."""
         await self.backend.put_global(program_id, data, self.clock() + self.global_program_ttl)
-        self._counts["global_programs_stored"] += 1
+        await self.backend.count("global_programs_stored")
 
     async def get_global_program(self, program_id: str) -> Any:
         entry = await self.backend.get_global(program_id)
@@ -311,7 +369,7 @@ class SessionStore:
         data, expires_at = entry
         if expires_at <= self.clock():
             await self.backend.delete_global(program_id)
-            self._counts["global_programs_expired"] += 1
+            await self.backend.count("global_programs_expired")
             return None
         return data
 
@@ -323,7 +381,7 @@ class SessionStore:
         live = [s for s in sessions if s.expires_at > now]
         memory = sum(_estimate_size(s) for s in live)
         return {
-            **self._counts,
+            **await self.backend.counts(STAT_NAMES),
             "current_sessions": len(live),
             "global_programs": len(await self.backend.all_globals()),
             "memory_estimate_bytes": memory,
@@ -416,3 +474,22 @@ class SessionHelpers:
                 await store.update_session(session_id, count)
             return result
         return await self.pool.execute_in_session(session_id, command, args, **options)
+
+
+def new_session_store(config: PoolConfig) -> SessionStore:
+    """The store ``config`` asks for: in memory (``session_backend = "memory"``, the default)
+    or in Redis (``"redis"``, at ``redis_url``, keys under ``redis_key_prefix``)."""
+    backend: SessionBackend | None = None
+    clock: Callable[[], float] = time.monotonic
+    if config.session_backend == "redis":
+        from .redis_sessions import RedisBackend
+
+        backend = redis = RedisBackend(config.redis_url, key_prefix=config.redis_key_prefix)
+        clock = redis.clock
+    return SessionStore(
+        backend,
+        ttl=config.session_ttl,
+        cleanup_interval=config.session_cleanup_interval,
+        global_program_ttl=config.global_program_ttl,
+        clock=clock,
+    )
