@@ -19,7 +19,7 @@ import contextvars
 import inspect
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -105,9 +105,6 @@ class CallbackRegistry:
 
     def names(self) -> list[str]:
         return sorted(self._entries)
-
-    def __iter__(self) -> Iterator[Callback]:
-        return (entry[0] for entry in self._entries.values())
 
 
 class _Running:
