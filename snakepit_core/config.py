@@ -27,6 +27,8 @@ AFFINITY_MODES: tuple[str, ...] = ("prefer", "strict", "strict_fail_fast")
 SESSION_BACKENDS: tuple[str, ...] = ("memory", "redis")
 #: What ``redis_key_prefix`` may contain.
 KEY_PREFIX_PATTERN = re.compile(r"[A-Za-z0-9:_.\-]*")
+#: What ``node_id`` may be: the same characters, 1 to 200 of them.
+NODE_ID_PATTERN = re.compile(r"[A-Za-z0-9:_.\-]{1,200}")
 JSON_CODECS: tuple[str, ...] = ("auto", "orjson", "json")
 WORKER_OUTPUTS: tuple[str, ...] = ("stderr", "logging")
 
@@ -88,6 +90,13 @@ class PoolConfig:
     session_ttl: float = 3600.0
     session_cleanup_interval: float = 60.0
     global_program_ttl: float = 3600.0
+    #: This pool's name among the hosts sharing sessions; None: ``<hostname>-<pid>``, taken
+    #: when the pool starts (so a fork child's pool gets its own).
+    node_id: str | None = None
+    #: How often the pool renews its heartbeat (and reads its ``clear_session`` inbox), and
+    #: how long the heartbeat lasts: a node silent for ``node_ttl`` loses its sessions.
+    node_heartbeat_interval: float = 5.0
+    node_ttl: float = 15.0
     #: Window of recent requests used for p50/p99 in ``stats()``.
     latency_window: int = 1024
 
@@ -145,6 +154,9 @@ class PoolOptions(TypedDict, total=False):
     session_ttl: float
     session_cleanup_interval: float
     global_program_ttl: float
+    node_id: str | None
+    node_heartbeat_interval: float
+    node_ttl: float
     latency_window: int
 
 
@@ -176,6 +188,8 @@ _POSITIVE_FLOATS = (
     "session_ttl",
     "session_cleanup_interval",
     "global_program_ttl",
+    "node_heartbeat_interval",
+    "node_ttl",
 )
 _NON_NEGATIVE_FLOATS = ("worker_shutdown_grace_period",)
 
@@ -259,6 +273,16 @@ def validate_config(config: PoolConfig, *, source: str) -> None:
             f"{source}): must be a redis://, rediss:// or unix:// URL",
             key="redis_url",
             source=source,
+        )
+    if config.node_id is not None and (
+        not isinstance(config.node_id, str) or not NODE_ID_PATTERN.fullmatch(config.node_id)
+    ):
+        fail("node_id", "must be 1 to 200 letters, digits and ':_.-', or None for <hostname>-<pid>")
+    if config.node_ttl <= config.node_heartbeat_interval:
+        fail(
+            "node_ttl",
+            f"must be longer than node_heartbeat_interval ({config.node_heartbeat_interval}),"
+            " or a node would go silent between two heartbeats",
         )
     if config.session_affinity not in AFFINITY_MODES:
         fail("session_affinity", f"must be one of {', '.join(AFFINITY_MODES)}")

@@ -214,6 +214,17 @@ class SessionLost(SnakepitError):
     code = "session_lost"
 
 
+class SessionElsewhere(SnakepitError):
+    """Strict affinity on the wrong node: the session's worker-side state lives in the pool
+    of another host, whose heartbeat is live. ``node_id`` names that node, so that the
+    caller's router can send the call there."""
+
+    code = "session_elsewhere"
+    _facts = ("node_id",)
+    #: The node that holds the session.
+    node_id: str | None = None
+
+
 class AffinityBusy(SnakepitError):
     """Strict fail-fast affinity: the session's worker is busy right now."""
 

@@ -45,9 +45,10 @@ from .errors import (
 )
 from .forking import detach_worker_pipes
 from .json_values import PLAIN, CheckedArguments, check_arguments
+from .nodes import NodePresence, default_node_id
 from .plugins import AdapterHooks, get_plugin_manager, resolve_adapter
 from .runinfo import current_run_id, next_worker_id
-from .sessions import new_session_store
+from .sessions import Session, new_session_store
 from .shm import STAGE_BYTES, SharedMemory, get_shared_memory, stage_segments
 from .stats import PoolCounters
 from .streams import Stream, StreamItems
@@ -239,6 +240,10 @@ class Pool:
         )
         self._session_store = session_store
         self._sessions: SessionStore | None = None
+        #: This pool's name among hosts sharing sessions (``config.node_id`` or
+        #: ``<hostname>-<pid>``, taken again at start so that a fork child's pool has its own).
+        self.node_id = self.config.node_id or default_node_id()
+        self._presence: NodePresence | None = None
         #: Host functions workers may call (``register_callback``, plugins' hook).
         self.callbacks = CallbackRegistry()
         self._callback_runner = CallbackRunner(
@@ -270,6 +275,7 @@ class Pool:
         self._deadlines = Deadlines(self._loop, self._expire_due)
         self._state = "starting"
         self._owner_pid = os.getpid()
+        self.node_id = self.config.node_id or default_node_id()
         _live_pools.add(self)
         self.telemetry.refresh()
         for callback, source in self._plugins.callbacks_for(self.adapter):
@@ -325,6 +331,16 @@ class Pool:
         self._state = "running"
         _running_pools.add(self)
         self.supervisor.after_start()
+        self._presence = NodePresence(
+            self.node_id,
+            self.adapter.name,
+            self.sessions,
+            interval=self.config.node_heartbeat_interval,
+            ttl=self.config.node_ttl,
+            on_clear=self._clear_workers,
+        )
+        self.tasks.spawn(self._presence.run(), "node heartbeat")
+        self.sessions.start_cleanup()
 
     async def _start_worker(self, slot: str = "0", restart: str | None = None) -> Worker:
         """Start one worker and put it into service; raises ``StartupError``.
@@ -399,6 +415,7 @@ class Pool:
                 worker.stop(max(0.0, deadline - time.monotonic()))
                 for worker in list(self.workers.values())
             ),
+            *([self._presence.leave()] if self._presence is not None else []),
             return_exceptions=True,
         )
         self._state = "stopped"
@@ -622,7 +639,9 @@ class Pool:
             if worker is None:
                 worker = await dispatch.wait(bound_to)
             try:
-                await self.sessions.note_worker(call.session_id, worker.id)
+                await self.sessions.note_worker(
+                    call.session_id, worker.id, self.node_id, self.adapter.name
+                )
             except BaseException:
                 dispatch.release(worker)
                 raise
@@ -877,12 +896,15 @@ class Pool:
 
     async def _route(self, session_id: str, mode: str) -> tuple[Worker | None, bool, bool]:
         """``(preferred worker, strict, fail fast)`` for a call of the session (created when
-        absent); ``SessionLost`` if a strict session's worker died."""
+        absent); ``SessionLost`` if a strict session's worker died, ``SessionElsewhere`` if
+        another node's pool holds it."""
         store = self.sessions
         session = await store.get_or_create_session(session_id)
+        strict = mode != "prefer"
+        if not await self._held_here(session, strict):
+            return None, False, False
         bound_id = session.last_worker_id
         preferred = self.workers.get(bound_id) if bound_id else None
-        strict = mode != "prefer"
         if strict and bound_id and preferred is None:
             await store.update_session(session_id, lambda s: s.bind(None))
             raise SessionLost(
@@ -893,6 +915,23 @@ class Pool:
                 session_id=session_id,
             )
         return preferred, strict and preferred is not None, mode == "strict_fail_fast"
+
+    async def _held_here(self, session: Session, strict: bool) -> bool:
+        if self._presence is None:
+            raise PoolStopped(f"pool of {self.adapter.name!r} is not running")
+        return await self._presence.holds(session, strict)
+
+    async def session_owner(self, session_id: str) -> str | None:
+        """The node whose pool holds ``session_id``: the one that served it last, while its
+        heartbeat is live; None for a new, free or missing session. A router sends the
+        session's calls there (:func:`~snakepit_core.routing.rendezvous_node` picks a node
+        for a free one)."""
+        self._check_running()
+        session = await self.sessions.peek_session(session_id)
+        owner = None if session is None else session.owner
+        if session is None or owner is None or self._presence is None:
+            return None
+        return session.node_id if await self._presence.is_alive(owner) else None
 
     # -- streams ------------------------------------------------------------------------------
 
@@ -988,15 +1027,35 @@ class Pool:
             session_id, command, args, affinity=affinity, timeout=timeout
         )
 
-    def _on_session_removed(self, session_id: str, worker_ids: set[str]) -> None:
-        """Tell every worker that served a removed session to free its state."""
-        if self._state != "running" or self._loop is None:
+    def _on_session_removed(self, session: Session) -> None:
+        """Tell every worker that served a removed session to free its state: this pool's
+        at once, other pools' through their inboxes (they read them with their heartbeat)."""
+        if self._state != "running" or self._loop is None or self._presence is None:
             return
+        for owner, worker_ids in session.served_by().items():
+            if owner in ("", self._presence.owner):
+                self._clear_workers(session.id, worker_ids)
+            else:
+                self.tasks.spawn(
+                    self._send_clear(owner, session.id, worker_ids), f"clearing {session.id}"
+                )
+
+    def _clear_workers(self, session_id: str, worker_ids: set[str]) -> None:
         for worker_id in worker_ids:
             if worker_id in self.workers:
                 self.tasks.spawn(
                     self._clear_on_worker(session_id, worker_id), f"clearing {session_id}"
                 )
+
+    async def _send_clear(self, owner: str, session_id: str, worker_ids: set[str]) -> None:
+        """Post ``clear_session`` to the pool ``owner`` if it is still there (a silent one's
+        workers are gone, and nobody would read its inbox)."""
+        backend = self.sessions.backend
+        try:
+            if await backend.is_alive(owner):
+                await backend.send_clear(owner, session_id, worker_ids)
+        except SnakepitError as exc:
+            log.warning("could not ask %s to clear session %r: %s", owner, session_id, exc)
 
     async def _clear_on_worker(self, session_id: str, worker_id: str) -> None:
         worker = self.workers.get(worker_id)

@@ -40,6 +40,8 @@ MAX_CONNECTIONS = 32
 BACKOFF = 0.05
 #: How long an update keeps trying while other writers get in first.
 UPDATE_PATIENCE = 30.0
+#: Seconds a pool's inbox of ``clear_session`` requests lasts after the last one came.
+INBOX_TTL = 3600
 
 
 def check_key_prefix(prefix: Any) -> None:
@@ -64,6 +66,9 @@ def _session_to_json(session: Session) -> str:
             "last_worker_id": session.last_worker_id,
             "worker_ids": sorted(session.worker_ids),
             "expires_at": session.expires_at,
+            "node_id": session.node_id,
+            "adapter": session.adapter,
+            "left_behind": {owner: sorted(ids) for owner, ids in session.left_behind.items()},
         }
     )
 
@@ -80,6 +85,9 @@ def _session_from_json(text: bytes | str) -> Session:
         last_worker_id=data["last_worker_id"],
         worker_ids=set(data["worker_ids"]),
         expires_at=data["expires_at"],
+        node_id=data.get("node_id"),
+        adapter=data.get("adapter"),
+        left_behind={owner: set(ids) for owner, ids in data.get("left_behind", {}).items()},
     )
 
 
@@ -145,6 +153,12 @@ class RedisBackend:
     @property
     def _stats_key(self) -> str:
         return f"{self._prefix}stats"
+
+    def _node_key(self, owner: str) -> str:
+        return f"{self._prefix}node:{owner}"
+
+    def _inbox_key(self, owner: str) -> str:
+        return f"{self._prefix}inbox:{owner}"
 
     def _unavailable(self, exc: BaseException) -> SessionBackendUnavailable:
         what = str(exc).replace(self.url, "") or type(exc).__name__
@@ -322,6 +336,46 @@ class RedisBackend:
         wanted = list(names)
         values = await self._call(lambda: self._redis.hmget(self._stats_key, wanted))
         return {name: int(value or 0) for name, value in zip(wanted, values, strict=True)}
+
+    # -- nodes --------------------------------------------------------------------------------
+
+    async def beat(self, owner: str, ttl: float) -> None:
+        """The heartbeat of pool ``owner``: a key that lives ``ttl`` seconds."""
+        stamp = str(time.time())
+        await self._call(lambda: self._redis.set(self._node_key(owner), stamp, px=int(ttl * 1000)))
+
+    async def is_alive(self, owner: str) -> bool:
+        return bool(await self._call(lambda: self._redis.exists(self._node_key(owner))))
+
+    async def release(self, owner: str) -> None:
+        await self._call(lambda: self._redis.delete(self._node_key(owner), self._inbox_key(owner)))
+
+    async def send_clear(self, owner: str, session_id: str, worker_ids: set[str]) -> None:
+        """Ask pool ``owner`` to free ``session_id`` on ``worker_ids``. The inbox outlives a
+        heartbeat by :data:`INBOX_TTL` at most, so that a pool that died leaves nothing."""
+        entry = json.dumps({"session_id": session_id, "worker_ids": sorted(worker_ids)})
+
+        async def post() -> None:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.rpush(self._inbox_key(owner), entry)
+                pipe.expire(self._inbox_key(owner), INBOX_TTL)
+                await pipe.execute()
+
+        await self._call(post)
+
+    async def take_clears(self, owner: str) -> list[tuple[str, set[str]]]:
+        async def take() -> list[bytes]:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.lrange(self._inbox_key(owner), 0, -1)
+                pipe.delete(self._inbox_key(owner))
+                entries, _ = await pipe.execute()
+            return list(entries)
+
+        taken = []
+        for raw in await self._call(take):
+            entry = json.loads(raw)
+            taken.append((entry["session_id"], set(entry["worker_ids"])))
+        return taken
 
     async def close(self) -> None:
         await self._redis.aclose()

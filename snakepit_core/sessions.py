@@ -51,9 +51,15 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+def owner_key(node_id: str, adapter: str) -> str:
+    """The name of one pool among all hosts: its node and its adapter (``host-7/python``)."""
+    return f"{node_id}/{adapter}"
+
+
 @dataclass
 class Session:
-    """One session. ``last_worker_id`` is where its worker-side state lives."""
+    """One session. Its worker-side state lives in worker ``last_worker_id`` of the pool of
+    adapter ``adapter`` on node ``node_id`` (its *owner*)."""
 
     id: str
     ttl: float
@@ -62,22 +68,67 @@ class Session:
     programs: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
     last_worker_id: str | None = None
-    #: Every worker that served the session (they get ``clear_session`` when it ends).
+    #: Every worker of the owner that served the session (they get ``clear_session`` when
+    #: it ends).
     worker_ids: set[str] = field(default_factory=set)
-    #: Monotonic deadline; refreshed on every access.
+    #: Deadline on the store's clock; refreshed on every access.
     expires_at: float = 0.0
+    #: The node and adapter of the pool that served the session last.
+    node_id: str | None = None
+    adapter: str | None = None
+    #: Workers of earlier owners, by :func:`owner_key`: state left behind when the session
+    #: moved, which they free when it ends.
+    left_behind: dict[str, set[str]] = field(default_factory=dict)
 
-    def bind(self, worker_id: str | None) -> None:
+    @property
+    def owner(self) -> str | None:
+        """The owner's :func:`owner_key`, or None before a pool served the session."""
+        if self.node_id is None or self.adapter is None:
+            return None
+        return owner_key(self.node_id, self.adapter)
+
+    def bind(
+        self, worker_id: str | None, node_id: str | None = None, adapter: str | None = None
+    ) -> None:
+        """Record the worker (of the pool of ``adapter`` on ``node_id``) that serves the
+        session; ``None`` unbinds it. Moving to another pool leaves the old one's workers in
+        :attr:`left_behind`."""
+        if node_id is not None and adapter is not None:
+            previous = self.owner
+            if previous is not None and previous != owner_key(node_id, adapter):
+                if self.worker_ids:
+                    self.left_behind.setdefault(previous, set()).update(self.worker_ids)
+                self.worker_ids = set()
+            self.node_id, self.adapter = node_id, adapter
+            self.left_behind.pop(owner_key(node_id, adapter), None)
         self.last_worker_id = worker_id
         if worker_id is not None:
             self.worker_ids.add(worker_id)
+
+    def unbind(self) -> None:
+        """Forget the owner (it is gone); its workers stay in :attr:`left_behind`."""
+        previous = self.owner
+        if previous is not None and self.worker_ids:
+            self.left_behind.setdefault(previous, set()).update(self.worker_ids)
+        self.worker_ids = set()
+        self.node_id = self.adapter = self.last_worker_id = None
+
+    def served_by(self) -> dict[str, set[str]]:
+        """Every worker that may hold the session's state, by :func:`owner_key` (workers
+        recorded before any owner was known come under ``""``)."""
+        served = {owner: set(workers) for owner, workers in self.left_behind.items()}
+        if self.worker_ids:
+            served.setdefault(self.owner or "", set()).update(self.worker_ids)
+        return served
 
 
 class SessionBackend(Protocol):
     """Where sessions, global programs and the statistics are kept. All methods are
     coroutines. ``update`` must be atomic against every other writer (the function may run
     more than once); ``create`` stores only if the id is free; ``claim_expired`` gives each
-    expired session to exactly one caller."""
+    expired session to exactly one caller. Pools keep a heartbeat per owner (``beat``,
+    ``is_alive``, ``release``) and an inbox of sessions whose state their workers must free
+    (``send_clear``, ``take_clears``)."""
 
     async def get(self, session_id: str) -> Session | None: ...
     async def put(self, session: Session) -> None: ...
@@ -94,15 +145,23 @@ class SessionBackend(Protocol):
     async def all_globals(self) -> list[tuple[str, float]]: ...
     async def count(self, name: str, amount: int = 1) -> None: ...
     async def counts(self, names: Iterable[str]) -> dict[str, int]: ...
+    async def beat(self, owner: str, ttl: float) -> None: ...
+    async def is_alive(self, owner: str) -> bool: ...
+    async def release(self, owner: str) -> None: ...
+    async def send_clear(self, owner: str, session_id: str, worker_ids: set[str]) -> None: ...
+    async def take_clears(self, owner: str) -> list[tuple[str, set[str]]]: ...
 
 
 class InMemoryBackend:
     """The embedded default: dicts in this process (one event loop: nothing interleaves)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._sessions: dict[str, Session] = {}
         self._globals: dict[str, tuple[Any, float]] = {}
         self._counts: dict[str, int] = {}
+        self._clock = clock
+        self._heartbeats: dict[str, float] = {}
+        self._inboxes: dict[str, list[tuple[str, set[str]]]] = {}
 
     async def get(self, session_id: str) -> Session | None:
         return self._sessions.get(session_id)
@@ -149,8 +208,25 @@ class InMemoryBackend:
     async def all_globals(self) -> list[tuple[str, float]]:
         return [(key, expires) for key, (_, expires) in self._globals.items()]
 
+    async def beat(self, owner: str, ttl: float) -> None:
+        self._heartbeats[owner] = self._clock() + ttl
 
-RemovalListener = Callable[[str, set[str]], None]
+    async def is_alive(self, owner: str) -> bool:
+        return self._heartbeats.get(owner, 0.0) > self._clock()
+
+    async def release(self, owner: str) -> None:
+        self._heartbeats.pop(owner, None)
+        self._inboxes.pop(owner, None)
+
+    async def send_clear(self, owner: str, session_id: str, worker_ids: set[str]) -> None:
+        self._inboxes.setdefault(owner, []).append((session_id, set(worker_ids)))
+
+    async def take_clears(self, owner: str) -> list[tuple[str, set[str]]]:
+        return self._inboxes.pop(owner, [])
+
+
+#: Runs with each session that was deleted or expired (``SessionStore.add_listener``).
+RemovalListener = Callable[[Session], None]
 
 #: The counters every backend keeps (``get_stats``).
 STAT_NAMES = (
@@ -175,7 +251,7 @@ class SessionStore:
         global_program_ttl: float = 3600.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.backend: SessionBackend = backend or InMemoryBackend()
+        self.backend: SessionBackend = backend or InMemoryBackend(clock)
         self.ttl = ttl
         self.cleanup_interval = cleanup_interval
         self.global_program_ttl = global_program_ttl
@@ -186,10 +262,14 @@ class SessionStore:
     # -- housekeeping -------------------------------------------------------------------------
 
     def add_listener(self, listener: RemovalListener) -> None:
-        """``listener(session_id, worker_ids)`` runs when a session is deleted or expires."""
+        """``listener(session)`` runs when a session is deleted or expires (its
+        :meth:`Session.served_by` names the workers that may hold its state)."""
         self._listeners.append(listener)
 
-    def _ensure_cleanup_task(self) -> None:
+    def start_cleanup(self) -> None:
+        """Run the background clean-up every ``cleanup_interval`` (the first session starts
+        it; a pool starts it at once, since with a shared backend every host takes part in
+        expiry, also one that created no session)."""
         if self._cleanup_task is None or self._cleanup_task.done():
             with contextlib.suppress(RuntimeError):  # no running loop: nothing to schedule
                 self._cleanup_task = asyncio.get_running_loop().create_task(self._cleanup_loop())
@@ -211,7 +291,7 @@ class SessionStore:
     def _removed(self, session: Session) -> None:
         for listener in self._listeners:
             try:
-                listener(session.id, set(session.worker_ids))
+                listener(session)
             except Exception:
                 log.exception("session removal listener failed")
 
@@ -240,7 +320,7 @@ class SessionStore:
     ) -> Session:
         """A new session; ``SessionExists`` if the id is taken."""
         check_session_id(session_id)
-        self._ensure_cleanup_task()
+        self.start_cleanup()
         if await self._live(session_id) is not None:
             raise SessionExists(f"session {session_id!r} already exists", session_id=session_id)
         ttl = self.ttl if ttl is None else ttl
@@ -302,6 +382,11 @@ class SessionStore:
     async def session_exists(self, session_id: str) -> bool:
         return await self._live(session_id) is not None
 
+    async def peek_session(self, session_id: str) -> Session | None:
+        """The session as stored, its TTL left as it is; None if missing or expired."""
+        check_session_id(session_id)
+        return await self._live(session_id)
+
     async def list_sessions(self) -> list[str]:
         now = self.clock()
         return sorted(s.id for s in await self.backend.all() if s.expires_at > now)
@@ -315,14 +400,22 @@ class SessionStore:
         self._removed(session)
         return True
 
-    async def note_worker(self, session_id: str, worker_id: str) -> None:
-        """Remember that ``worker_id`` served the session (affinity and clean-up)."""
-        session = await self.backend.get(session_id)
-        if session is None or session.last_worker_id == worker_id:
-            return
+    async def note_worker(
+        self,
+        session_id: str,
+        worker_id: str,
+        node_id: str | None = None,
+        adapter: str | None = None,
+    ) -> None:
+        """Remember that ``worker_id`` (of the pool of ``adapter`` on ``node_id``) served the
+        session: affinity, ownership and clean-up."""
 
-        def bind(current: Session) -> Session:
-            current.bind(worker_id)
+        def bind(current: Session) -> Session | None:
+            if current.last_worker_id == worker_id and (
+                node_id is None or (current.node_id, current.adapter) == (node_id, adapter)
+            ):
+                return None  # already bound there: nothing to write
+            current.bind(worker_id, node_id, adapter)
             return current
 
         await self.backend.update(session_id, bind)

@@ -148,6 +148,10 @@ class SyncSessionStore:
     def add_listener(self, listener: RemovalListener) -> None:
         self.store.add_listener(listener)
 
+    def start_cleanup(self) -> None:
+        """:meth:`SessionStore.start_cleanup`, on the store's loop."""
+        self._call(_start_cleanup(self.store))
+
     def close(self) -> None:
         """Stop the store's cleanup task, and its loop thread if it has its own."""
         self._call(_close_store(self.store))
@@ -179,8 +183,17 @@ class SyncSessionStore:
     def delete_session(self, session_id: str) -> bool:
         return self._call(self.store.delete_session(session_id))
 
-    def note_worker(self, session_id: str, worker_id: str) -> None:
-        self._call(self.store.note_worker(session_id, worker_id))
+    def peek_session(self, session_id: str) -> Session | None:
+        return self._call(self.store.peek_session(session_id))
+
+    def note_worker(
+        self,
+        session_id: str,
+        worker_id: str,
+        node_id: str | None = None,
+        adapter: str | None = None,
+    ) -> None:
+        self._call(self.store.note_worker(session_id, worker_id, node_id, adapter))
 
     def cleanup_expired_sessions(self) -> int:
         return self._call(self.store.cleanup_expired_sessions())
@@ -356,6 +369,16 @@ class SyncPool:
             )
         )
 
+    def session_owner(self, session_id: str) -> str | None:
+        """Blocking :meth:`Pool.session_owner`."""
+        self._check_open()
+        return self._call(self.pool.session_owner(session_id))
+
+    @property
+    def node_id(self) -> str:
+        """:attr:`Pool.node_id`."""
+        return self.pool.node_id
+
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run any coroutine on the pool's loop and wait for it."""
         return self._call(coroutine)
@@ -411,6 +434,10 @@ class SyncPool:
 
     def __repr__(self) -> str:
         return f"<SyncPool {self.pool!r}>"
+
+
+async def _start_cleanup(store: SessionStore) -> None:
+    store.start_cleanup()
 
 
 async def _close_store(store: SessionStore) -> None:

@@ -43,7 +43,7 @@ def test_every_async_method_has_a_blocking_twin_with_the_same_parameters(async_c
             continue
         assert parameters(sync_members[name]) == parameters(member), name
     extras = set(sync_members) - set(async_members) - {"start"}
-    allowed = SYNC_ONLY | ({"adapter", "config"} if sync_cls is SyncPool else set())
+    allowed = SYNC_ONLY | ({"adapter", "config", "node_id"} if sync_cls is SyncPool else set())
     assert extras <= allowed, extras
     assert parameters(SyncPool.__init__) == parameters(Pool.__init__)
 

@@ -90,7 +90,7 @@ async def test_the_background_cleanup_task_removes_expired_sessions():
     clock = FakeClock()
     store = SessionStore(ttl=5, clock=clock, cleanup_interval=0.05)
     removed: list[str] = []
-    store.add_listener(lambda sid, workers: removed.append(sid))
+    store.add_listener(lambda session: removed.append(session.id))
     await store.create_session("short")
     clock.advance(10)
     await eventually(lambda: removed, within=2, message="the cleanup task removed nothing")
