@@ -118,11 +118,23 @@ def exec_command(adapter: str, command: str, args: str, timeout: float | None) -
 @main.command()
 @click.option("--adapter", "only", multiple=True, help="Only these adapters (default: all).")
 @click.option("--pool-size", default=2, show_default=True)
-def demo(only: tuple[str, ...], pool_size: int) -> None:
-    """Run the examples of the Elixir Snakepit v0.1.2 README on every installed adapter."""
-    from .demo import run_demo
+@click.option(
+    "--redis",
+    "redis_url",
+    metavar="URL",
+    help="Instead: two nodes in two processes sharing a session through the Redis at URL.",
+)
+def demo(only: tuple[str, ...], pool_size: int, redis_url: str | None) -> None:
+    """Run the examples of the Elixir Snakepit v0.1.2 README on every installed adapter
+    (with --redis: a session created on one node and continued on another)."""
+    if redis_url is not None:
+        from .demo_nodes import run_nodes_demo
 
-    ok = asyncio.run(run_demo(list(only) or None, pool_size, console))
+        ok = run_nodes_demo(redis_url, only[0] if only else "python", console)
+    else:
+        from .demo import run_demo
+
+        ok = asyncio.run(run_demo(list(only) or None, pool_size, console))
     sys.exit(0 if ok else 1)
 
 

@@ -247,3 +247,23 @@ def test_bad_node_settings_are_refused_clearly() -> None:
         PoolConfig(node_id="has space")
     with pytest.raises(ConfigError, match="node_ttl.*longer than node_heartbeat_interval"):
         PoolConfig(node_heartbeat_interval=5.0, node_ttl=5.0)
+
+
+def test_the_two_node_demo_continues_a_session_on_the_other_node(
+    redis_server: RedisServer,
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "snakepit_core.cli", "demo", "--redis", redis_server.url],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [line for line in done.stdout.splitlines() if "node-" in line]
+    steps = [" ".join(row.split()) for row in rows]
+    assert any("node-b │ session_owner │ demo-node-a" in step for step in steps), steps
+    assert any("session_elsewhere: node_id=demo-node-a" in step for step in steps), steps
+    assert any("answer(question=why?)" in step for step in steps), steps
+    assert any("node-b │ session_owner │ demo-node-b" in step for step in steps), steps
