@@ -5,8 +5,8 @@ asyncio client (``pip install 'snakepit-core[redis]'``), selected with
 ``session_backend = "redis"`` and ``redis_url``. Sessions are JSON (never pickle) under
 ``<prefix>session:<id>`` with a Redis expiry that slides with each access, global programs
 under ``<prefix>program:<id>``, the statistics in the hash ``<prefix>stats`` so that every host
-sees the same figures. ``update`` is optimistic (``WATCH``/``MULTI``, retried): no update is
-lost when several hosts write one session at once, and the update function may run more than
+sees the same figures. ``update`` is optimistic (a compare-and-set script, retried): no update
+is lost when several hosts write one session at once, and the update function may run more than
 once, so it must be pure. Expiry needs nothing from the server's configuration: the sorted set
 ``<prefix>expiry`` lists each session's deadline, and the host whose clean-up removes an entry
 is the one that reports it (so its workers get ``clear_session``). Redis being unreachable is
@@ -40,6 +40,17 @@ MAX_CONNECTIONS = 32
 BACKOFF = 0.05
 #: How long an update keeps trying while other writers get in first.
 UPDATE_PATIENCE = 30.0
+#: Writes a session only if it is still the text that was read (``update``): KEYS are the
+#: session and the expiry set, ARGV the old text, the new one, its expiry in milliseconds,
+#: its deadline and its id.
+COMPARE_AND_SET = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5])
+  return 1
+end
+return 0
+"""
 #: Seconds a pool's inbox of ``clear_session`` requests lasts after the last one came.
 INBOX_TTL = 3600
 
@@ -112,8 +123,7 @@ class RedisBackend:
             ) from None
         self.url = redacted(url)
         try:
-            # Blocking: an update holds a connection while it watches, and many at once wait
-            # for one instead of failing.
+            # Blocking: many calls at once wait for a free connection instead of failing.
             pool = aioredis.BlockingConnectionPool.from_url(
                 url,
                 max_connections=MAX_CONNECTIONS,
@@ -135,7 +145,7 @@ class RedisBackend:
             aioredis.ResponseError,
             OSError,
         )
-        self._watch_error = aioredis.WatchError
+        self._compare_and_set = self._redis.register_script(COMPARE_AND_SET)
         self._prefix = key_prefix
 
     # -- keys and errors ----------------------------------------------------------------------
@@ -219,30 +229,32 @@ class RedisBackend:
         self, session_id: str, apply: Callable[[Session], Session | None]
     ) -> Session | None:
         """Apply ``apply`` to the session and store the result, atomically against every other
-        writer (``WATCH``; retried if one got in first); None if there is no session, or
-        ``apply`` returned None (nothing is written)."""
+        writer: a compare-and-set script writes it only if the session is still what was
+        read, else it is read and applied again. None if there is no session, or ``apply``
+        returned None (nothing is written). One round trip to read, one to write."""
         key = self._session_key(session_id)
 
         async def attempt() -> Session | None:
             give_up = time.monotonic() + UPDATE_PATIENCE
             for tries in itertools.count():
-                async with self._redis.pipeline(transaction=True) as pipe:
-                    try:
-                        await pipe.watch(key)
-                        raw = await pipe.get(key)
-                        if raw is None:
-                            return None
-                        updated = apply(_session_from_json(raw))
-                        if updated is None:
-                            return None
-                        pipe.multi()  # type: ignore[no-untyped-call]
-                        left = self._milliseconds_left(updated)
-                        pipe.set(key, _session_to_json(updated), px=left)
-                        pipe.zadd(self._expiry_key, {updated.id: updated.expires_at})
-                        await pipe.execute()
-                        return updated
-                    except self._watch_error:
-                        pass
+                raw = await self._redis.get(key)
+                if raw is None:
+                    return None
+                updated = apply(_session_from_json(raw))
+                if updated is None:
+                    return None
+                written = await self._compare_and_set(
+                    keys=[key, self._expiry_key],
+                    args=[
+                        raw,
+                        _session_to_json(updated),
+                        self._milliseconds_left(updated),
+                        repr(updated.expires_at),
+                        updated.id,
+                    ],
+                )
+                if written:
+                    return updated
                 if time.monotonic() > give_up:
                     break
                 # Another writer got in first: back off (jittered, growing), so that many

@@ -362,8 +362,6 @@ class SessionStore:
         backend: ``update`` may then run more than once, so it must not have side effects.
         ``SessionNotFound`` if the session is missing or expired."""
         check_session_id(session_id)
-        if await self._live(session_id) is None:
-            raise SessionNotFound(f"session {session_id!r} not found", session_id=session_id)
         now = self.clock()
 
         def apply(session: Session) -> Session | None:
@@ -376,6 +374,7 @@ class SessionStore:
 
         result = await self.backend.update(session_id, apply)
         if result is None:
+            await self._live(session_id)  # an expired session is removed (and cleared) now
             raise SessionNotFound(f"session {session_id!r} not found", session_id=session_id)
         return result
 
