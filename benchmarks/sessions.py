@@ -2,8 +2,8 @@
 
 Starts its own ``redis-server`` on a free loopback port (no persistence), then measures:
 
-1. Session operations per second from one process, a create/get/update/delete mix, on each
-   backend.
+1. Session operations per second, a create/get/update/delete mix, on each backend from one
+   process, and on Redis from 2 and 4 client processes at once.
 2. ``update_session`` throughput on one hot session from 1, 2 and 4 client processes at once
    (each with 32 concurrent updates), beside redis-server's own CPU time.
 3. ``execute_in_session("echo")`` one at a time on one Python worker, each backend: calls per
@@ -53,6 +53,27 @@ asyncio.run(main())
 """
 
 
+MIXER = """
+import asyncio, sys
+from snakepit_core import PoolConfig
+from snakepit_core.sessions import new_session_store
+
+async def main():
+    store = new_session_store(PoolConfig(
+        session_backend="redis", redis_url=sys.argv[1], redis_key_prefix="bench:"))
+    def touch(session):
+        session.metadata["seen"] = True
+    for i in range(int(sys.argv[2]) // 4):
+        name = f"mix-{sys.argv[3]}-{i}"
+        await store.create_session(name)
+        await store.get_session(name)
+        await store.update_session(name, touch)
+        await store.delete_session(name)
+
+asyncio.run(main())
+"""
+
+
 def store_for(backend: str, url: str) -> SessionStore:
     if backend == "memory":
         return new_session_store(PoolConfig())
@@ -73,6 +94,21 @@ async def operations_per_second(store: SessionStore, count: int) -> float:
         await store.update_session(name, touch)
         await store.delete_session(name)
     return (count // 4) * 4 / (time.perf_counter() - started)
+
+
+def mix_from_processes(server: RedisServer, processes: int, operations: int) -> float:
+    """The create/get/update/delete mix from ``processes`` client processes at once."""
+    script = Path(tempfile.mkdtemp()) / "mixer.py"
+    script.write_text(MIXER)
+    share = operations // processes
+    started = time.perf_counter()
+    children = [
+        subprocess.Popen([sys.executable, str(script), server.url, str(share), str(n)])
+        for n in range(processes)
+    ]
+    for child in children:
+        assert child.wait(600) == 0
+    return share // 4 * 4 * processes / (time.perf_counter() - started)
 
 
 def redis_cpu_seconds(pid: int) -> float:
@@ -139,6 +175,9 @@ async def main() -> None:
         for backend in ("memory", "redis"):
             rate = await operations_per_second(store_for(backend, server.url), options.operations)
             print(f"  {backend:>6}: {rate:10.0f} ops/s")
+        for processes in (2, 4):
+            rate = mix_from_processes(server, processes, options.operations)
+            print(f"  redis from {processes} processes: {rate:10.0f} ops/s")
         print("update_session on one hot session, 32 concurrent per process")
         for processes in (1, 2, 4):
             rate, cpu = await updates_per_second(server, processes, options.updates)

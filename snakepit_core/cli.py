@@ -130,7 +130,11 @@ def demo(only: tuple[str, ...], pool_size: int, redis_url: str | None) -> None:
     if redis_url is not None:
         from .demo_nodes import run_nodes_demo
 
-        ok = run_nodes_demo(redis_url, only[0] if only else "python", console)
+        adapter = only[0] if only else min(get_plugin_manager().adapters(), default=None)
+        if adapter is None:
+            console.print("[red]no adapters installed[/red]")
+            sys.exit(1)
+        ok = run_nodes_demo(redis_url, adapter, console)
     else:
         from .demo import run_demo
 

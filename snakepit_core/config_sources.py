@@ -114,10 +114,16 @@ def load_config(
         layered = {**from_files(directory), **from_environment(environ)}
     layered.update({key: (value, "keyword arguments") for key, value in overrides.items()})
     config = base or PoolConfig()
-    for key, (value, source) in layered.items():
-        candidate = _replace_unchecked(config, key, value)
-        validate_config(candidate, source=source)
-        config = candidate
+    for key, (value, _) in layered.items():
+        config = _replace_unchecked(config, key, value)
+    # Validated once all values are in, so that a rule between two keys (node_ttl beyond
+    # node_heartbeat_interval) sees both; the error names the source of the key at fault.
+    try:
+        validate_config(config, source="keyword arguments")
+    except ConfigError as exc:
+        source = layered[exc.key][1] if exc.key in layered else "defaults"
+        validate_config(config, source=source)
+        raise
     return config
 
 

@@ -103,7 +103,7 @@ def run_nodes_demo(url: str, adapter: str, console: Console) -> bool:
     prefix = f"snakepit-demo:{os.urandom(4).hex()}:"
     session = "demo-shared-session"
     table = Table(title=f"two nodes, one session ({adapter} adapter, keys under {prefix})")
-    for column in ("node", "step", "result"):
+    for column in ("host", "step", "result"):
         table.add_column(column)
     node_a = context.Process(
         target=_run_node, args=(_node_a, steps, adapter, url, prefix, session, done)

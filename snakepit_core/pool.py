@@ -634,8 +634,9 @@ class Pool:
             if running_callback_of.get() is self:
                 self._refuse_deadlock(call.command)
         bound_to = preferred if strict else None
-        if call.session_id is not None:
-            # The session records its worker before the request is sent.
+        if call.session_id is not None and (worker is None or worker is not preferred):
+            # The session records its worker before the request is sent (``preferred`` is
+            # the worker it was read bound to, here: nothing to record).
             if worker is None:
                 worker = await dispatch.wait(bound_to)
             try:

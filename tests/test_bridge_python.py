@@ -30,7 +30,7 @@ BRIDGE = [sys.executable, str(plugin.BRIDGE_PATH)]
 BUILTINS = sorted(shared_command_schemas())
 #: How quickly a cancelled request must be answered (PROTOCOL.md asks for "promptly"; the pool
 #: kills a worker that does not answer after a short bound).
-CANCEL_BOUND = 0.5
+CANCEL_BOUND = 2.0  # seconds to the "cancelled" answer, generous for a busy 2-core machine
 
 CUSTOM_WORKER = """
 import asyncio, functools, os, subprocess, time
