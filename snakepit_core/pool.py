@@ -271,6 +271,7 @@ class Pool:
         """
         if self._state != "new":
             raise RuntimeError(f"pool of {self.adapter.name!r} was already started")
+        store = self.sessions  # a session backend that cannot be built fails before workers start
         self._loop = asyncio.get_running_loop()
         self._deadlines = Deadlines(self._loop, self._expire_due)
         self._state = "starting"
@@ -334,13 +335,13 @@ class Pool:
         self._presence = NodePresence(
             self.node_id,
             self.adapter.name,
-            self.sessions,
+            store,
             interval=self.config.node_heartbeat_interval,
             ttl=self.config.node_ttl,
             on_clear=self._clear_workers,
         )
         self.tasks.spawn(self._presence.run(), "node heartbeat")
-        self.sessions.start_cleanup()
+        store.start_cleanup()
 
     async def _start_worker(self, slot: str = "0", restart: str | None = None) -> Worker:
         """Start one worker and put it into service; raises ``StartupError``.

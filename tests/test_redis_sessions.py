@@ -215,3 +215,13 @@ async def test_plain_execute_never_touches_redis() -> None:
         with pytest.raises(SessionBackendUnavailable):
             await pool.execute_in_session("s", "echo", {})
         await asyncio.sleep(0)
+
+
+async def test_a_redis_url_that_does_not_parse_is_refused_without_its_password() -> None:
+    with pytest.raises(ConfigError, match="redis_url.*does not parse") as caught:
+        store_at("redis://:hunter2@127.0.0.1:not-a-port/0")
+    assert "hunter2" not in str(caught.value)
+    pool = Pool("python", session_backend="redis", redis_url="redis://127.0.0.1:99999999/0")
+    with pytest.raises(ConfigError, match="redis_url.*does not parse"):
+        await pool.start()  # before any worker starts
+    assert not pool.workers and not pool.running
