@@ -11,7 +11,8 @@ once, so it must be pure. Expiry needs nothing from the server's configuration: 
 ``<prefix>expiry`` lists each session's deadline, and the host whose clean-up removes an entry
 is the one that reports it (so its workers get ``clear_session``). Redis being unreachable is
 a :class:`~snakepit_core.errors.SessionBackendUnavailable`; the password in the URL never
-appears in a message.
+appears in a message. Each pool's heartbeat is ``<prefix>node:<node_id>/<adapter>`` (a key
+with a TTL), and its inbox of sessions to clear the list ``<prefix>inbox:<node_id>/<adapter>``.
 """
 
 from __future__ import annotations

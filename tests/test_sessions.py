@@ -319,3 +319,13 @@ def test_sync_pool_sessions_twin():
         pool.execute_in_session("sync-1", "store", {"key": "a", "value": 1})
         assert pool.execute_in_session("sync-1", "retrieve", {"key": "a"})["value"] == 1
         assert pool.sessions.get_stats()["current_sessions"] == 1
+
+
+def test_a_session_served_here_is_owned_by_this_node_sync_and_async_alike():
+    with SyncPool("python", pool_size=1, node_id="here-1") as pool:
+        assert pool.session_owner("s") is None  # not yet created
+        pool.execute_in_session("s", "echo", {})
+        assert pool.session_owner("s") == pool.node_id == "here-1"
+        session = pool.sessions.peek_session("s")
+        assert session is not None and (session.node_id, session.adapter) == ("here-1", "python")
+        assert pool.run(pool.pool.session_owner("s")) == "here-1"
