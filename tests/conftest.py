@@ -19,6 +19,8 @@ sys.path.insert(0, str(TESTS))
 # developer's, and theirs never reach these tests.
 os.environ.setdefault("SNAKEPIT_REGISTRY_DIR", tempfile.mkdtemp(prefix="snakepit-registry-"))
 
+from redis_server import RedisServer  # noqa: E402
+
 from snakepit_core import Adapter, ScriptAdapter  # noqa: E402
 
 # The one polling helper (and its blocking twin) of every test: ``from conftest import
@@ -28,6 +30,16 @@ from snakepit_core.conformance.polling import eventually, eventually_sync  # noq
 __all__ = ["BRIDGES", "eventually", "eventually_sync", "pids_of_run"]
 
 BRIDGES = TESTS / "bridges"
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real ``redis-server`` of the test's own, on a free loopback port (stopped after)."""
+    server = RedisServer(tmp_path).start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

@@ -32,15 +32,6 @@ NODE_SCRIPT = Path(__file__).with_name("redis_node.py")
 FAST = {"node_heartbeat_interval": 0.1, "node_ttl": 1.0}
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 class Node:
     """A pool in another process, driven line by line."""
 

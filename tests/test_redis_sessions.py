@@ -10,7 +10,6 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,15 +20,6 @@ from snakepit_core.errors import ConfigError, SessionBackendUnavailable, Session
 from snakepit_core.sessions import SessionStore, new_session_store
 
 from conftest import eventually
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path).start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def store_at(url: str, **options: object) -> SessionStore:
