@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("snakepit.sessions")
 
 MAX_SESSION_ID_LENGTH = 256
+#: Earlier owners a session remembers, so that their workers free its state when it ends.
+MAX_LEFT_BEHIND = 16
 DEFAULT_TTL = 3600.0
 
 
@@ -96,9 +98,7 @@ class Session:
         if node_id is not None and adapter is not None:
             previous = self.owner
             if previous is not None and previous != owner_key(node_id, adapter):
-                if self.worker_ids:
-                    self.left_behind.setdefault(previous, set()).update(self.worker_ids)
-                self.worker_ids = set()
+                self._leave_behind(previous)
             self.node_id, self.adapter = node_id, adapter
             self.left_behind.pop(owner_key(node_id, adapter), None)
         self.last_worker_id = worker_id
@@ -108,10 +108,19 @@ class Session:
     def unbind(self) -> None:
         """Forget the owner (it is gone); its workers stay in :attr:`left_behind`."""
         previous = self.owner
-        if previous is not None and self.worker_ids:
-            self.left_behind.setdefault(previous, set()).update(self.worker_ids)
-        self.worker_ids = set()
+        if previous is not None:
+            self._leave_behind(previous)
         self.node_id = self.adapter = self.last_worker_id = None
+
+    def _leave_behind(self, owner: str) -> None:
+        """Move the workers of ``owner`` to :attr:`left_behind`, which keeps the latest
+        :data:`MAX_LEFT_BEHIND` owners (node ids change with every restart of a host)."""
+        if self.worker_ids:
+            workers = self.left_behind.pop(owner, set()) | self.worker_ids
+            self.left_behind[owner] = workers
+            while len(self.left_behind) > MAX_LEFT_BEHIND:
+                del self.left_behind[next(iter(self.left_behind))]
+        self.worker_ids = set()
 
     def served_by(self) -> dict[str, set[str]]:
         """Every worker that may hold the session's state, by :func:`owner_key` (workers

@@ -329,3 +329,18 @@ def test_a_session_served_here_is_owned_by_this_node_sync_and_async_alike():
         session = pool.sessions.peek_session("s")
         assert session is not None and (session.node_id, session.adapter) == ("here-1", "python")
         assert pool.run(pool.pool.session_owner("s")) == "here-1"
+
+
+def test_a_session_moving_between_pools_remembers_the_latest_sixteen_it_left():
+    from snakepit_core.sessions import MAX_LEFT_BEHIND, Session
+
+    now = datetime.now(UTC)
+    session = Session(id="s", ttl=1.0, created_at=now, last_accessed=now)
+    for n in range(20):
+        session.bind(f"w{n}", f"node-{n}", "python")
+    assert session.worker_ids == {"w19"} and session.owner == "node-19/python"
+    assert list(session.left_behind) == [
+        f"node-{n}/python" for n in range(19 - MAX_LEFT_BEHIND, 19)
+    ]
+    session.unbind()
+    assert session.owner is None and session.served_by()["node-19/python"] == {"w19"}
