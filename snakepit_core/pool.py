@@ -930,10 +930,9 @@ class Pool:
         for a free one)."""
         self._check_running()
         session = await self.sessions.peek_session(session_id)
-        owner = None if session is None else session.owner
-        if session is None or owner is None or self._presence is None:
+        if session is None or session.owner is None or self._presence is None:
             return None
-        return session.node_id if await self._presence.is_alive(owner) else None
+        return session.node_id if await self._presence.is_alive(session.owner) else None
 
     # -- streams ------------------------------------------------------------------------------
 

@@ -44,10 +44,9 @@ async def run(pool: Pool, request: dict[str, Any]) -> Any:
     raise ValueError(f"unknown call {call!r}")
 
 
-async def main() -> None:
-    url, node_id, prefix = sys.argv[1:4]
-    options = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
-    pool = Pool(
+def node_pool(url: str, node_id: str, prefix: str, **options: Any) -> Pool:
+    """The pool of one test node: one Python worker, sessions in the Redis at ``url``."""
+    return Pool(
         "python",
         pool_size=1,
         session_backend="redis",
@@ -56,6 +55,12 @@ async def main() -> None:
         node_id=node_id,
         **options,
     )
+
+
+async def main() -> None:
+    url, node_id, prefix = sys.argv[1:4]
+    options = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
+    pool = node_pool(url, node_id, prefix, **options)
     await pool.start()
     print(json.dumps({"ready": pool.node_id}), flush=True)
     loop = asyncio.get_running_loop()

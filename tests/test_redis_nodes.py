@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from redis_node import node_pool
 from redis_server import RedisServer
 
 from snakepit_core import Pool
@@ -85,15 +86,8 @@ def nodes(redis_server: RedisServer) -> Iterator[list[Node]]:
 
 @asynccontextmanager
 async def local_node(url: str, node_id: str, prefix: str, **options: Any) -> AsyncIterator[Pool]:
-    pool = Pool(
-        "python",
-        pool_size=1,
-        session_backend="redis",
-        redis_url=url,
-        redis_key_prefix=prefix,
-        node_id=node_id,
-        **options,
-    )
+    """This test process as a node (the same pool as ``redis_node.py``'s)."""
+    pool = node_pool(url, node_id, prefix, **options)
     async with pool:
         yield pool
 
